@@ -1,0 +1,38 @@
+"""``aihf-fast`` console command: ``demo`` (the embedded default job) and ``info``."""
+from __future__ import annotations
+
+import sys
+
+
+def _info(argv):
+    import platform
+
+    import torch
+
+    from .ops._backend import resolve_backend, triton_available
+
+    print(f"aihf_fast {__import__('aihf_fast').__version__}; python {platform.python_version()}; torch {torch.__version__}")
+    print(f"triton installed: {triton_available()}; CUDA: {torch.cuda.is_available()}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"auto backend for {dev} tensors: {resolve_backend('auto', torch.empty(0, device=dev))}")
+
+
+COMMANDS = {"demo": "aihf_fast.demo", "info": None}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: aihf-fast {demo,info} [options]\n"
+              "  demo  train a tiny policy with the AIHF loss on a toy task with a known reward\n"
+              "  info  versions and the backend the ops will use")
+        return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
+    if argv[0] == "info":
+        return _info(argv[1:])
+    from .demo import main as demo_main
+
+    return demo_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The joint demonstration + preference loss over a packed batch of sequences.
+
+Notation: S sequences in the batch, N tokens, K comparisons. For sequence i with loss tokens t
+(labels != ignore_index):
+
+    logp_i  = sum_t log pi(y_t | ...)                  (policy, fused op, with gradient)
+    ref_i   = sum_t log pi_ref(y_t | ...)              (precomputed, or reference hidden + weight)
+    rho_i   = logp_i - ref_i                           (implicit reward r_i = beta * rho_i)
+
+Comparison k = (winner a, loser b, weight c_k), h_k = rho_a - rho_b, z_k = beta * h_k:
+
+    sigmoid  l_k = -(1 - eps) log sigmoid(z_k) - eps log sigmoid(-z_k)    (DPO; cDPO for eps > 0)
+    ipo      l_k = (h_k - 1 / (2 beta))^2                                 (IPO)
+    hinge    l_k = max(0, 1 - z_k)                                        (SLiC)
+
+    L = sum_k c_k l_k / K'  +  sum_i a_i NLL_i / D
+
+K' = K for reduction="mean" (1 for "sum"); NLL_i = -logp_i, and with nll_normalize
+"tokens" D = number of loss tokens in sequences with a_i != 0 (the pooled token mean of SFT
+and of TRL's/Liger's RPO term); "length": NLL_i /= len_i and D = #{i: a_i != 0};
+"sequence": D = #{i: a_i != 0}; "none": D = 1.
+
+Methods as configurations (``method_config`` builds them for a standard batch layout):
+    SFT    no comparisons; a_i = 1 on demonstrations
+    DPO    (chosen, rejected, 1) per preference pair, sigmoid;      IPO: loss_type="ipo"
+    RPO    DPO + a_i = alpha on the chosen answers
+    SPIN   (demonstration, own sample, 1), sigmoid, pi_ref = the previous iterate
+    AIHF   (chosen, rejected, w_P) + (demonstration, current-policy sample, w_D)
+           [+ a_i = lambda on demonstrations], reference fixed or the previous iterate
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+from .logprobs import linear_token_logprobs, token_logprobs
+from .validation import check_float, check_int, check_same_device, check_shape
+
+REDUCTIONS = ("mean", "sum")
+NLL_NORMALIZATIONS = ("tokens", "length", "sequence", "none")
+METHODS = ("sft", "dpo", "ipo", "rpo", "spin", "aihf")
+
+
+@dataclass
+class AIHFLossOutput:
+    """loss: scalar fp32 with gradient. metrics: detached fp32 scalars, TRL-style names.
+    seq_logps / seq_ref_logps: (S,) fp32 per-sequence sums (policy has gradient).
+    seq_lengths: (S,) int64 loss tokens per sequence. comparison_logratios: (K,) detached h_k."""
+
+    loss: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+    seq_logps: torch.Tensor | None = None
+    seq_ref_logps: torch.Tensor | None = None
+    seq_lengths: torch.Tensor | None = None
+    comparison_logratios: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _segments(labels, cu_seqlens, segment_ids, num_sequences, validate):
+    """-> flat labels (N,), segment id per token (N,) int64, S."""
+    if cu_seqlens is not None and segment_ids is not None:
+        raise ValueError("pass cu_seqlens or segment_ids, not both")
+    if cu_seqlens is None and segment_ids is None:
+        if labels.dim() != 2:
+            raise ValueError(
+                f"labels must be (B, T) for the padded form (no cu_seqlens / segment_ids), got shape {tuple(labels.shape)}"
+            )
+        B, T = labels.shape
+        seg = torch.arange(B, device=labels.device).repeat_interleave(T)
+        return labels.reshape(-1), seg, B
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be (N,) in the packed form, got shape {tuple(labels.shape)}")
+    N = labels.numel()
+    if cu_seqlens is not None:
+        check_int("cu_seqlens", cu_seqlens, ndim=1)
+        check_same_device(labels=labels, cu_seqlens=cu_seqlens)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+        S = cu_seqlens.numel() - 1
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if validate:
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != N:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at N = {N} tokens, got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}"
+                )
+            if bool((lengths <= 0).any()):
+                i = int((lengths <= 0).nonzero()[0])
+                raise ValueError(f"cu_seqlens must be strictly increasing: sequence {i} is empty (length {int(lengths[i])})")
+        seg = torch.arange(S, device=labels.device).repeat_interleave(lengths.long(), output_size=N)
+        return labels, seg, S
+    check_int("segment_ids", segment_ids, ndim=1)
+    check_shape("segment_ids", segment_ids, (N,), "one id per token of labels")
+    check_same_device(labels=labels, segment_ids=segment_ids)
+    if num_sequences is None:
+        num_sequences = int(segment_ids.max()) + 1 if N else 0
+    if validate and N and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= num_sequences):
+        raise ValueError(f"segment_ids must be in [0, num_sequences = {num_sequences})")
+    return labels, segment_ids.long(), int(num_sequences)
+
+
+def _flat_tokens(name, t, labels_shape, N, trailing: int):
+    """Flatten a token-level tensor shaped labels_shape (+ one trailing dim) to (N,) / (N, D)."""
+    lead = tuple(t.shape[: t.dim() - trailing])
+    if lead != tuple(labels_shape):
+        raise ValueError(f"{name} must have leading shape {tuple(labels_shape)} (that of labels), got {tuple(t.shape)}")
+    return t.reshape(N, *t.shape[t.dim() - trailing:])
+
+
+def _parse_comparisons(comparisons, S, device, validate):
+    if comparisons is None:
+        z = torch.zeros(0, dtype=torch.long, device=device)
+        return z, z, torch.zeros(0, dtype=torch.float32, device=device)
+    if isinstance(comparisons, torch.Tensor):
+        if comparisons.dim() != 2 or comparisons.shape[1] not in (2, 3):
+            raise ValueError(f"comparisons tensor must be (K, 2) or (K, 3), got shape {tuple(comparisons.shape)}")
+        parts = list(comparisons.unbind(1))
+    elif isinstance(comparisons, (tuple, list)) and len(comparisons) in (2, 3):
+        parts = [torch.as_tensor(p, device=device) for p in comparisons]
+    else:
+        raise TypeError("comparisons must be (winners, losers[, weights]) or a (K, 2|3) tensor")
+    winners, losers = parts[0], parts[1]
+    for name, t in (("comparisons winners", winners), ("comparisons losers", losers)):
+        if t.is_floating_point():
+            t_int = t.long()
+            if validate and not bool((t_int == t).all()):
+                raise TypeError(f"{name} must hold integer sequence indices")
+        check_int(name, t.long(), ndim=1)
+    winners, losers = winners.long(), losers.long()
+    K = winners.numel()
+    check_shape("comparisons losers", losers, (K,), "one loser per winner")
+    weights = parts[2].float() if len(parts) == 3 else torch.ones(K, device=device)
+    check_shape("comparisons weights", weights, (K,), "one weight per comparison")
+    check_same_device(winners=winners, losers=losers, weights=weights)
+    if validate and K:
+        for name, t in (("winners", winners), ("losers", losers)):
+            if int(t.min()) < 0 or int(t.max()) >= S:
+                raise ValueError(
+                    f"comparisons {name} must index the batch's S = {S} sequences, got range [{int(t.min())}, {int(t.max())}]"
+                )
+        if bool((winners == losers).any()):
+            k = int((winners == losers).nonzero()[0])
+            raise ValueError(f"comparison {k} compares sequence {int(winners[k])} with itself")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("comparisons weights must be finite and >= 0")
+    return winners, losers, weights
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def aihf_loss(
+    labels: torch.Tensor,
+    *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    token_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    ref_token_logps: torch.Tensor | None = None,
+    ref_seq_logps: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    comparisons=None,
+    nll_weights: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    nll_normalize: str = "tokens",
+    reference_free: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    validate: bool = True,
+) -> AIHFLossOutput:
+    """Joint demonstration + preference loss (formulas in the module docstring).
+
+    Policy (exactly one): ``hidden`` (..., H) + ``weight`` (V, H) (fused, logits never built),
+    ``logits`` (..., V), or precomputed ``token_logps`` (...) with their own graph.
+    Reference (at most one): ``ref_hidden`` + ``ref_weight``, ``ref_logits``, ``ref_token_logps``
+    (shaped like labels), or ``ref_seq_logps`` (S,); computed without gradient. None only with
+    ``reference_free=True`` or without comparisons.
+    Layout: padded ``labels`` (B, T), one sequence per row; or packed ``labels`` (N,) with
+    ``cu_seqlens`` (S + 1,) or ``segment_ids`` (N,) (+ ``num_sequences``).
+    ``comparisons``: (winners (K,), losers (K,)[, weights (K,)]) sequence indices, or (K, 2|3).
+    ``nll_weights``: (S,) demonstration NLL weight a_i per sequence (0 = none).
+    """
+    check_int("labels", labels)
+    if loss_type not in reference.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {reference.LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if nll_normalize not in NLL_NORMALIZATIONS:
+        raise ValueError(f"nll_normalize must be one of {NLL_NORMALIZATIONS}, got {nll_normalize!r}")
+    if not (isinstance(beta, (int, float)) and beta > 0):
+        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    if not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
+
+    labels_shape = tuple(labels.shape)
+    flat_labels, seg, S = _segments(labels, cu_seqlens, segment_ids, num_sequences, validate)
+    N = flat_labels.numel()
+    device = labels.device
+    valid = flat_labels != ignore_index
+    op_kw = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, validate=validate)
+
+    # policy per-token log-probs
+    sources = [n for n, v in (("hidden", hidden), ("logits", logits), ("token_logps", token_logps)) if v is not None]
+    if len(sources) != 1:
+        raise ValueError(f"pass exactly one policy input: hidden (+ weight), logits or token_logps; got {sources or 'none'}")
+    if hidden is not None:
+        if weight is None:
+            raise ValueError("hidden needs weight, the (V, H) LM-head weight")
+        check_float("hidden", hidden)
+        x = _flat_tokens("hidden", hidden, labels_shape, N, 1)
+        tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw)
+    elif logits is not None:
+        check_float("logits", logits)
+        tok = token_logprobs(_flat_tokens("logits", logits, labels_shape, N, 1), flat_labels, **op_kw)
+    else:
+        check_float("token_logps", token_logps)
+        check_same_device(labels=labels, token_logps=token_logps)
+        tok = _flat_tokens("token_logps", token_logps, labels_shape, N, 0).float()
+        tok = torch.where(valid, tok, torch.zeros_like(tok))
+
+    # reference per-sequence log-probs
+    refs = [
+        n for n, v in (("ref_hidden", ref_hidden), ("ref_logits", ref_logits),
+                       ("ref_token_logps", ref_token_logps), ("ref_seq_logps", ref_seq_logps)) if v is not None
+    ]
+    if len(refs) > 1:
+        raise ValueError(f"pass at most one reference input, got {refs}")
+    with torch.no_grad():
+        if ref_hidden is not None:
+            if ref_weight is None:
+                raise ValueError("ref_hidden needs ref_weight, the reference (V, H) LM-head weight")
+            check_float("ref_hidden", ref_hidden)
+            xr = _flat_tokens("ref_hidden", ref_hidden, labels_shape, N, 1)
+            ref_tok = linear_token_logprobs(xr, ref_weight, flat_labels, chunk_size=chunk_size, **op_kw)
+        elif ref_logits is not None:
+            check_float("ref_logits", ref_logits)
+            ref_tok = token_logprobs(_flat_tokens("ref_logits", ref_logits, labels_shape, N, 1), flat_labels, **op_kw)
+        elif ref_token_logps is not None:
+            check_float("ref_token_logps", ref_token_logps)
+            check_same_device(labels=labels, ref_token_logps=ref_token_logps)
+            ref_tok = _flat_tokens("ref_token_logps", ref_token_logps, labels_shape, N, 0).float()
+            ref_tok = torch.where(valid, ref_tok, torch.zeros_like(ref_tok))
+        else:
+            ref_tok = None
+        if ref_seq_logps is not None:
+            check_float("ref_seq_logps", ref_seq_logps, ndim=1)
+            check_shape("ref_seq_logps", ref_seq_logps, (S,), "one per sequence")
+            check_same_device(labels=labels, ref_seq_logps=ref_seq_logps)
+            seq_ref = ref_seq_logps.detach().float()
+        elif ref_tok is not None:
+            seq_ref = reference.segment_sum(ref_tok, seg, S)
+        else:
+            seq_ref = torch.zeros(S, dtype=torch.float32, device=device)
+        if validate and ref_seq_logps is not None and not bool(torch.isfinite(seq_ref).all()):
+            raise ValueError("ref_seq_logps has non-finite values")
+        if validate and ref_token_logps is not None and not bool(torch.isfinite(ref_tok).all()):
+            raise ValueError("ref_token_logps has non-finite values")
+
+    seq_logps = reference.segment_sum(tok, seg, S)
+    seq_len = torch.zeros(S, dtype=torch.long, device=device).index_add(0, seg, valid.long())
+
+    winners, losers, cw = _parse_comparisons(comparisons, S, device, validate)
+    K = winners.numel()
+    if K and not refs and not reference_free:
+        raise ValueError("comparisons need a reference (ref_hidden/ref_logits/ref_token_logps/ref_seq_logps); "
+                         "pass reference_free=True to compare raw log-probs")
+    if nll_weights is not None:
+        check_float("nll_weights", nll_weights, ndim=1)
+        check_shape("nll_weights", nll_weights, (S,), "one weight per sequence")
+        check_same_device(labels=labels, nll_weights=nll_weights)
+        a = nll_weights.float()
+        if validate and (not bool(torch.isfinite(a).all()) or bool((a < 0).any())):
+            raise ValueError("nll_weights must be finite and >= 0")
+    else:
+        a = torch.zeros(S, dtype=torch.float32, device=device)
+    if validate:
+        used = a != 0
+        if K:
+            used = used.index_fill(0, winners, True).index_fill(0, losers, True)
+        empty = used & (seq_len == 0)
+        if bool(empty.any()):
+            i = int(empty.nonzero()[0])
+            raise ValueError(f"sequence {i} has no loss tokens (all labels == ignore_index) but is used by the loss")
+
+    # comparisons
+    rho = seq_logps - seq_ref
+    metrics = {}
+    if K:
+        h = rho[winners] - rho[losers]
+        per = reference.comparison_losses(h, beta, loss_type, label_smoothing)
+        pref = (cw * per).sum() / (K if reduction == "mean" else 1)
+        with torch.no_grad():
+            r_w, r_l = beta * rho[winners], beta * rho[losers]
+            metrics.update({
+                "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+                "rewards/margins": (r_w - r_l).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
+                "logps/chosen": seq_logps[winners].mean(), "logps/rejected": seq_logps[losers].mean(),
+                "loss/preference": pref.detach(),
+            })
+        h_out = h.detach()
+    else:
+        pref = seq_logps.sum() * 0.0
+        h_out = rho.new_zeros(0)
+
+    # demonstration likelihood
+    has_nll = a != 0
+    nll_i = -seq_logps
+    if nll_normalize == "length":
+        nll_i = nll_i / seq_len.clamp(min=1)
+    if nll_normalize == "tokens":
+        denom = (seq_len * has_nll).sum().clamp(min=1)
+    elif nll_normalize in ("length", "sequence"):
+        denom = has_nll.sum().clamp(min=1)
+    else:
+        denom = 1
+    nll = (a * nll_i).sum() / denom
+    loss = pref + nll
+    with torch.no_grad():
+        n_demo = has_nll.sum()
+        metrics["loss"] = loss.detach()
+        metrics["loss/nll"] = nll.detach()
+        if nll_weights is not None:
+            metrics["demo/logp"] = torch.where(has_nll, seq_logps, 0.0).sum() / n_demo.clamp(min=1)
+            metrics["demo/logp_per_token"] = (
+                torch.where(has_nll, seq_logps, 0.0).sum() / (seq_len * has_nll).sum().clamp(min=1)
+            )
+    return AIHFLossOutput(loss, metrics, seq_logps, seq_ref, seq_len, h_out)
+
+
+# ----------------------------------------------------------------------------- method presets
+
+
+def method_config(
+    method: str,
+    num_pairs: int = 0,
+    num_demos: int = 0,
+    *,
+    w_P: float = 1.0,
+    w_D: float = 1.0,
+    nll_weight: float = 0.0,
+    device=None,
+) -> dict:
+    """Comparisons, NLL weights and loss type of a method, for the batch layout
+
+        [chosen_0..P-1, rejected_0..P-1, demo_0..D-1, sample_0..D-1]
+
+    (P = num_pairs preference pairs; D = num_demos demonstrations, each followed in the second
+    block by the current policy's own sample for the same prompt; blocks a method does not use
+    are omitted from its layout). Returns kwargs for ``aihf_loss``: comparisons, nll_weights,
+    loss_type, plus ``num_sequences``. nll_weight is RPO's alpha / AIHF's lambda; SFT uses 1.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    P = num_pairs if method in ("dpo", "ipo", "rpo", "aihf") else 0
+    D = num_demos if method in ("sft", "spin", "aihf") else 0
+    n_demo_seqs = D if method == "sft" else 2 * D
+    S = 2 * P + n_demo_seqs
+    ar = lambda n, off=0: torch.arange(off, off + n, device=device)  # noqa: E731
+    win, lose, wts = [], [], []
+    if P:
+        win.append(ar(P)); lose.append(ar(P, P)); wts.append(torch.full((P,), float(w_P if method == "aihf" else 1.0), device=device))
+    if D and method in ("spin", "aihf"):
+        win.append(ar(D, 2 * P)); lose.append(ar(D, 2 * P + D))
+        wts.append(torch.full((D,), float(w_D if method == "aihf" else 1.0), device=device))
+    nll = torch.zeros(S, device=device)
+    if method == "sft":
+        nll[:D] = 1.0
+    elif method == "rpo":
+        nll[:P] = nll_weight
+    elif method == "aihf" and D:
+        nll[2 * P: 2 * P + D] = nll_weight
+    comparisons = (torch.cat(win), torch.cat(lose), torch.cat(wts)) if win else None
+    return dict(
+        comparisons=comparisons,
+        nll_weights=nll if bool((nll != 0).any()) else None,
+        loss_type="ipo" if method == "ipo" else "sigmoid",
+        num_sequences=S,
+    )

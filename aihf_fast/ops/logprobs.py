@@ -1,0 +1,360 @@
+"""Per-token log-probs of the labels, fused: from logits, or from hidden states + LM-head weight.
+
+``token_logprobs``: online log-sum-exp over vocabulary tiles, no (N x V) fp32 buffer; backward
+writes one (N x V) gradient in the logits' dtype.
+``linear_token_logprobs``: ignored tokens are dropped first; the forward never materialises
+logits (Triton: blockwise ``hidden @ weight.T`` + online log-sum-exp); the backward recomputes
+logits in token chunks of at most ``chunk_size`` rows (cuBLAS), turns each chunk into its
+gradient in place and projects it to d(hidden) and d(weight) (8NHV FLOPs in all).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from ._backend import interpreting, resolve_backend
+from .validation import (
+    check_finite,
+    check_float,
+    check_int,
+    check_labels,
+    check_same_device,
+    check_shape,
+)
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pick_backend(backend, tensor, name):
+    chosen = resolve_backend(backend, tensor)
+    if chosen == "triton" and tensor.dtype not in _TRITON_DTYPES:
+        if backend == "triton" or os.environ.get("AIHF_FAST_BACKEND") == "triton":
+            raise TypeError(f"backend='triton' supports fp16/bf16/fp32 {name}, got {tensor.dtype}")
+        return "torch"
+    return chosen
+
+
+def _check_temperature(temperature) -> float:
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+# ----------------------------------------------------------------------------- Triton launches
+
+
+def _row_block(V: int) -> tuple[int, int]:
+    if interpreting():
+        return min(_next_pow2(V), 64), 1
+    block = min(_next_pow2(V), 4096)
+    return block, (8 if block >= 2048 else 4)
+
+
+def _triton_row_forward(logits2d, labels, ignore_index, inv_temp, return_entropy):
+    from ._triton_kernels import _row_logprob_fwd_kernel
+
+    N, V = logits2d.shape
+    logp = torch.empty(N, dtype=torch.float32, device=logits2d.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if return_entropy else lse
+    if N:
+        block, warps = _row_block(V)
+        _row_logprob_fwd_kernel[(N,)](
+            logits2d, logits2d.stride(0), labels, logp, lse, entropy, V, ignore_index, inv_temp,
+            BLOCK_V=block, RETURN_ENTROPY=return_entropy, num_warps=warps,
+        )
+    return logp, lse, (entropy if return_entropy else None)
+
+
+def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entropy, ignore_index, inv_temp):
+    """Write d(loss)/d(logits) into ``out2d`` (may be ``logits2d`` itself: in place)."""
+    from ._triton_kernels import _dlogits_kernel
+
+    N, V = logits2d.shape
+    if N == 0:
+        return out2d
+    block = min(_next_pow2(V), 64 if interpreting() else 2048)
+    has_ent = grad_entropy is not None
+    _dlogits_kernel[(N, _cdiv(V, block))](
+        logits2d, logits2d.stride(0), out2d, out2d.stride(0), labels, lse, grad_logp,
+        entropy if has_ent else lse, grad_entropy if has_ent else grad_logp,
+        V, ignore_index, inv_temp, BLOCK_V=block, HAS_ENTROPY_GRAD=has_ent,
+        num_warps=4 if interpreting() else 8,
+    )
+    return out2d
+
+
+def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
+    """x (M, H) compacted rows, w (V, H), labels (M,) all valid -> logp, lse, entropy (M,) fp32."""
+    import triton
+
+    from ._triton_kernels import _linear_lse_fwd_kernel, _linear_lse_fwd_kernel_autotuned
+
+    M, K = x.shape
+    V = w.shape[0]
+    dev = x.device
+    if M == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=dev)
+        return empty, empty, (empty if return_entropy else None)
+    if interpreting():
+        kernel, unit = _linear_lse_fwd_kernel, 32
+        meta = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, DOT_UPCAST=True)
+        n_splits = min(_cdiv(V, unit), 3)  # several splits, so the merge is exercised
+    else:
+        kernel, unit, meta = _linear_lse_fwd_kernel_autotuned, 256, {}
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        n_splits = max(1, min(_cdiv(V, unit), _cdiv(2 * sms, _cdiv(M, 128))))
+    cols_per_split = _cdiv(_cdiv(V, unit), n_splits) * unit
+    n_splits = _cdiv(V, cols_per_split)
+    part = torch.empty((4 if return_entropy else 3, n_splits, M), dtype=torch.float32, device=dev)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), n_splits)  # noqa: E731
+    kernel[grid](
+        x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), labels,
+        part[0], part[1], part[2], part[3] if return_entropy else part[0],
+        M, V, K, inv_temp, cols_per_split,
+        RETURN_ENTROPY=return_entropy,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **meta,
+    )
+    # merge the per-split partial log-sum-exps
+    gmax = part[0].max(0).values
+    scale = torch.exp(part[0] - gmax)
+    total = (part[1] * scale).sum(0)
+    lse = gmax + torch.log(total)
+    logp = part[2].sum(0) - lse
+    entropy = lse - (part[3] * scale).sum(0) / total if return_entropy else None
+    return logp, lse, entropy
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int) -> int:
+    """Tokens per backward chunk: a (chunk x V) buffer of at most AIHF_FAST_CHUNK_BYTES (1 GiB)."""
+    budget = int(os.environ.get("AIHF_FAST_CHUNK_BYTES", 1 << 30))
+    chunk = max(256, (budget // (vocab_size * element_size)) // 256 * 256)
+    return max(1, min(num_tokens, chunk))
+
+
+def _accumulate_mm(acc, a, b):
+    """acc += a @ b with acc possibly fp32 and a, b low precision."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_((a @ b).to(acc.dtype))
+
+
+def _linear_backward(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size, need_dx, need_dw):
+    M = x.shape[0]
+    V, H = w.shape
+    chunk = chunk_size or default_chunk_size(M, V, x.element_size())
+    single = chunk >= M
+    dx = torch.empty_like(x) if need_dx else None
+    dw = None
+    if need_dw and M == 0:
+        dw = torch.zeros_like(w)
+    elif need_dw and not single:
+        dw = torch.zeros((V, H), dtype=torch.float32, device=w.device)
+    for s in range(0, M, chunk):
+        e = min(M, s + chunk)
+        xs = x[s:e]
+        z = xs @ w.t()
+        ent = entropy[s:e] if grad_entropy is not None else None
+        ge = grad_entropy[s:e] if grad_entropy is not None else None
+        _triton_dlogits_(z, z, labels[s:e], lse[s:e], grad_logp[s:e], ent, ge, -1, inv_temp)
+        if need_dx:
+            torch.mm(z, w, out=dx[s:e])
+        if need_dw:
+            if single:
+                dw = z.t() @ xs
+            else:
+                _accumulate_mm(dw, z.t(), xs)
+        del z
+    if dw is not None:
+        dw = dw.to(w.dtype)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, labels, ignore_index, inv_temp, return_entropy):
+        logp, lse, entropy = _triton_row_forward(logits2d, labels, ignore_index, inv_temp, return_entropy)
+        ctx.save_for_backward(logits2d, labels, lse, entropy if return_entropy else lse)
+        ctx.ignore_index, ctx.inv_temp, ctx.return_entropy = ignore_index, inv_temp, return_entropy
+        if not return_entropy:
+            entropy = torch.zeros_like(logp)
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits2d, labels, lse, entropy = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        if not ctx.return_entropy:
+            grad_entropy = None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        grad = torch.empty_like(logits2d, memory_format=torch.contiguous_format)
+        _triton_dlogits_(
+            logits2d, grad, labels, lse, grad_logp.contiguous(), entropy,
+            None if grad_entropy is None else grad_entropy.contiguous(), ctx.ignore_index, ctx.inv_temp,
+        )
+        return grad, None, None, None, None
+
+
+class _LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, labels, inv_temp, return_entropy, chunk_size):
+        logp, lse, entropy = _triton_linear_forward(x, w, labels, inv_temp, return_entropy)
+        ctx.save_for_backward(x, w, labels, lse, entropy if return_entropy else lse)
+        ctx.inv_temp, ctx.return_entropy, ctx.chunk_size = inv_temp, return_entropy, chunk_size
+        if not return_entropy:
+            entropy = torch.zeros_like(logp)
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        x, w, labels, lse, entropy = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dw):
+            return None, None, None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        ge = grad_entropy.contiguous() if (ctx.return_entropy and grad_entropy is not None) else None
+        dx, dw = _linear_backward(
+            x, w, labels, lse, entropy, grad_logp.contiguous(), ge, ctx.inv_temp, ctx.chunk_size, need_dx, need_dw
+        )
+        return dx, dw, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    *,
+    return_entropy: bool = False,
+    backend: str | None = None,
+    validate: bool = True,
+):
+    """log softmax(logits / temperature)[labels], without an fp32 (N x V) buffer.
+
+    Args:
+        logits: (..., V) fp16/bf16/fp32 (fp64 on the torch backend).
+        labels: (...) integer, in [0, V) or ``ignore_index``; already aligned with ``logits``.
+        return_entropy: also return the per-token entropy of softmax(logits / temperature).
+        backend: "auto" | "triton" | "torch" (default: ``AIHF_FAST_BACKEND`` or "auto").
+        validate: check label range and finiteness (synchronises with the device).
+    Returns:
+        fp32 log-probs shaped like ``labels`` (0 at ignored positions, which get zero gradient);
+        and the fp32 entropy, same shape, when ``return_entropy``.
+    """
+    check_float("logits", logits)
+    check_int("labels", labels)
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dim, got a scalar")
+    check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    check_same_device(logits=logits, labels=labels)
+    temperature = _check_temperature(temperature)
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits must have a vocabulary size V >= 1, got V = 0")
+    if validate:
+        check_labels(labels, V, ignore_index)
+        check_finite("logits", logits)
+    if _pick_backend(backend, logits, "logits") == "torch":
+        return reference.token_logprobs(logits, labels, ignore_index, temperature, return_entropy)
+    logits2d = logits.reshape(-1, V)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    logp, entropy = _TokenLogprobsFunction.apply(
+        logits2d, labels.reshape(-1).contiguous(), int(ignore_index), 1.0 / temperature, return_entropy
+    )
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    *,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    validate: bool = True,
+):
+    """log softmax(hidden @ weight.T / temperature)[labels] without materialising the logits.
+
+    Args:
+        hidden: (..., H) last hidden states; weight: (V, H) LM-head weight, same dtype.
+        labels: (...) integer, in [0, V) or ``ignore_index`` (those rows are dropped before any
+            matmul; they give 0 and get zero gradient).
+        chunk_size: tokens per backward recompute chunk (default: a (chunk x V) buffer of at most
+            1 GiB, env ``AIHF_FAST_CHUNK_BYTES``).
+    Returns: fp32 log-probs shaped like ``labels`` (and the entropy when ``return_entropy``).
+    Gradients flow to ``hidden`` and ``weight``.
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight, ndim=2)
+    check_int("labels", labels)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have a hidden-size dim, got a scalar")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) to match hidden's last dim {H}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have V >= 1 rows, got 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, weight=weight, labels=labels)
+    temperature = _check_temperature(temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    V = weight.shape[0]
+    if validate:
+        check_labels(labels, V, ignore_index)
+        check_finite("hidden", hidden)
+        check_finite("weight", weight)
+    chosen = _pick_backend(backend, hidden, "hidden")
+    flat_h = hidden.reshape(-1, H)
+    flat_y = labels.reshape(-1)
+    N = flat_y.numel()
+    valid = flat_y != ignore_index
+    idx = valid.nonzero().squeeze(1)
+    compact = idx.numel() != N
+    x = flat_h[idx] if compact else flat_h
+    y = flat_y[idx] if compact else flat_y
+    if chosen == "torch":
+        out = reference.linear_token_logprobs(x, weight, y, ignore_index, temperature, return_entropy)
+        logp, entropy = out if return_entropy else (out, None)
+    else:
+        logp, entropy = _LinearTokenLogprobsFunction.apply(
+            x, weight, y.contiguous(), 1.0 / temperature, return_entropy, chunk_size
+        )
+    if compact:
+        zeros = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        logp = zeros.index_copy(0, idx, logp)
+        entropy = zeros.index_copy(0, idx, entropy) if return_entropy else None
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp

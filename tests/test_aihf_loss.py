@@ -1,0 +1,235 @@
+"""The joint loss against each method's published formula, written out here independently."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aihf_fast.ops import AIHFLoss, aihf_loss, method_config
+from helpers import DEVICE, assert_close_to, random_labels
+
+BETA = 0.1
+
+
+def seq_logps_by_hand(logits, labels):
+    """Sum over each row's non-ignored tokens of log softmax(logits)[label]: (B,)."""
+    logp = logits.float().log_softmax(-1)
+    mask = labels != -100
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1), mask.sum(-1)
+
+
+def make_batch(S=6, T=9, V=37, H=16):
+    h = torch.randn(S, T, H, device=DEVICE)
+    w = torch.randn(V, H, device=DEVICE) / H**0.5 * 2
+    rh = torch.randn(S, T, H, device=DEVICE)
+    rw = torch.randn(V, H, device=DEVICE) / H**0.5 * 2
+    labels = random_labels((S, T), V, device=DEVICE)
+    labels[:, :2] = -100  # prompt tokens
+    labels[:, 2] = torch.randint(0, V, (S,), device=DEVICE)  # every sequence has a loss token
+    return h, w, rh, rw, labels
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_family_matches_formula(loss_type):
+    h, w, rh, rw, labels = make_batch()
+    P = 3
+    pol, _ = seq_logps_by_hand(h @ w.t(), labels)
+    ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
+    hdiff = (pol[:P] - ref[:P]) - (pol[P:] - ref[P:])
+    if loss_type == "sigmoid":
+        want = -F.logsigmoid(BETA * hdiff).mean()
+    elif loss_type == "ipo":
+        want = ((hdiff - 1 / (2 * BETA)) ** 2).mean()
+    else:
+        want = torch.relu(1 - BETA * hdiff).mean()
+    cfg = method_config("ipo" if loss_type == "ipo" else "dpo", num_pairs=P, device=DEVICE)
+    cfg.pop("num_sequences")
+    cfg["loss_type"] = loss_type
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+    assert_close_to("margins", out.metrics["rewards/margins"], (BETA * hdiff).mean(), 1e-5, 1e-5)
+    assert_close_to("accuracy", out.metrics["rewards/accuracies"], (hdiff > 0).float().mean(), 0)
+
+
+def test_cdpo_label_smoothing():
+    h, w, rh, rw, labels = make_batch()
+    pol, _ = seq_logps_by_hand(h @ w.t(), labels)
+    ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
+    z = BETA * ((pol[:3] - ref[:3]) - (pol[3:] - ref[3:]))
+    want = (-0.8 * F.logsigmoid(z) - 0.2 * F.logsigmoid(-z)).mean()
+    out = aihf_loss(labels, logits=h @ w.t(), ref_logits=rh @ rw.t(), beta=BETA, label_smoothing=0.2,
+                    comparisons=(torch.arange(3), torch.arange(3, 6)))
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+
+
+def test_rpo_is_dpo_plus_pooled_chosen_nll():
+    h, w, rh, rw, labels = make_batch()
+    alpha = 0.7
+    logits = h @ w.t()
+    pol, _ = seq_logps_by_hand(logits, labels)
+    ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
+    dpo = -F.logsigmoid(BETA * ((pol[:3] - ref[:3]) - (pol[3:] - ref[3:]))).mean()
+    nll = F.cross_entropy(logits[:3].reshape(-1, logits.shape[-1]), labels[:3].reshape(-1), ignore_index=-100)
+    cfg = method_config("rpo", num_pairs=3, nll_weight=alpha, device=DEVICE)
+    cfg.pop("num_sequences")
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    assert_close_to("loss", out.loss, dpo + alpha * nll, 1e-5, 1e-5)
+
+
+def test_sft_is_token_mean_cross_entropy():
+    h, w, _, _, labels = make_batch()
+    logits = h @ w.t()
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    cfg = method_config("sft", num_demos=6, device=DEVICE)
+    cfg.pop("num_sequences")
+    out = aihf_loss(labels, hidden=h, weight=w, **cfg)
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+    pol, n = seq_logps_by_hand(logits, labels)
+    assert_close_to("demo/logp_per_token", out.metrics["demo/logp_per_token"], pol.sum() / n.sum(), 1e-5, 1e-5)
+    # per-sequence length normalisation: mean over sequences of the per-sequence mean NLL
+    out = aihf_loss(labels, hidden=h, weight=w, nll_normalize="length", **cfg)
+    assert_close_to("length-normalised", out.loss, (-pol / n).mean(), 1e-5, 1e-5)
+
+
+def test_spin_is_demo_vs_own_sample_against_previous_iterate():
+    # layout [demo_0..2, sample_0..2]; the reference is the previous iterate's LM head
+    h, w, _, _, labels = make_batch()
+    w_prev = w + 0.05 * torch.randn_like(w)
+    pol, _ = seq_logps_by_hand(h @ w.t(), labels)
+    prev, _ = seq_logps_by_hand(h @ w_prev.t(), labels)
+    want = torch.log1p(torch.exp(-BETA * ((pol[:3] - prev[:3]) - (pol[3:] - prev[3:])))).mean()
+    cfg = method_config("spin", num_demos=3, device=DEVICE)
+    cfg.pop("num_sequences")
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=h, ref_weight=w_prev, beta=BETA, **cfg)
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+
+
+def test_aihf_weights_pairs_and_demonstrations():
+    # layout [chosen_0, rejected_0, demo_0..1, sample_0..1]: S = 6
+    h, w, rh, rw, labels = make_batch()
+    w_P, w_D, lam = 0.6, 1.5, 0.2
+    logits = h @ w.t()
+    pol, n = seq_logps_by_hand(logits, labels)
+    ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
+    rho = pol - ref
+    pref = w_P * -F.logsigmoid(BETA * (rho[0] - rho[1]))
+    demo = w_D * -F.logsigmoid(BETA * (rho[2:4] - rho[4:6]))
+    want = (pref + demo.sum()) / 3 + lam * (-pol[2:4].sum()) / n[2:4].sum()
+    cfg = method_config("aihf", num_pairs=1, num_demos=2, w_P=w_P, w_D=w_D, nll_weight=lam, device=DEVICE)
+    assert cfg["num_sequences"] == 6
+    cfg.pop("num_sequences")
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+    # the same loss with reduction="sum" and weights divided by K by hand
+    c = cfg["comparisons"]
+    out2 = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, reduction="sum",
+                     comparisons=(c[0], c[1], c[2] / 3), nll_weights=cfg["nll_weights"])
+    assert_close_to("sum form", out2.loss, want, 1e-5, 1e-5)
+
+
+def _as_packed(labels, *token_tensors):
+    lengths = torch.tensor([3, 9, 5, 7, 9, 4], device=DEVICE)  # drop trailing padding per row
+    keep = torch.arange(labels.shape[1], device=DEVICE)[None, :] < lengths[:, None]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = lengths.cumsum(0)
+    return cu, labels[keep], [t[keep] for t in token_tensors], keep
+
+
+def test_packed_equals_padded_and_backends_agree():
+    h, w, rh, rw, labels = make_batch()
+    labels[:, 2] = torch.randint(0, w.shape[0], (6,), device=DEVICE)
+    cu, y_p, (h_p, rh_p), keep = _as_packed(labels, h, rh)
+    labels_masked = torch.where(keep, labels, torch.full_like(labels, -100))
+    cmp = (torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([1.0, 0.5, 2.0]))
+    nll = torch.tensor([0.3, 0.0, 0.3, 0.0, 1.0, 0.0], device=DEVICE)
+    kw = dict(comparisons=cmp, nll_weights=nll, beta=BETA)
+    results = {}
+    for backend in ("torch", "triton"):
+        for form in ("padded", "cu_seqlens", "segment_ids"):
+            hh = (h if form == "padded" else h_p).detach().clone().requires_grad_()
+            ww = w.detach().clone().requires_grad_()
+            if form == "padded":
+                lay = dict(labels=labels_masked, ref_hidden=rh, ref_weight=rw)
+            elif form == "cu_seqlens":
+                lay = dict(labels=y_p, cu_seqlens=cu, ref_hidden=rh_p, ref_weight=rw)
+            else:
+                seg = torch.repeat_interleave(torch.arange(6, device=DEVICE), (cu[1:] - cu[:-1]).long())
+                lay = dict(labels=y_p, segment_ids=seg, ref_hidden=rh_p, ref_weight=rw)
+            out = aihf_loss(hidden=hh, weight=ww, backend=backend, **lay, **kw)
+            out.loss.backward()
+            dh = hh.grad[keep] if form == "padded" else hh.grad
+            results[backend, form] = (out.loss, dh, ww.grad, out.seq_logps)
+    base = results["torch", "padded"]
+    for key, val in results.items():
+        for name, a, b in zip(("loss", "dhidden", "dweight", "seq_logps"), val, base):
+            assert_close_to(f"{key} {name}", a, b, 1e-5, 1e-5)
+
+
+def test_reference_inputs_are_interchangeable():
+    h, w, rh, rw, labels = make_batch()
+    ref_logits = rh @ rw.t()
+    ref_tok = ref_logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    ref_tok = torch.where(labels != -100, ref_tok, torch.full_like(ref_tok, 123.0))  # junk at padding
+    ref_seq, _ = seq_logps_by_hand(ref_logits, labels)
+    cmp = (torch.arange(3), torch.arange(3, 6))
+    outs = [
+        aihf_loss(labels, logits=h @ w.t(), comparisons=cmp, **ref)
+        for ref in (dict(ref_hidden=rh, ref_weight=rw), dict(ref_logits=ref_logits),
+                    dict(ref_token_logps=ref_tok), dict(ref_seq_logps=ref_seq))
+    ]
+    for o in outs[1:]:
+        assert_close_to("loss", o.loss, outs[0].loss, 1e-5, 1e-5)
+
+
+def test_gradcheck_float64_reference_path():
+    S, T, V = 4, 5, 7
+    logits = torch.randn(S, T, V, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (S, T))
+    labels[:, 0] = -100
+    ref = torch.randn(S, dtype=torch.float64)
+    cmp = (torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([1.0, 0.5]))
+    nll = torch.tensor([0.5, 0.0, 0.0, 0.2], dtype=torch.float64)
+
+    def f(z):
+        return aihf_loss(labels, logits=z, ref_seq_logps=ref, comparisons=cmp, nll_weights=nll,
+                         backend="torch", label_smoothing=0.1).loss
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_module_matches_functional_and_rejects_per_call_config():
+    h, w, rh, rw, labels = make_batch()
+    cmp = (torch.arange(3), torch.arange(3, 6))
+    mod = AIHFLoss(beta=0.2, loss_type="hinge")
+    a = mod(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, comparisons=cmp)
+    b = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, comparisons=cmp, beta=0.2,
+                  loss_type="hinge")
+    assert_close_to("loss", a.loss, b.loss, 0)
+    with pytest.raises(TypeError, match="beta"):
+        mod(labels, hidden=h, weight=w, comparisons=cmp, reference_free=True, beta=0.3)
+    with pytest.raises(ValueError, match="loss_type"):
+        AIHFLoss(loss_type="kto")
+
+
+liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel not installed")
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_dpo_plus_nll_equals_liger_fused_linear_dpo(alpha):
+    P, T, H, V = 3, 8, 16, 41
+    x = torch.randn(2 * P, T, H)
+    w = torch.randn(V, H) / 2
+    rx, rw = torch.randn(2 * P, T, H), torch.randn(V, H) / 2
+    y = random_labels((2 * P, T), V)
+    y[:, 0] = torch.randint(0, V, (2 * P,))
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    lig = liger.LigerFusedLinearDPOLoss(beta=BETA, alpha=alpha, compute_nll_loss=True, compiled=False)
+    want = lig(w1, x1, y, None, rx, rw)[0]
+    want.backward()
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    cfg = method_config("rpo", num_pairs=P, nll_weight=alpha)
+    cfg.pop("num_sequences")
+    got = aihf_loss(y, hidden=x2, weight=w2, ref_hidden=rx, ref_weight=rw, beta=BETA, **cfg).loss
+    got.backward()
+    assert_close_to("loss", got, want, 1e-5, 1e-5)
+    assert_close_to("dhidden", x2.grad, x1.grad, 1e-5, 1e-5)
+    assert_close_to("dweight", w2.grad, w1.grad, 1e-5, 1e-5)

@@ -1,0 +1,155 @@
+"""Triton kernels (interpreted on CPU, real on CUDA) against the PyTorch reference."""
+import pytest
+import torch
+
+from aihf_fast.ops import linear_token_logprobs, reference, token_logprobs
+from helpers import DEVICE, assert_close_to, assert_low_precision_close, random_labels
+
+# (N, V): V below / above / not a multiple of the tile; N > one token block
+TOKEN_SHAPES = [(1, 7), (5, 64), (37, 203), (70, 130)]
+LINEAR_SHAPES = [(1, 8, 7), (19, 16, 33), (37, 40, 203), (45, 24, 97)]  # (N, H, V)
+
+
+def _run_token(backend, logits, labels, temperature, entropy, g, ge):
+    logits = logits.detach().clone().requires_grad_()
+    out = token_logprobs(logits, labels, temperature=temperature, return_entropy=entropy, backend=backend)
+    lp, en = out if entropy else (out, None)
+    loss = (lp * g).sum() + ((en * ge).sum() if entropy else 0.0)
+    loss.backward()
+    return lp, en, logits.grad
+
+
+@pytest.mark.parametrize("N,V", TOKEN_SHAPES)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_fp32(N, V, entropy, temperature):
+    logits = torch.randn(N, V, device=DEVICE) * 3
+    labels = random_labels((N,), V, device=DEVICE)
+    g, ge = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    lp, en, grad = _run_token("triton", logits, labels, temperature, entropy, g, ge)
+    lr, er, gr = _run_token("torch", logits, labels, temperature, entropy, g, ge)
+    assert lp.dtype == torch.float32 and lp.shape == labels.shape
+    assert_close_to("logp", lp, lr, 1e-5, 1e-5)
+    assert_close_to("dlogits", grad, gr, 1e-5, 1e-5)
+    if entropy:
+        assert_close_to("entropy", en, er, 1e-5, 1e-5)
+    ignored = labels == -100
+    assert bool((lp[ignored] == 0).all()) and bool((grad[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("N,V", [(37, 203), (70, 130)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_logprobs_low_precision(N, V, dtype):
+    logits32 = torch.randn(N, V, device=DEVICE) * 3
+    logits = logits32.to(dtype)
+    labels = random_labels((N,), V, device=DEVICE)
+    g, ge = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    lp, en, grad = _run_token("triton", logits, labels, 1.0, True, g, ge)
+    assert grad.dtype == dtype  # the one (N x V) buffer is in the logits' dtype
+    lr, er, gr = _run_token("torch", logits, labels, 1.0, True, g, ge)
+    l32, e32, g32 = _run_token("torch", logits.float(), labels, 1.0, True, g, ge)
+    assert_low_precision_close("logp", lp, lr, l32)
+    assert_low_precision_close("entropy", en, er, e32)
+    assert_low_precision_close("dlogits", grad, gr, g32, atol=1e-2)
+
+
+def test_token_logprobs_batched_shape_and_all_ignored():
+    logits = torch.randn(3, 5, 40, device=DEVICE)
+    labels = random_labels((3, 5), 40, device=DEVICE)
+    labels[1] = -100  # a whole row of padding
+    logits.requires_grad_()
+    lp = token_logprobs(logits, labels, backend="triton")
+    assert lp.shape == (3, 5)
+    lp.sum().backward()
+    assert bool((lp[1] == 0).all()) and bool((logits.grad[1] == 0).all())
+    assert_close_to("logp", lp, reference.token_logprobs(logits, labels), 1e-5, 1e-5)
+
+
+def _run_linear(backend, h, w, labels, temperature, entropy, g, ge, chunk_size=None):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    out = linear_token_logprobs(h, w, labels, temperature=temperature, return_entropy=entropy,
+                                backend=backend, chunk_size=chunk_size)
+    lp, en = out if entropy else (out, None)
+    loss = (lp * g).sum() + ((en * ge).sum() if entropy else 0.0)
+    loss.backward()
+    return lp, en, h.grad, w.grad
+
+
+@pytest.mark.parametrize("N,H,V", LINEAR_SHAPES)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_linear_token_logprobs_fp32(N, H, V, entropy, chunk_size):
+    h = torch.randn(N, H, device=DEVICE)
+    w = torch.randn(V, H, device=DEVICE) / H**0.5 * 2
+    labels = random_labels((N,), V, device=DEVICE)
+    g, ge = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    got = _run_linear("triton", h, w, labels, 0.8, entropy, g, ge, chunk_size)
+    want = _run_linear("torch", h, w, labels, 0.8, entropy, g, ge)
+    for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), got, want):
+        if a is not None:
+            assert_close_to(name, a, b, 1e-5, 1e-5)
+    ignored = labels == -100
+    assert bool((got[0][ignored] == 0).all()) and bool((got[2][ignored] == 0).all())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_linear_token_logprobs_bf16(chunk_size):
+    N, H, V = 45, 32, 97
+    h32 = torch.randn(2, N, H, device=DEVICE)
+    w32 = torch.randn(V, H, device=DEVICE) / H**0.5 * 2
+    labels = random_labels((2, N), V, device=DEVICE)
+    g, ge = torch.randn(2, N, device=DEVICE), torch.randn(2, N, device=DEVICE)
+    h, w = h32.bfloat16(), w32.bfloat16()
+    got = _run_linear("triton", h, w, labels, 1.0, True, g, ge, chunk_size)
+    low = _run_linear("torch", h, w, labels, 1.0, True, g, ge)
+    f32 = _run_linear("torch", h.float(), w.float(), labels, 1.0, True, g, ge)
+    assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
+    for name, a, b, c in zip(("logp", "entropy", "dhidden", "dweight"), got, low, f32):
+        assert_low_precision_close(name, a, b, c, atol=2e-2)
+
+
+def test_linear_all_ignored_and_single_token():
+    h = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, 16, device=DEVICE, requires_grad=True)
+    labels = torch.full((4,), -100, device=DEVICE)
+    lp = linear_token_logprobs(h, w, labels, backend="triton")
+    lp.sum().backward()
+    assert bool((lp == 0).all()) and bool((h.grad == 0).all()) and bool((w.grad == 0).all())
+    labels = torch.tensor([5], device=DEVICE)
+    one = linear_token_logprobs(h[:1], w, labels, backend="triton")
+    assert_close_to("logp", one, reference.linear_token_logprobs(h[:1], w, labels), 1e-5, 1e-5)
+
+
+def test_linear_reference_forward_no_grad():
+    h = torch.randn(9, 16, device=DEVICE)
+    w = torch.randn(40, 16, device=DEVICE)
+    labels = random_labels((9,), 40, device=DEVICE)
+    with torch.no_grad():
+        lp = linear_token_logprobs(h, w, labels, backend="triton")
+    assert not lp.requires_grad
+    assert_close_to("logp", lp, reference.linear_token_logprobs(h, w, labels), 1e-5, 1e-5)
+
+
+def test_env_backend_switch(monkeypatch):
+    logits = torch.randn(6, 30, device=DEVICE)
+    labels = random_labels((6,), 30, device=DEVICE)
+    monkeypatch.setenv("AIHF_FAST_BACKEND", "torch")
+    a = token_logprobs(logits, labels)
+    monkeypatch.setenv("AIHF_FAST_BACKEND", "triton")
+    b = token_logprobs(logits, labels)
+    assert_close_to("logp", b, a, 1e-5, 1e-5)
+    monkeypatch.setenv("AIHF_FAST_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="AIHF_FAST_BACKEND"):
+        token_logprobs(logits, labels)
+
+
+def test_reference_gradcheck_float64():
+    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 3, 10, 0])
+    assert torch.autograd.gradcheck(
+        lambda z: reference.token_logprobs(z, labels, temperature=0.9, return_entropy=True), (logits,)
+    )
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: reference.linear_token_logprobs(a, b, labels), (h, w))
