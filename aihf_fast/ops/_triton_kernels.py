@@ -17,7 +17,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_NEG_BIG = -1.0e30  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
+# finite "minus infinity" (a constexpr: jit code may only read constexpr globals); keeps
+# exp(m_old - m_new) free of inf - inf
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -77,13 +79,16 @@ def _dlogits_kernel(
     entropy_ptr,
     grad_entropy_ptr,
     V,
+    col_offset,
     ignore_index,
     inv_temp,
     BLOCK_V: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
 ):
     """d/dz of g * logp + ge * H, with x = z / T, p = softmax(x):
-    dlogp/dx_v = 1[v = y] - p_v;  dH/dx_v = p_v (lse - H - x_v);  then times 1/T."""
+    dlogp/dx_v = 1[v = y] - p_v;  dH/dx_v = p_v (lse - H - x_v);  then times 1/T.
+    The V columns given may be a slice of the vocabulary starting at ``col_offset``: p only needs
+    the saved full-vocabulary log-sum-exp."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -94,7 +99,7 @@ def _dlogits_kernel(
     lse = tl.load(lse_ptr + row)
     x = tl.load(logits_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
     p = tl.exp(x - lse)
-    d = g * (tl.where(cols == label, 1.0, 0.0) - p)
+    d = g * (tl.where(cols + col_offset == label, 1.0, 0.0) - p)
     if HAS_ENTROPY_GRAD:
         ge = tl.where(valid, tl.load(grad_entropy_ptr + row).to(tl.float32), 0.0)
         h = tl.load(entropy_ptr + row)
@@ -121,15 +126,26 @@ def _linear_lse_fwd_kernel(
     K,
     inv_temp,
     cols_per_split,
+    n_splits,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
     DOT_UPCAST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # 1-D grid, grouped: consecutive programs cover GROUP_M token blocks x all splits, so the
+    # programs resident together share GROUP_M hidden blocks and n_splits weight tiles in L2
+    # (each weight tile is read from HBM once per group, each hidden block once per tile).
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * n_splits
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    within = pid % per_group
+    pid_m = first_m + within % group_m
+    pid_s = within // group_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
@@ -179,6 +195,7 @@ _LINEAR_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # fp32-sized
 ]
 
 # GPU entry point: picks the tile shape by measurement, once per (V, K, dtype, entropy) key.

@@ -76,19 +76,21 @@ def _triton_row_forward(logits2d, labels, ignore_index, inv_temp, return_entropy
     return logp, lse, (entropy if return_entropy else None)
 
 
-def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entropy, ignore_index, inv_temp):
-    """Write d(loss)/d(logits) into ``out2d`` (may be ``logits2d`` itself: in place)."""
+def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entropy, ignore_index, inv_temp,
+                     col_offset=0):
+    """Write d(loss)/d(logits) into ``out2d`` (may be ``logits2d`` itself: in place).
+    ``logits2d`` may hold vocabulary columns [col_offset, col_offset + width) only."""
     from ._triton_kernels import _dlogits_kernel
 
     N, V = logits2d.shape
-    if N == 0:
+    if N == 0 or V == 0:
         return out2d
     block = min(_next_pow2(V), 64 if interpreting() else 2048)
     has_ent = grad_entropy is not None
     _dlogits_kernel[(N, _cdiv(V, block))](
         logits2d, logits2d.stride(0), out2d, out2d.stride(0), labels, lse, grad_logp,
         entropy if has_ent else lse, grad_entropy if has_ent else grad_logp,
-        V, ignore_index, inv_temp, BLOCK_V=block, HAS_ENTROPY_GRAD=has_ent,
+        V, col_offset, ignore_index, inv_temp, BLOCK_V=block, HAS_ENTROPY_GRAD=has_ent,
         num_warps=4 if interpreting() else 8,
     )
     return out2d
@@ -108,20 +110,29 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
         return empty, empty, (empty if return_entropy else None)
     if interpreting():
         kernel, unit = _linear_lse_fwd_kernel, 32
-        meta = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, DOT_UPCAST=True)
+        meta = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, DOT_UPCAST=True)
         n_splits = min(_cdiv(V, unit), 3)  # several splits, so the merge is exercised
     else:
-        kernel, unit, meta = _linear_lse_fwd_kernel_autotuned, 256, {}
+        unit = 256
+        if os.environ.get("AIHF_FAST_AUTOTUNE", "1") == "0":  # fixed tile: fast compiles (tests)
+            kernel = _linear_lse_fwd_kernel
+            if x.dtype == torch.float32:  # fp32 tiles take twice the shared memory
+                meta = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=3)
+            else:
+                meta = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        else:
+            kernel, meta = _linear_lse_fwd_kernel_autotuned, {}
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        n_splits = max(1, min(_cdiv(V, unit), _cdiv(2 * sms, _cdiv(M, 128))))
+        # >= 16 splits: with GROUP_M = 8 token blocks, ~128 resident programs share their tiles
+        n_splits = max(1, min(_cdiv(V, unit), max(16, _cdiv(2 * sms, _cdiv(M, 64)))))
     cols_per_split = _cdiv(_cdiv(V, unit), n_splits) * unit
     n_splits = _cdiv(V, cols_per_split)
     part = torch.empty((4 if return_entropy else 3, n_splits, M), dtype=torch.float32, device=dev)
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), n_splits)  # noqa: E731
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * n_splits,)  # noqa: E731
     kernel[grid](
         x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), labels,
         part[0], part[1], part[2], part[3] if return_entropy else part[0],
-        M, V, K, inv_temp, cols_per_split,
+        M, V, K, inv_temp, cols_per_split, n_splits,
         RETURN_ENTROPY=return_entropy,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         **meta,
@@ -137,50 +148,60 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int) -> int:
-    """Tokens per backward chunk: a (chunk x V) buffer of at most AIHF_FAST_CHUNK_BYTES (1 GiB)."""
-    budget = int(os.environ.get("AIHF_FAST_CHUNK_BYTES", 1 << 30))
-    chunk = max(256, (budget // (vocab_size * element_size)) // 256 * 256)
-    return max(1, min(num_tokens, chunk))
+    """Vocabulary columns per backward chunk: a (tokens x chunk) buffer of at most
+    ``AIHF_FAST_CHUNK_BYTES`` (default 256 MiB), a multiple of 128, at least 128."""
+    budget = int(os.environ.get("AIHF_FAST_CHUNK_BYTES", 256 << 20))
+    cols = (budget // max(1, num_tokens * element_size)) // 128 * 128
+    return max(1, min(vocab_size, max(128, cols)))
 
 
 def _accumulate_mm(acc, a, b):
-    """acc += a @ b with acc possibly fp32 and a, b low precision."""
+    """acc += a @ b, acc fp32 and a, b possibly low precision (fp32 accumulation in the GEMM)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.add_((a @ b).to(acc.dtype))
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # torch without addmm(out_dtype=)
+            pass
+    acc.add_(a @ b)
 
 
 def _linear_backward(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size, need_dx, need_dw):
+    """Recompute the logits one vocabulary slice at a time: z = x @ w[slice].T (M x C), turn z
+    into its gradient in place with the saved log-sum-exp, then d(weight)[slice] = z.T @ x
+    (written once) and d(hidden) += z @ w[slice] (fp32 accumulator, M x H). 6MHV FLOPs."""
     M = x.shape[0]
     V, H = w.shape
-    chunk = chunk_size or default_chunk_size(M, V, x.element_size())
-    single = chunk >= M
-    dx = torch.empty_like(x) if need_dx else None
-    dw = None
-    if need_dw and M == 0:
-        dw = torch.zeros_like(w)
-    elif need_dw and not single:
-        dw = torch.zeros((V, H), dtype=torch.float32, device=w.device)
-    for s in range(0, M, chunk):
-        e = min(M, s + chunk)
-        xs = x[s:e]
-        z = xs @ w.t()
-        ent = entropy[s:e] if grad_entropy is not None else None
-        ge = grad_entropy[s:e] if grad_entropy is not None else None
-        _triton_dlogits_(z, z, labels[s:e], lse[s:e], grad_logp[s:e], ent, ge, -1, inv_temp)
-        if need_dx:
-            torch.mm(z, w, out=dx[s:e])
+    cols = chunk_size or default_chunk_size(M, V, x.element_size())
+    single = cols >= V
+    dw = torch.empty_like(w) if need_dw else None
+    dx = None
+    if need_dx:
+        dx = torch.zeros_like(x, dtype=torch.float32) if not single else None
+    if M == 0:
         if need_dw:
+            dw.zero_()
+        return (torch.zeros_like(x) if need_dx else None), dw
+    ge = grad_entropy
+    for c0 in range(0, V, cols):
+        c1 = min(V, c0 + cols)
+        ws = w[c0:c1]
+        z = x @ ws.t()
+        _triton_dlogits_(z, z, labels, lse, grad_logp, entropy if ge is not None else None, ge, -1, inv_temp,
+                         col_offset=c0)
+        if need_dw:
+            torch.mm(z.t(), x, out=dw[c0:c1])
+        if need_dx:
             if single:
-                dw = z.t() @ xs
+                dx = z @ ws
             else:
-                _accumulate_mm(dw, z.t(), xs)
+                _accumulate_mm(dx, z, ws)
         del z
-    if dw is not None:
-        dw = dw.to(w.dtype)
+    if need_dx and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
     return dx, dw
 
 
@@ -309,8 +330,8 @@ def linear_token_logprobs(
         hidden: (..., H) last hidden states; weight: (V, H) LM-head weight, same dtype.
         labels: (...) integer, in [0, V) or ``ignore_index`` (those rows are dropped before any
             matmul; they give 0 and get zero gradient).
-        chunk_size: tokens per backward recompute chunk (default: a (chunk x V) buffer of at most
-            1 GiB, env ``AIHF_FAST_CHUNK_BYTES``).
+        chunk_size: vocabulary columns per backward recompute chunk (default: a (tokens x chunk)
+            buffer of at most 256 MiB, env ``AIHF_FAST_CHUNK_BYTES``).
     Returns: fp32 log-probs shaped like ``labels`` (and the entropy when ``return_entropy``).
     Gradients flow to ``hidden`` and ``weight``.
     """

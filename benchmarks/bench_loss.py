@@ -1,0 +1,328 @@
+"""Forward+backward time and peak memory of the joint DPO + NLL loss (the RPO configuration of
+aihf_loss: w_P = 1 on P preference pairs, NLL weight alpha on the chosen answers, a reference
+model given by its hidden states + LM head) at LLM shapes, side by side in one run:
+
+  aihf_fast      aihf_loss(hidden, weight, ref_hidden, ref_weight) on the Triton kernels
+  torch_eager    the same call on the PyTorch reference (full logits, fp32 log-softmax)
+  torch_compile  torch.compile of that reference math written as one plain function
+  liger          LigerFusedLinearDPOLoss(compute_nll_loss=True), where liger-kernel is installed
+  cce            Cut Cross-Entropy per-token NLL (reduction="none") + the same DPO math, where installed
+
+plus forward-only diagnostics of the fused log-prob kernel against cuBLAS logits + logsumexp.
+FLOPs: the useful work is 6NHV (policy fwd+bwd) + 2NHV (reference fwd) = 8NHV; aihf_fast
+executes 10NHV (it recomputes the policy logits in backward). Achieved TFLOP/s = 8NHV / time.
+
+On CPU it runs the reference paths (and aihf_fast through its CPU backend) at small shapes.
+Writes JSON (device, versions, commit, every measurement) after each measurement and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "liger_kernel", "cut_cross_entropy", "transformers"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", None) or _dist_version(mod)
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def _dist_version(mod):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in (mod, mod.replace("_", "-")):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def commit():
+    if os.environ.get("AIHF_FAST_COMMIT"):
+        return os.environ["AIHF_FAST_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def rpo_plain(x, w, rx, rw, y, P, alpha, beta):
+    """The loss as users write it by hand (TRL-style): full logits, fp32 log-softmax, gather."""
+    mask = y != -100
+    logp = torch.log_softmax((x @ w.t()).float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    seq = (logp * mask).sum(-1)
+    with torch.no_grad():
+        rlogp = torch.log_softmax((rx @ rw.t()).float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+        rseq = (rlogp * mask).sum(-1)
+    h = (seq[:P] - rseq[:P]) - (seq[P:] - rseq[P:])
+    nll = -(logp[:P] * mask[:P]).sum() / mask[:P].sum()
+    return -F.logsigmoid(beta * h).mean() + alpha * nll
+
+
+def make_provider(name, P, alpha, beta, backend):
+    cmp = None
+
+    def ours(x, w, rx, rw, y):
+        nonlocal cmp
+        if cmp is None:
+            dev = x.device
+            cmp = (torch.arange(P, device=dev), torch.arange(P, 2 * P, device=dev))
+            ours.nll = torch.cat([torch.full((P,), alpha, device=dev), torch.zeros(P, device=dev)])
+        return aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp, nll_weights=ours.nll,
+                         beta=beta, backend=backend if name == "aihf_fast" else "torch", validate=False).loss
+
+    if name in ("aihf_fast", "torch_eager"):
+        return ours
+    if name == "torch_compile":
+        compiled = torch.compile(rpo_plain, dynamic=True)
+        return lambda x, w, rx, rw, y: compiled(x, w, rx, rw, y, P, alpha, beta)
+    if name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        fn = LigerFusedLinearDPOLoss(beta=beta, alpha=alpha, compute_nll_loss=True)
+        return lambda x, w, rx, rw, y: fn(w, x, y, None, rx, rw)[0]
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce(x, w, rx, rw, y):
+            B, T, H = x.shape
+            mask = y != -100
+            nll_tok = linear_cross_entropy(x.reshape(-1, H), w, y.reshape(-1), reduction="none").view(B, T)
+            seq = -(nll_tok * mask).sum(-1)
+            with torch.no_grad():
+                rseq = -(linear_cross_entropy(rx.reshape(-1, H), rw, y.reshape(-1), reduction="none").view(B, T)
+                         * mask).sum(-1)
+            h = (seq[:P] - rseq[:P]) - (seq[P:] - rseq[P:])
+            return -F.logsigmoid(beta * h).mean() + alpha * (nll_tok[:P] * mask[:P]).sum() / mask[:P].sum()
+
+        return cce
+    raise ValueError(name)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_fn(fn, device, reps):
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=reps * 100))
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def peak_extra_bytes(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def measure_cublas_peak(device, dtype):
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    ms = time_fn(lambda: a @ b, device, 3)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in dev_name), None) if device.type == "cuda" else None
+    report = {
+        "benchmark": "bench_loss", "device": dev_name, "device_type": device.type, "dtype": args.dtype,
+        "versions": versions(), "commit": commit(), "argv": sys.argv[1:],
+        "peak_bf16_tflops_spec": peak, "cublas_bf16_tflops_measured": measure_cublas_peak(device, dtype),
+        "config": {"hidden": args.hidden, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
+                   "alpha": args.alpha, "beta": args.beta, "backend": args.backend},
+        "results": [],
+    }
+
+    def save():
+        out_path.write_text(json.dumps(report, indent=1))
+
+    save()
+    t_start = time.time()
+    H = args.hidden
+    for V in args.vocab:
+        for N in args.tokens:
+            S = max(2, N // args.seq_len)
+            S -= S % 2
+            T = N // S
+            P = S // 2
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = (torch.randn(S, T, H, generator=g) / 2).to(device, dtype).requires_grad_()
+            w = (torch.randn(V, H, generator=g) / H**0.5).to(device, dtype).requires_grad_()
+            rx = (torch.randn(S, T, H, generator=g) / 2).to(device, dtype)
+            rw = (torch.randn(V, H, generator=g) / H**0.5).to(device, dtype)
+            y = torch.randint(0, V, (S, T), generator=g)
+            y[:, : int(T * args.prompt_frac)] = -100
+            y = y.to(device)
+            n_loss = int((y != -100).sum())
+            useful = 8.0 * n_loss * H * V
+            losses = {}
+            for name in args.providers:
+                row = {"provider": name, "mode": "fwd+bwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,
+                       "vocab": V, "seqs": S, "seq_len": T}
+                if time.time() - t_start > args.time_budget:
+                    row["status"] = "skipped: time budget"
+                    report["results"].append(row)
+                    continue
+                try:
+                    fn = make_provider(name, P, args.alpha, args.beta, args.backend)
+
+                    def step():
+                        x.grad = None
+                        w.grad = None
+                        loss = fn(x, w, rx, rw, y)
+                        loss.backward()
+                        return loss
+
+                    t0 = time.time()
+                    losses[name] = float(step().detach())
+                    row["first_call_s"] = round(time.time() - t0, 3)
+                    row["peak_extra_bytes"] = peak_extra_bytes(step, device)
+                    row["ms"] = time_fn(step, device, args.reps)
+                    row["tflops_useful"] = useful / row["ms"] / 1e9
+                    if peak:
+                        row["frac_of_peak"] = row["tflops_useful"] / peak
+                    row["loss"] = losses[name]
+                    row["status"] = "ok"
+                except torch.cuda.OutOfMemoryError:
+                    row["status"] = "oom"
+                except ImportError as e:
+                    row["status"] = f"not installed: {e.name}"
+                except Exception as e:  # record and go on: one broken baseline must not lose the rest
+                    row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                x.grad = None
+                w.grad = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if "aihf_fast" in losses and name in losses:
+                    row["loss_rel_diff_vs_aihf_fast"] = abs(losses[name] - losses["aihf_fast"]) / abs(losses["aihf_fast"])
+                report["results"].append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                save()
+            if args.fwd_diag and time.time() - t_start <= args.time_budget:
+                xf, yf = x.detach().reshape(-1, H), y.reshape(-1)
+                for name, f in (
+                    ("aihf_fast_logprobs_fwd", lambda: linear_token_logprobs(xf, w.detach(), yf, validate=False,
+                                                                             backend=args.backend)),
+                    ("cublas_logits+logsumexp_fwd", lambda: torch.logsumexp((xf @ w.detach().t()).float(), -1)),
+                ):
+                    try:
+                        with torch.no_grad():
+                            ms = time_fn(f, device, args.reps)
+                            mem = peak_extra_bytes(f, device)
+                        row = {"provider": name, "mode": "fwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,
+                               "vocab": V, "ms": ms, "tflops_useful": 2.0 * n_loss * H * V / ms / 1e9,
+                               "peak_extra_bytes": mem, "status": "ok"}
+                    except torch.cuda.OutOfMemoryError:
+                        row = {"provider": name, "mode": "fwd", "tokens": N, "vocab": V, "status": "oom"}
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    report["results"].append(row)
+                    print(json.dumps(row), flush=True)
+                    save()
+            del x, w, rx, rw, y
+    report["wall_s"] = time.time() - t_start
+    save()
+    if args.plot:
+        plot(report, out_path.with_suffix(".png"))
+    return report
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("status") == "ok" and r["mode"] == "fwd+bwd"]
+    vocabs = sorted({r["vocab"] for r in rows})
+    if not rows:
+        return
+    fig, axes = plt.subplots(2, len(vocabs), figsize=(6 * len(vocabs), 8), squeeze=False)
+    for j, V in enumerate(vocabs):
+        for name in sorted({r["provider"] for r in rows}):
+            rs = sorted((r for r in rows if r["vocab"] == V and r["provider"] == name), key=lambda r: r["tokens"])
+            if not rs:
+                continue
+            axes[0, j].plot([r["tokens"] for r in rs], [r["ms"] for r in rs], "o-", label=name)
+            if rs[0].get("peak_extra_bytes") is not None:
+                axes[1, j].plot([r["tokens"] for r in rs], [r["peak_extra_bytes"] / 2**30 for r in rs], "o-", label=name)
+        axes[0, j].set(title=f"fwd+bwd time, V={V}, H={rows[0]['hidden']}", xlabel="tokens", ylabel="ms",
+                       xscale="log", yscale="log")
+        axes[1, j].set(title="peak memory above inputs", xlabel="tokens", ylabel="GiB", xscale="log")
+        for ax in axes[:, j]:
+            if ax.get_lines():
+                ax.legend()
+    fig.suptitle(f"DPO + NLL loss, {report['dtype']}, {report['device']} (commit {str(report['commit'])[:8]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--tokens", type=ints, default=[4096, 8192, 16384, 32768] if cuda else [256, 1024])
+    p.add_argument("--vocab", type=ints, default=[128256, 151936] if cuda else [8192])
+    p.add_argument("--hidden", type=int, default=4096 if cuda else 256)
+    p.add_argument("--seq-len", type=int, default=1024 if cuda else 128)
+    p.add_argument("--prompt-frac", type=float, default=0.0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if cuda else "fp32")
+    p.add_argument("--providers", type=lambda s: s.split(","),
+                   default=["aihf_fast", "liger", "cce", "torch_eager", "torch_compile"] if cuda
+                   else ["aihf_fast", "torch_eager", "torch_compile", "liger"])
+    p.add_argument("--backend", default=None, help="aihf_fast backend (default: auto)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later rows are skipped")
+    p.add_argument("--fwd-diag", action=argparse.BooleanOptionalAction, default=cuda)
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / ("bench_loss_gpu.json" if cuda else "bench_loss_cpu.json")))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
