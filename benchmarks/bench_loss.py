@@ -174,6 +174,10 @@ def run(args):
                    "alpha": args.alpha, "beta": args.beta, "backend": args.backend},
         "results": [],
     }
+    if device.type == "cuda":
+        from aihf_fast.ops.logprobs import _addmm_out_dtype_works
+
+        report["addmm_bf16_to_fp32_accumulate"] = _addmm_out_dtype_works(device)
 
     def save():
         out_path.write_text(json.dumps(report, indent=1))

@@ -122,12 +122,14 @@ def test_packed_layout_errors(backend):
     logits = torch.randn(10, V, device=DEVICE)
     labels = torch.randint(0, V, (10,), device=DEVICE)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at N = 10"):
-        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0, 4, 9]), backend=backend)
+        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="sequence 1 is empty"):
-        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0, 4, 4, 10]), backend=backend)
+        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0, 4, 4, 10], device=DEVICE), backend=backend)
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor"):
-        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0.0, 10.0]), backend=backend)
+        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0.0, 10.0], device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens is on"):
+        aihf_loss(labels, logits=logits, cu_seqlens=torch.tensor([0, 10], device="meta"), backend=backend)
     with pytest.raises(ValueError, match="padded form"):
         aihf_loss(labels, logits=logits, backend=backend)
     with pytest.raises(ValueError, match="segment_ids must be in"):
-        aihf_loss(labels, logits=logits, segment_ids=torch.arange(10) - 1, num_sequences=9, backend=backend)
+        aihf_loss(labels, logits=logits, segment_ids=torch.arange(10, device=DEVICE) - 1, num_sequences=9, backend=backend)

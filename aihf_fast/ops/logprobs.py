@@ -155,18 +155,31 @@ def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int) -> i
     return max(1, min(vocab_size, max(128, cols)))
 
 
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def _addmm_out_dtype_works(device) -> bool:
+    """Whether this torch/device runs addmm(bf16, bf16 -> fp32 accumulator) in place (probe once)."""
+    key = str(device)
+    if key not in _ADDMM_OUT_DTYPE:
+        try:
+            acc = torch.zeros(2, 2, device=device)
+            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[key] = bool((acc == 2).all())
+        except Exception:  # older torch, or a backend without it
+            _ADDMM_OUT_DTYPE[key] = False
+    return _ADDMM_OUT_DTYPE[key]
+
+
 def _accumulate_mm(acc, a, b):
     """acc += a @ b, acc fp32 and a, b possibly low precision (fp32 accumulation in the GEMM)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError):  # torch without addmm(out_dtype=)
-            pass
-    acc.add_(a @ b)
+    elif acc.is_cuda and a.dtype == torch.bfloat16 and _addmm_out_dtype_works(acc.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def _linear_backward(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size, need_dx, need_dw):
