@@ -9,7 +9,10 @@ Three kernels, all fp32 inside whatever the input dtype:
   target column is formed in fp32 before rounding).
 - ``_linear_lse_fwd_kernel``: fused ``hidden @ weight.T`` + online log-sum-exp; each program owns
   a block of tokens and a contiguous range ("split") of vocabulary tiles and writes per-split
-  partial (max, sum-exp, target logit, entropy numerator); the logits never reach memory.
+  partial (max, sum-exp, target logit, entropy numerator); the logits never reach memory. For
+  bf16/fp16 inputs the fp32 accumulator is rounded to the input dtype first, so the log-probs
+  are those of the logits an LM head would output, and exactly consistent with the backward,
+  which recomputes those logits with cuBLAS in the input dtype.
 Offsets that can exceed 2**31 (row * stride for N x V logits) are computed in int64.
 """
 from __future__ import annotations
@@ -132,6 +135,7 @@ def _linear_lse_fwd_kernel(
     BLOCK_K: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
     DOT_UPCAST: tl.constexpr = False,
 ):
@@ -173,6 +177,13 @@ def _linear_lse_fwd_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # logits as the LM head would output them (and as the backward recomputes them)
+        if ROUND_LOGITS == 1:  # bf16, round to nearest even by bits (triton's CPU interpreter truncates casts)
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            acc = bits.to(tl.float32, bitcast=True)
+        elif ROUND_LOGITS == 2:  # fp16
+            acc = acc.to(tl.float16).to(tl.float32)
         x = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -193,6 +204,8 @@ def _linear_lse_fwd_kernel(
 _LINEAR_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # fp32-sized
@@ -200,5 +213,5 @@ _LINEAR_FWD_CONFIGS = [
 
 # GPU entry point: picks the tile shape by measurement, once per (V, K, dtype, entropy) key.
 _linear_lse_fwd_kernel_autotuned = triton.autotune(
-    configs=_LINEAR_FWD_CONFIGS, key=["V", "K", "RETURN_ENTROPY", "INPUT_PRECISION"]
+    configs=_LINEAR_FWD_CONFIGS, key=["V", "K", "RETURN_ENTROPY", "INPUT_PRECISION", "ROUND_LOGITS"]
 )(_linear_lse_fwd_kernel)

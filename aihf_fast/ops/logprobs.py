@@ -135,6 +135,7 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
         M, V, K, inv_temp, cols_per_split, n_splits,
         RETURN_ENTROPY=return_entropy,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ROUND_LOGITS={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0),
         **meta,
     )
     # merge the per-split partial log-sum-exps
