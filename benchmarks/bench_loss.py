@@ -140,6 +140,8 @@ def time_fn(fn, device, reps):
 
 
 def peak_extra_bytes(fn, device):
+    """Peak allocation during one step above what was allocated before it: inputs and the
+    previous step's gradients (which the step frees and re-creates), so: transient memory."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
@@ -294,11 +296,12 @@ def plot(report, path):
                 axes[1, j].plot([r["tokens"] for r in rs], [r["peak_extra_bytes"] / 2**30 for r in rs], "o-", label=name)
         axes[0, j].set(title=f"fwd+bwd time, V={V}, H={rows[0]['hidden']}", xlabel="tokens", ylabel="ms",
                        xscale="log", yscale="log")
-        axes[1, j].set(title="peak memory above inputs", xlabel="tokens", ylabel="GiB", xscale="log")
+        axes[1, j].set(title="peak memory above inputs and gradients", xlabel="tokens", ylabel="GiB", xscale="log")
         for ax in axes[:, j]:
             if ax.get_lines():
                 ax.legend()
-    fig.suptitle(f"DPO + NLL loss, {report['dtype']}, {report['device']} (commit {str(report['commit'])[:8]})")
+    fig.suptitle(f"DPO + NLL loss, {report['dtype']}, prompt fraction {report['config']['prompt_frac']}, "
+                 f"{report['device']} (commit {str(report['commit'])[:8]})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -214,21 +214,22 @@ liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel no
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_dpo_plus_nll_equals_liger_fused_linear_dpo(alpha):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dpo_plus_nll_equals_liger_fused_linear_dpo(alpha, backend):
     P, T, H, V = 3, 8, 16, 41
-    x = torch.randn(2 * P, T, H)
-    w = torch.randn(V, H) / 2
-    rx, rw = torch.randn(2 * P, T, H), torch.randn(V, H) / 2
-    y = random_labels((2 * P, T), V)
-    y[:, 0] = torch.randint(0, V, (2 * P,))
+    x = torch.randn(2 * P, T, H, device=DEVICE)
+    w = torch.randn(V, H, device=DEVICE) / 2
+    rx, rw = torch.randn(2 * P, T, H, device=DEVICE), torch.randn(V, H, device=DEVICE) / 2
+    y = random_labels((2 * P, T), V, device=DEVICE)
+    y[:, 0] = torch.randint(0, V, (2 * P,), device=DEVICE)
     x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
     lig = liger.LigerFusedLinearDPOLoss(beta=BETA, alpha=alpha, compute_nll_loss=True, compiled=False)
     want = lig(w1, x1, y, None, rx, rw)[0]
     want.backward()
     x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    cfg = method_config("rpo", num_pairs=P, nll_weight=alpha)
+    cfg = method_config("rpo", num_pairs=P, nll_weight=alpha, device=DEVICE)
     cfg.pop("num_sequences")
-    got = aihf_loss(y, hidden=x2, weight=w2, ref_hidden=rx, ref_weight=rw, beta=BETA, **cfg).loss
+    got = aihf_loss(y, hidden=x2, weight=w2, ref_hidden=rx, ref_weight=rw, beta=BETA, backend=backend, **cfg).loss
     got.backward()
     assert_close_to("loss", got, want, 1e-5, 1e-5)
     assert_close_to("dhidden", x2.grad, x1.grad, 1e-5, 1e-5)
