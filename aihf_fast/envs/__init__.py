@@ -1,0 +1,22 @@
+"""Batched MuJoCo environments in C++: gymnasium's ``*-v5`` tasks, step for step.
+
+    envs = aihf_fast.envs.make_vec("Hopper-v5", num_envs=64)   # a gymnasium VectorEnv
+    obs, info = envs.reset(seed=0)
+    obs, rew, term, trunc, info = envs.step(envs.action_space.sample())
+"""
+from __future__ import annotations
+
+from gymnasium.vector import AutoresetMode
+
+from .vector import BatchedMujocoVectorEnv, task_ids
+
+
+def make_vec(task: str, num_envs: int = 1, num_threads: int | None = None,
+             autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+             max_episode_steps: int | None = None, copy: bool = True) -> BatchedMujocoVectorEnv:
+    """A ``gymnasium.vector.VectorEnv`` of ``num_envs`` copies of ``task`` (a gymnasium id such as
+    "Hopper-v5") stepped in C++ on ``num_threads`` threads (default: min(num_envs, CPUs))."""
+    return BatchedMujocoVectorEnv(task, num_envs, num_threads, autoreset_mode, max_episode_steps, copy)
+
+
+__all__ = ["AutoresetMode", "BatchedMujocoVectorEnv", "make_vec", "task_ids"]

@@ -1,0 +1,50 @@
+"""Initial states of each task, drawn exactly as gymnasium 1.4's ``reset_model`` draws them.
+
+Each function takes the env's own numpy Generator (seeded as gymnasium seeds it) and returns
+(qpos, qvel) float64, consuming the same random numbers in the same order; the C++ side then
+does mj_resetData, sets them and runs mj_forward, as ``MujocoEnv.set_state`` does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _uniform_both(scale):
+    def draw(rng: np.random.Generator, qpos0, qvel0):
+        qpos = qpos0 + rng.uniform(low=-scale, high=scale, size=qpos0.size)
+        qvel = qvel0 + rng.uniform(low=-scale, high=scale, size=qvel0.size)
+        return qpos, qvel
+
+    return draw
+
+
+def _uniform_then_normal(scale):
+    def draw(rng: np.random.Generator, qpos0, qvel0):
+        qpos = qpos0 + rng.uniform(low=-scale, high=scale, size=qpos0.size)
+        qvel = qvel0 + scale * rng.standard_normal(qvel0.size)
+        return qpos, qvel
+
+    return draw
+
+
+def _reacher(rng: np.random.Generator, qpos0, qvel0):
+    qpos = rng.uniform(low=-0.1, high=0.1, size=qpos0.size) + qpos0
+    while True:
+        goal = rng.uniform(low=-0.2, high=0.2, size=2)
+        if np.linalg.norm(goal) < 0.2:
+            break
+    qpos[-2:] = goal
+    qvel = qvel0 + rng.uniform(low=-0.005, high=0.005, size=qvel0.size)
+    qvel[-2:] = 0
+    return qpos, qvel
+
+
+RESET_STATE = {
+    "Hopper-v5": _uniform_both(5e-3),
+    "Walker2d-v5": _uniform_both(5e-3),
+    "Swimmer-v5": _uniform_both(0.1),
+    "InvertedPendulum-v5": _uniform_both(0.01),
+    "HalfCheetah-v5": _uniform_then_normal(0.1),
+    "Ant-v5": _uniform_then_normal(0.1),
+    "Reacher-v5": _reacher,
+}
