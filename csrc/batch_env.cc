@@ -7,9 +7,12 @@
 namespace aihf {
 
 BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int num_envs, int num_threads,
-                   int autoreset_mode, int max_episode_steps)
-    : n_(num_envs), max_steps_(max_episode_steps), mode_(static_cast<Autoreset>(autoreset_mode)),
+                   int autoreset_mode, int max_episode_steps, int reset_queue)
+    : n_(num_envs), max_steps_(max_episode_steps), K_(reset_queue), mode_(static_cast<Autoreset>(autoreset_mode)),
       pool_(num_threads) {
+  if (num_envs < 1) throw std::invalid_argument("num_envs must be >= 1");
+  if (reset_queue < 1) throw std::invalid_argument("reset_queue must be >= 1");
+  if (autoreset_mode < 0 || autoreset_mode > 2) throw std::invalid_argument("autoreset_mode must be 0, 1 or 2");
   task_ = make_task(task_id);
   if (!task_) throw std::invalid_argument("unknown task " + task_id);
   char err[1000] = "";
@@ -25,8 +28,12 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int 
   obs.assign(size_t(n_) * obs_dim_, 0.0);
   final_obs.assign(size_t(n_) * obs_dim_, 0.0);
   rewards.assign(n_, 0.0);
-  reset_qpos.assign(size_t(n_) * model_->nq, 0.0);
-  reset_qvel.assign(size_t(n_) * model_->nv, 0.0);
+  queue_qpos.assign(size_t(n_) * K_ * model_->nq, 0.0);
+  queue_qvel.assign(size_t(n_) * K_ * model_->nv, 0.0);
+  queue_head.assign(n_, 0);
+  queue_count.assign(n_, 0);
+  noise_.resize(n_);
+  seed_policy_noise(0);
   terminated.assign(n_, 0);
   truncated.assign(n_, 0);
   needs_reset.assign(n_, 0);
@@ -51,20 +58,28 @@ void BatchEnv::parallel(F&& f) {
 }
 
 // gymnasium: mj_resetData; set_state(qpos, qvel) -> mj_forward; observe; TimeLimit counter to 0.
-void BatchEnv::reset_one(int i) {
+bool BatchEnv::reset_one(int i) {
+  if (queue_count[i] == 0) return false;
+  const int nq = model_->nq, nv = model_->nv, slot = i * K_ + queue_head[i];
   mjData* d = data_[i];
   mj_resetData(model_, d);
-  std::memcpy(d->qpos, &reset_qpos[size_t(i) * model_->nq], sizeof(double) * model_->nq);
-  std::memcpy(d->qvel, &reset_qvel[size_t(i) * model_->nv], sizeof(double) * model_->nv);
+  std::memcpy(d->qpos, &queue_qpos[size_t(slot) * nq], sizeof(double) * nq);
+  std::memcpy(d->qvel, &queue_qvel[size_t(slot) * nv], sizeof(double) * nv);
+  queue_head[i] = (queue_head[i] + 1) % K_;
+  queue_count[i] -= 1;
   mj_forward(model_, d);
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   elapsed[i] = 0;
   needs_reset[i] = 0;
   reset_consumed[i] = 1;
+  return true;
 }
 
 void BatchEnv::reset(const bool* mask) {
-  for (int i = 0; i < n_; ++i) reset_consumed[i] = 0;
+  for (int i = 0; i < n_; ++i) {
+    reset_consumed[i] = 0;
+    if (mask[i] && queue_count[i] == 0) throw std::runtime_error("reset: empty reset queue for env " + std::to_string(i));
+  }
   parallel([&](int i) {
     if (mask[i]) {
       reset_one(i);
@@ -72,6 +87,38 @@ void BatchEnv::reset(const bool* mask) {
       terminated[i] = truncated[i] = diverged[i] = final_valid[i] = 0;
     }
   });
+}
+
+void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
+  mjData* d = data_[i];
+  std::memcpy(d->qpos, qpos, sizeof(double) * model_->nq);
+  std::memcpy(d->qvel, qvel, sizeof(double) * model_->nv);
+  mj_forward(model_, d);
+  task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
+  needs_reset[i] = 0;
+}
+
+void BatchEnv::seed_policy_noise(uint64_t seed) {
+  for (int i = 0; i < n_; ++i) noise_[i].seed(seed, uint64_t(i));
+}
+
+// gymnasium's MujocoEnv.step for one env, plus the TimeLimit wrapper's counter.
+void BatchEnv::physics_step(int i, const float* ai32, const double* ai64) {
+  mjData* d = data_[i];
+  const int nu = model_->nu;
+  PreStep pre = task_->before(d);
+  for (int k = 0; k < nu; ++k) d->ctrl[k] = ai32 ? double(ai32[k]) : ai64[k];
+  int bad_before = d->warning[mjWARN_BADQACC].number;
+  for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
+  mj_rnePostConstraint(model_, d);
+  // MuJoCo resets the data itself on a bad qacc (as it does under gymnasium); flag it
+  diverged[i] = d->warning[mjWARN_BADQACC].number != bad_before;
+  task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
+  bool term = false;
+  rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term);
+  terminated[i] = term;
+  elapsed[i] += 1;
+  truncated[i] = max_steps_ > 0 && elapsed[i] >= max_steps_;
 }
 
 void BatchEnv::step_one(int i, const float* a32, const double* a64) {
@@ -85,36 +132,65 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64) {
     terminated[i] = truncated[i] = 0;
     return;
   }
-  mjData* d = data_[i];
   const int nu = model_->nu;
-  const float* ai32 = a32 ? a32 + size_t(i) * nu : nullptr;
-  const double* ai64 = a64 ? a64 + size_t(i) * nu : nullptr;
-  PreStep pre = task_->before(d);
-  for (int k = 0; k < nu; ++k) d->ctrl[k] = ai32 ? double(ai32[k]) : ai64[k];
-  int bad_before = d->warning[mjWARN_BADQACC].number;
-  for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
-  mj_rnePostConstraint(model_, d);
-  // MuJoCo resets the data itself on a bad qacc (as it does under gymnasium); flag it
-  diverged[i] = d->warning[mjWARN_BADQACC].number != bad_before;
-  double* o = &obs[size_t(i) * obs_dim_];
-  task_->observe(model_, d, o);
-  bool term = false;
-  rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term);
-  terminated[i] = term;
-  elapsed[i] += 1;
-  truncated[i] = max_steps_ > 0 && elapsed[i] >= max_steps_;
+  physics_step(i, a32 ? a32 + size_t(i) * nu : nullptr, a64 ? a64 + size_t(i) * nu : nullptr);
   bool done = terminated[i] || truncated[i];
   if (mode_ == Autoreset::kNextStep) {
     needs_reset[i] = done;
   } else if (mode_ == Autoreset::kSameStep && done) {
-    std::memcpy(&final_obs[size_t(i) * obs_dim_], o, sizeof(double) * obs_dim_);
+    std::memcpy(&final_obs[size_t(i) * obs_dim_], &obs[size_t(i) * obs_dim_], sizeof(double) * obs_dim_);
     final_valid[i] = 1;
     reset_one(i);
+  } else if (mode_ == Autoreset::kDisabled) {
+    needs_reset[i] = done;
   }
 }
 
 void BatchEnv::step(const float* a32, const double* a64) {
   parallel([&](int i) { step_one(i, a32, a64); });
+}
+
+void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loop, const RolloutOut& out,
+                           int* progress, float* scratch) {
+  const int nu = model_->nu, nq = model_->nq, nv = model_->nv, D = obs_dim_;
+  const size_t N = size_t(n_);
+  reset_consumed[i] = 0;
+  while (progress[i] < out.T) {
+    if (needs_reset[i] && !reset_one(i)) return;  // blocked: Python refills the queue
+    const size_t ti = size_t(progress[i]) * N + i;
+    double* o = &obs[size_t(i) * D];
+    if (out.obs) std::memcpy(out.obs + ti * D, o, sizeof(double) * D);
+    if (out.qpos) std::memcpy(out.qpos + ti * nq, data_[i]->qpos, sizeof(double) * nq);
+    if (out.qvel) std::memcpy(out.qvel + ti * nv, data_[i]->qvel, sizeof(double) * nv);
+    float* a = out.actions + ti * nu;
+    if (policy) {
+      int w = policy->max_width();
+      mlp_act(*policy, o, nu, &noise_[i], a, scratch, scratch + w);
+    } else {
+      std::memcpy(a, open_loop + ti * nu, sizeof(float) * nu);
+    }
+    physics_step(i, a, nullptr);
+    if (out.rewards) out.rewards[ti] = rewards[i];
+    if (out.terminated) out.terminated[ti] = terminated[i];
+    if (out.truncated) out.truncated[ti] = truncated[i];
+    if (out.diverged) out.diverged[ti] = diverged[i];
+    if (out.next_obs) std::memcpy(out.next_obs + ti * D, o, sizeof(double) * D);
+    progress[i] += 1;
+    if (terminated[i] || truncated[i]) needs_reset[i] = 1;
+  }
+}
+
+int BatchEnv::rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress) {
+  int width = policy ? 2 * policy->max_width() : 0;
+  int T = pool_.size();
+  pool_.run([&](int t) {
+    std::vector<float> scratch(std::max(width, 1));
+    int lo = int((long long)n_ * t / T), hi = int((long long)n_ * (t + 1) / T);
+    for (int i = lo; i < hi; ++i) rollout_one(i, policy, open_loop, out, progress, scratch.data());
+  });
+  int finished = 0;
+  for (int i = 0; i < n_; ++i) finished += progress[i] >= out.T;
+  return finished;
 }
 
 }  // namespace aihf

@@ -4,6 +4,9 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+#include <nanobind/stl/optional.h>
+
+#include <optional>
 
 #include <stdexcept>
 #include <string>
@@ -26,6 +29,24 @@ nb::ndarray<nb::numpy, bool> bool_view(BatchEnv& env, std::vector<unsigned char>
   return nb::ndarray<nb::numpy, bool>(reinterpret_cast<bool*>(buf.data()), {size_t(env.num_envs())}, nb::find(&env));
 }
 
+using F32 = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+template <typename T>
+using Out = std::optional<nb::ndarray<T, nb::c_contig, nb::device::cpu>>;
+
+template <typename A>
+void check_out(const char* name, const A& a, std::initializer_list<size_t> shape) {
+  if (!a) return;
+  bool ok = a->ndim() == shape.size();
+  size_t k = 0;
+  for (size_t s : shape) ok = ok && a->shape(k++) == s;
+  if (!ok) throw nb::value_error((std::string(name) + ": wrong shape for the rollout buffer").c_str());
+}
+
+template <typename T, typename A>
+T* ptr(A& a) {
+  return a ? a->data() : nullptr;
+}
+
 void check_actions_shape(const BatchEnv& env, size_t ndim, size_t d0, size_t d1) {
   if (ndim != 2 || d0 != size_t(env.num_envs()) || d1 != size_t(env.nu()))
     throw nb::value_error(("actions must have shape (" + std::to_string(env.num_envs()) + ", " +
@@ -39,9 +60,47 @@ NB_MODULE(_C, m) {
   m.def("task_ids", &aihf::task_ids);
   m.attr("mujoco_version") = mj_versionString();
 
+  nb::class_<aihf::MLPPolicy>(m, "MLPPolicy")
+      .def(
+          "__init__",
+          [](aihf::MLPPolicy* p, std::vector<F32> weights, std::vector<F32> biases, int activation, int squash,
+             bool gaussian, bool state_dependent_std, F32 log_std, float log_std_min, float log_std_max,
+             std::vector<double> low, std::vector<double> high) {
+            new (p) aihf::MLPPolicy();
+            if (weights.empty() || weights.size() != biases.size())
+              throw nb::value_error("policy needs one bias per weight matrix and at least one layer");
+            for (size_t l = 0; l < weights.size(); ++l) {
+              const auto& w = weights[l];
+              const auto& b = biases[l];
+              if (w.ndim() != 2 || b.ndim() != 1 || b.shape(0) != w.shape(0))
+                throw nb::value_error(("layer " + std::to_string(l) + ": weight must be (out, in) and bias (out,)").c_str());
+              if (l > 0 && w.shape(1) != size_t(p->layers.back().out))
+                throw nb::value_error(("layer " + std::to_string(l) + ": input size does not match the previous layer").c_str());
+              aihf::Layer layer;
+              layer.out = int(w.shape(0));
+              layer.in = int(w.shape(1));
+              layer.w.assign(w.data(), w.data() + w.size());
+              layer.b.assign(b.data(), b.data() + b.size());
+              p->layers.push_back(std::move(layer));
+            }
+            p->act = static_cast<aihf::Activation>(activation);
+            p->squash = static_cast<aihf::Squash>(squash);
+            p->gaussian = gaussian;
+            p->state_dependent_std = state_dependent_std;
+            p->log_std.assign(log_std.data(), log_std.data() + log_std.size());
+            p->log_std_min = log_std_min;
+            p->log_std_max = log_std_max;
+            p->low = std::move(low);
+            p->high = std::move(high);
+          },
+          "weights"_a, "biases"_a, "activation"_a, "squash"_a, "gaussian"_a, "state_dependent_std"_a, "log_std"_a,
+          "log_std_min"_a, "log_std_max"_a, "low"_a, "high"_a)
+      .def_prop_ro("in_features", [](const aihf::MLPPolicy& p) { return p.layers.front().in; })
+      .def_prop_ro("out_features", [](const aihf::MLPPolicy& p) { return p.layers.back().out; });
+
   nb::class_<BatchEnv>(m, "BatchEnv")
-      .def(nb::init<const std::string&, const std::string&, int, int, int, int>(), "task_id"_a, "xml_path"_a,
-           "num_envs"_a, "num_threads"_a, "autoreset_mode"_a, "max_episode_steps"_a,
+      .def(nb::init<const std::string&, const std::string&, int, int, int, int, int>(), "task_id"_a, "xml_path"_a,
+           "num_envs"_a, "num_threads"_a, "autoreset_mode"_a, "max_episode_steps"_a, "reset_queue"_a,
            nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("num_envs", &BatchEnv::num_envs)
       .def_prop_ro("num_threads", &BatchEnv::num_threads)
@@ -61,8 +120,15 @@ NB_MODULE(_C, m) {
       .def_prop_ro("obs", [](BatchEnv& e) { return view(e, e.obs, {size_t(e.num_envs()), size_t(e.obs_dim())}); })
       .def_prop_ro("final_obs", [](BatchEnv& e) { return view(e, e.final_obs, {size_t(e.num_envs()), size_t(e.obs_dim())}); })
       .def_prop_ro("rewards", [](BatchEnv& e) { return view(e, e.rewards, {size_t(e.num_envs())}); })
-      .def_prop_ro("reset_qpos", [](BatchEnv& e) { return view(e, e.reset_qpos, {size_t(e.num_envs()), size_t(e.nq())}); })
-      .def_prop_ro("reset_qvel", [](BatchEnv& e) { return view(e, e.reset_qvel, {size_t(e.num_envs()), size_t(e.nv())}); })
+      .def_prop_ro("reset_queue", &BatchEnv::reset_queue)
+      .def_prop_ro("queue_qpos", [](BatchEnv& e) {
+        return view(e, e.queue_qpos, {size_t(e.num_envs()), size_t(e.reset_queue()), size_t(e.nq())});
+      })
+      .def_prop_ro("queue_qvel", [](BatchEnv& e) {
+        return view(e, e.queue_qvel, {size_t(e.num_envs()), size_t(e.reset_queue()), size_t(e.nv())});
+      })
+      .def_prop_ro("queue_head", [](BatchEnv& e) { return view(e, e.queue_head, {size_t(e.num_envs())}); })
+      .def_prop_ro("queue_count", [](BatchEnv& e) { return view(e, e.queue_count, {size_t(e.num_envs())}); })
       .def_prop_ro("terminated", [](BatchEnv& e) { return bool_view(e, e.terminated); })
       .def_prop_ro("truncated", [](BatchEnv& e) { return bool_view(e, e.truncated); })
       .def_prop_ro("reset_consumed", [](BatchEnv& e) { return bool_view(e, e.reset_consumed); })
@@ -94,5 +160,70 @@ NB_MODULE(_C, m) {
             nb::gil_scoped_release release;
             e.step(nullptr, a.data());
           },
-          "actions"_a);
+          "actions"_a)
+      .def("seed_policy_noise", &BatchEnv::seed_policy_noise, "seed"_a)
+      .def(
+          "set_state",
+          [](BatchEnv& e, int i, nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> qpos,
+             nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> qvel) {
+            if (i < 0 || i >= e.num_envs()) throw nb::index_error("env index out of range");
+            if (qpos.shape(0) != size_t(e.nq()) || qvel.shape(0) != size_t(e.nv()))
+              throw nb::value_error("qpos must be (nq,) and qvel (nv,)");
+            e.set_state(i, qpos.data(), qvel.data());
+          },
+          "env"_a, "qpos"_a, "qvel"_a)
+      .def(
+          "rollout",
+          [](BatchEnv& e, const aihf::MLPPolicy* policy, std::optional<F32> open_loop, int T,
+             nb::ndarray<int, nb::ndim<1>, nb::c_contig, nb::device::cpu> progress, Out<double> obs,
+             Out<float> actions, Out<double> rewards, Out<bool> terminated, Out<bool> truncated,
+             Out<double> next_obs, Out<bool> diverged, Out<double> qpos, Out<double> qvel) {
+            const size_t N = e.num_envs(), t = size_t(T), D = e.obs_dim(), nu = e.nu();
+            if (T < 0) throw nb::value_error("T must be >= 0");
+            if (progress.shape(0) != N) throw nb::value_error("progress must be (num_envs,)");
+            if (!actions) throw nb::value_error("actions buffer is required");
+            if (!policy && !open_loop) throw nb::value_error("give a policy or open-loop actions");
+            if (policy && (policy->layers.front().in != int(D)))
+              throw nb::value_error(("policy input size " + std::to_string(policy->layers.front().in) +
+                                     " != observation size " + std::to_string(D)).c_str());
+            if (policy) {
+              int need = int(nu) * ((policy->gaussian && policy->state_dependent_std) ? 2 : 1);
+              if (policy->layers.back().out != need)
+                throw nb::value_error(("policy output size " + std::to_string(policy->layers.back().out) +
+                                       " != " + std::to_string(need)).c_str());
+              if (policy->gaussian && !policy->state_dependent_std && policy->log_std.size() != nu)
+                throw nb::value_error("log_std must have one entry per action dim");
+              if (policy->low.size() != nu || policy->high.size() != nu)
+                throw nb::value_error("action bounds must have one entry per action dim");
+            }
+            if (open_loop && (open_loop->ndim() != 3 || open_loop->shape(0) != t || open_loop->shape(1) != N ||
+                              open_loop->shape(2) != nu))
+              throw nb::value_error("open-loop actions must be (T, num_envs, nu)");
+            check_out("obs", obs, {t, N, D});
+            check_out("actions", actions, {t, N, nu});
+            check_out("rewards", rewards, {t, N});
+            check_out("terminated", terminated, {t, N});
+            check_out("truncated", truncated, {t, N});
+            check_out("next_obs", next_obs, {t, N, D});
+            check_out("diverged", diverged, {t, N});
+            check_out("qpos", qpos, {t, N, size_t(e.nq())});
+            check_out("qvel", qvel, {t, N, size_t(e.nv())});
+            aihf::RolloutOut out;
+            out.T = T;
+            out.obs = ptr<double>(obs);
+            out.actions = ptr<float>(actions);
+            out.rewards = ptr<double>(rewards);
+            out.terminated = ptr<bool>(terminated);
+            out.truncated = ptr<bool>(truncated);
+            out.next_obs = ptr<double>(next_obs);
+            out.diverged = ptr<bool>(diverged);
+            out.qpos = ptr<double>(qpos);
+            out.qvel = ptr<double>(qvel);
+            const float* ol = open_loop ? open_loop->data() : nullptr;
+            nb::gil_scoped_release release;
+            return e.rollout(policy, ol, out, progress.data());
+          },
+          "policy"_a.none(), "open_loop"_a.none(), "T"_a, "progress"_a, "obs"_a.none(), "actions"_a.none(),
+          "rewards"_a.none(), "terminated"_a.none(), "truncated"_a.none(), "next_obs"_a.none(), "diverged"_a.none(),
+          "qpos"_a.none(), "qvel"_a.none());
 }

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from gymnasium.vector import AutoresetMode
 
+from .policy import MLPPolicy
 from .vector import BatchedMujocoVectorEnv, task_ids
 
 
 def make_vec(task: str, num_envs: int = 1, num_threads: int | None = None,
              autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-             max_episode_steps: int | None = None, copy: bool = True) -> BatchedMujocoVectorEnv:
+             max_episode_steps: int | None = None, copy: bool = True,
+             reset_queue: int = 8) -> BatchedMujocoVectorEnv:
     """A ``gymnasium.vector.VectorEnv`` of ``num_envs`` copies of ``task`` (a gymnasium id such as
     "Hopper-v5") stepped in C++ on ``num_threads`` threads (default: min(num_envs, CPUs))."""
-    return BatchedMujocoVectorEnv(task, num_envs, num_threads, autoreset_mode, max_episode_steps, copy)
+    return BatchedMujocoVectorEnv(task, num_envs, num_threads, autoreset_mode, max_episode_steps, copy, reset_queue)
 
 
-__all__ = ["AutoresetMode", "BatchedMujocoVectorEnv", "make_vec", "task_ids"]
+__all__ = ["AutoresetMode", "BatchedMujocoVectorEnv", "MLPPolicy", "make_vec", "task_ids"]

@@ -21,6 +21,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from .policy import MLPPolicy
 from .resets import RESET_STATE
 
 _MODES = {AutoresetMode.NEXT_STEP: 0, AutoresetMode.SAME_STEP: 1, AutoresetMode.DISABLED: 2}
@@ -61,6 +62,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         max_episode_steps: int | None = None,
         copy: bool = True,
+        reset_queue: int = 8,
     ):
         core = _core()
         if task not in core.task_ids():
@@ -77,7 +79,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
             max_episode_steps = spec.max_episode_steps or 0
         xml = os.path.join(ASSETS, spec.kwargs.get("xml_file") or _XML[task])
         self._core = core.BatchEnv(task, xml, int(num_envs), int(num_threads), _MODES[autoreset_mode],
-                                   int(max_episode_steps))
+                                   int(max_episode_steps), int(reset_queue))
         self.task, self.num_envs, self.copy = task, int(num_envs), copy
         self.spec = spec
         self.metadata = {"autoreset_mode": autoreset_mode, "render_modes": []}
@@ -92,7 +94,6 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._qpos0 = np.asarray(self._core.qpos0, dtype=np.float64)
         self._qvel0 = np.zeros(self._core.nv)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
-        self._prepared = np.zeros(self.num_envs, dtype=bool)
         self._autoreset_mode = autoreset_mode
         self._needs_reset = np.ones(self.num_envs, dtype=bool)  # DISABLED mode bookkeeping
         self._closed = False
@@ -101,16 +102,23 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     @property
     def np_random_generators(self) -> list[np.random.Generator | None]:
-        """Each sub-env's Generator (one reset state ahead of gymnasium's)."""
+        """Each sub-env's Generator (a few reset states ahead of gymnasium's: see reset_queue)."""
         return list(self._rngs)
 
-    def _prepare(self, envs) -> None:
-        qpos, qvel = self._core.reset_qpos, self._core.reset_qvel
+    def _fill_queues(self, envs=None) -> None:
+        """Top up each env's reset queue with states drawn from its own Generator, in order."""
+        core = self._core
+        K = core.reset_queue
+        count, head = core.queue_count, core.queue_head
+        envs = np.flatnonzero(count < K) if envs is None else envs
+        qpos, qvel = core.queue_qpos, core.queue_qvel
         for i in envs:
             if self._rngs[i] is None:
                 self._rngs[i], _ = seeding.np_random(None)
-            qpos[i], qvel[i] = self._draw(self._rngs[i], self._qpos0.copy(), self._qvel0.copy())
-            self._prepared[i] = True
+            while count[i] < K:
+                slot = (head[i] + count[i]) % K
+                qpos[i, slot], qvel[i, slot] = self._draw(self._rngs[i], self._qpos0.copy(), self._qvel0.copy())
+                count[i] += 1
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
         self._check_open()
@@ -130,13 +138,12 @@ class BatchedMujocoVectorEnv(VectorEnv):
             if not mask.any():
                 raise ValueError("options['reset_mask'] must contain at least one True value")
         for i in np.flatnonzero(mask):
-            if seeds[i] is not None:
+            if seeds[i] is not None:  # a new seed drops the states drawn from the old Generator
                 self._rngs[i], _ = seeding.np_random(int(seeds[i]))
-                self._prepared[i] = False
-        self._prepare([i for i in np.flatnonzero(mask) if not self._prepared[i]])
+                self._core.queue_count[i] = 0
+        self._fill_queues()
         self._core.reset(np.ascontiguousarray(mask))
-        self._prepared[mask] = False
-        self._prepare(np.flatnonzero(mask))  # draw each env's next reset state now
+        self._fill_queues()
         self._needs_reset[mask] = False
         return self._out(self._core.obs), {}
 
@@ -161,9 +168,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 "autoreset_mode=DISABLED call reset(options={'reset_mask': mask}) before stepping them"
             )
         self._core.step(np.ascontiguousarray(a))
-        consumed = self._core.reset_consumed
-        if consumed.any():
-            self._prepare(np.flatnonzero(consumed))
+        self._fill_queues()
         term, trunc = self._core.terminated, self._core.truncated
         infos: dict[str, Any] = {}
         if self._autoreset_mode == AutoresetMode.SAME_STEP and self._core.final_valid.any():
@@ -179,6 +184,81 @@ class BatchedMujocoVectorEnv(VectorEnv):
         if self._autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
         return (self._out(self._core.obs), self._out(self._core.rewards), self._out(term), self._out(trunc), infos)
+
+    # ------------------------------------------------------------------ whole trajectories
+
+    def rollout(self, policy: MLPPolicy | None = None, num_steps: int = 1000, *, actions=None,
+                seed: int | None = None, record_state: bool = False) -> dict[str, np.ndarray]:
+        """Run ``num_steps`` steps in every env without returning to Python per step.
+
+        Actions come from ``policy`` (an :class:`MLPPolicy`, evaluated in C++; gaussian noise from
+        per-env generators, reseeded with ``seed``: env i draws stream i) or from ``actions``
+        (T, num_envs, nu) (open loop). Episodes that end are reset at once (SAME_STEP semantics)
+        from each env's own seeded reset states; the envs are left where the rollout ends.
+        Returns arrays indexed [t, env]: obs (observation the action was chosen on), actions
+        (float32), rewards, terminated, truncated, next_obs (observation after the step; the final
+        one when the episode ended), diverged, and qpos/qvel (state before the step) when
+        ``record_state``.
+        """
+        self._check_open()
+        core = self._core
+        T = int(num_steps)
+        if T < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        N, nu, D = self.num_envs, core.nu, core.obs_dim
+        if (policy is None) == (actions is None):
+            raise ValueError("give exactly one of policy (an MLPPolicy) or actions (T, num_envs, nu)")
+        core_policy, open_loop = None, None
+        if policy is not None:
+            if not isinstance(policy, MLPPolicy):
+                raise TypeError(f"policy must be an aihf_fast.envs.MLPPolicy, got {type(policy).__name__}")
+            core_policy = policy.to_core(_core(), self.single_action_space.low, self.single_action_space.high)
+            if seed is not None:
+                core.seed_policy_noise(int(seed))
+        else:
+            open_loop = np.asarray(actions)
+            if open_loop.shape != (T, N, nu):
+                raise ValueError(f"actions must have shape {(T, N, nu)}, got {open_loop.shape}")
+            if not np.isfinite(open_loop).all():
+                raise ValueError("actions must be finite")
+            open_loop = np.ascontiguousarray(open_loop, dtype=np.float32)
+        out = dict(
+            obs=np.empty((T, N, D)), actions=np.empty((T, N, nu), np.float32), rewards=np.empty((T, N)),
+            terminated=np.empty((T, N), bool), truncated=np.empty((T, N), bool), next_obs=np.empty((T, N, D)),
+            diverged=np.empty((T, N), bool),
+        )
+        if record_state:
+            out["qpos"], out["qvel"] = np.empty((T, N, core.nq)), np.empty((T, N, core.nv))
+        progress = np.zeros(N, dtype=np.int32)
+        self._fill_queues()
+        while core.rollout(core_policy, open_loop, T, progress, out["obs"], out["actions"], out["rewards"],
+                           out["terminated"], out["truncated"], out["next_obs"], out["diverged"],
+                           out.get("qpos"), out.get("qvel")) < N:
+            self._fill_queues()  # some env used up its reset queue
+        self._fill_queues()
+        ended = core.needs_reset.copy()
+        if ended.any():
+            if self._autoreset_mode == AutoresetMode.SAME_STEP:
+                core.reset(np.ascontiguousarray(ended))
+                self._fill_queues()
+            elif self._autoreset_mode == AutoresetMode.DISABLED:
+                self._needs_reset |= ended
+        return out
+
+    def set_state(self, env: int, qpos, qvel) -> np.ndarray:
+        """Set sub-env ``env``'s joint positions (nq,) and velocities (nv,) (then mj_forward);
+        returns its new observation. Its time-limit counter is unchanged."""
+        self._check_open()
+        qpos = np.ascontiguousarray(qpos, dtype=np.float64)
+        qvel = np.ascontiguousarray(qvel, dtype=np.float64)
+        if qpos.shape != (self._core.nq,) or qvel.shape != (self._core.nv,):
+            raise ValueError(f"qpos must be ({self._core.nq},) and qvel ({self._core.nv},), got {qpos.shape}, {qvel.shape}")
+        if not (np.isfinite(qpos).all() and np.isfinite(qvel).all()):
+            raise ValueError("qpos and qvel must be finite")
+        if not 0 <= env < self.num_envs:
+            raise IndexError(f"env must be in [0, {self.num_envs}), got {env}")
+        self._core.set_state(int(env), qpos, qvel)
+        return self._core.obs[env].copy()
 
     def _out(self, a):
         return a.copy() if self.copy else a
