@@ -108,11 +108,15 @@ void BatchEnv::physics_step(int i, const float* ai32, const double* ai64) {
   const int nu = model_->nu;
   PreStep pre = task_->before(d);
   for (int k = 0; k < nu; ++k) d->ctrl[k] = ai32 ? double(ai32[k]) : ai64[k];
-  int bad_before = d->warning[mjWARN_BADQACC].number;
+  auto bad = [d] {
+    return d->warning[mjWARN_BADQPOS].number + d->warning[mjWARN_BADQVEL].number + d->warning[mjWARN_BADQACC].number;
+  };
+  int bad_before = bad();
   for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
   mj_rnePostConstraint(model_, d);
-  // MuJoCo resets the data itself on a bad qacc (as it does under gymnasium); flag it
-  diverged[i] = d->warning[mjWARN_BADQACC].number != bad_before;
+  // On a NaN / huge qpos, qvel or qacc MuJoCo resets the data itself (mj_resetData, as it
+  // does under gymnasium) and warns; flag it so the caller can tell.
+  diverged[i] = bad() != bad_before;
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   bool term = false;
   rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term);

@@ -9,6 +9,7 @@ from __future__ import annotations
 from gymnasium.vector import AutoresetMode
 
 from .policy import MLPPolicy
+from .single import BatchedMujocoEnv
 from .vector import BatchedMujocoVectorEnv, task_ids
 
 
@@ -21,4 +22,9 @@ def make_vec(task: str, num_envs: int = 1, num_threads: int | None = None,
     return BatchedMujocoVectorEnv(task, num_envs, num_threads, autoreset_mode, max_episode_steps, copy, reset_queue)
 
 
-__all__ = ["AutoresetMode", "BatchedMujocoVectorEnv", "MLPPolicy", "make_vec", "task_ids"]
+def make(task: str, max_episode_steps: int | None = None) -> BatchedMujocoEnv:
+    """A single ``gymnasium.Env`` of ``task`` on the C++ core (as ``gymnasium.make(task)``)."""
+    return BatchedMujocoEnv(task, max_episode_steps)
+
+
+__all__ = ["AutoresetMode", "BatchedMujocoEnv", "BatchedMujocoVectorEnv", "make", "MLPPolicy", "make_vec", "task_ids"]
