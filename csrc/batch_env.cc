@@ -1,5 +1,6 @@
 #include "batch_env.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -50,11 +51,9 @@ BatchEnv::~BatchEnv() {
 
 template <typename F>
 void BatchEnv::parallel(F&& f) {
-  int T = pool_.size();
-  pool_.run([&](int t) {
-    int lo = int((long long)n_ * t / T), hi = int((long long)n_ * (t + 1) / T);
-    for (int i = lo; i < hi; ++i) f(i);
-  });
+  // small chunks from a shared counter: per-env costs differ (contacts, resets)
+  int chunk = std::max(1, n_ / (8 * pool_.size()));
+  pool_.for_each(n_, chunk, f);
 }
 
 // gymnasium: mj_resetData; set_state(qpos, qvel) -> mj_forward; observe; TimeLimit counter to 0.
@@ -185,12 +184,12 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
 }
 
 int BatchEnv::rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress) {
-  int width = policy ? 2 * policy->max_width() : 0;
-  int T = pool_.size();
-  pool_.run([&](int t) {
-    std::vector<float> scratch(std::max(width, 1));
-    int lo = int((long long)n_ * t / T), hi = int((long long)n_ * (t + 1) / T);
-    for (int i = lo; i < hi; ++i) rollout_one(i, policy, open_loop, out, progress, scratch.data());
+  const int width = policy ? 2 * policy->max_width() : 1;
+  // one env's whole trajectory per work item, handed out dynamically
+  pool_.for_each(n_, 1, [&](int i) {
+    thread_local std::vector<float> scratch;
+    if (int(scratch.size()) < width) scratch.resize(width);
+    rollout_one(i, policy, open_loop, out, progress, scratch.data());
   });
   int finished = 0;
   for (int i = 0; i < n_; ++i) finished += progress[i] >= out.T;

@@ -93,8 +93,10 @@ inline void mlp_act(const MLPPolicy& p, const double* obs, int nu, NormalRng* rn
     const Layer& layer = p.layers[l];
     for (int o = 0; o < layer.out; ++o) {
       const float* w = &layer.w[size_t(o) * layer.in];
-      float s = layer.b[o];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
       for (int k = 0; k < layer.in; ++k) s += w[k] * x[k];
+      s += layer.b[o];
       if (l + 1 < L) s = p.act == Activation::kTanh ? std::tanh(s) : (s > 0.f ? s : 0.f);
       y[o] = s;
     }

@@ -2,6 +2,7 @@
 // Work item i always covers the same env range, so results never depend on the thread count.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -26,6 +27,21 @@ class ThreadPool {
     for (auto& w : workers_) w.join();
   }
   int size() const { return size_; }
+
+  // Runs fn(i) for every i in [0, n) on the pool, items handed out in chunks of `chunk` from a
+  // shared counter (load balancing: envs differ in cost); fn(i) must not depend on the thread.
+  template <typename F>
+  void for_each(int n, int chunk, F&& fn) {
+    std::atomic<int> next{0};
+    run([&](int) {
+      for (;;) {
+        int lo = next.fetch_add(chunk);
+        if (lo >= n) return;
+        int hi = lo + chunk < n ? lo + chunk : n;
+        for (int i = lo; i < hi; ++i) fn(i);
+      }
+    });
+  }
 
   // Runs fn(t) for t in [0, size()) on the pool (t = 0 on the calling thread) and waits.
   void run(const std::function<void(int)>& fn) {

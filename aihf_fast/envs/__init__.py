@@ -16,7 +16,7 @@ from .vector import BatchedMujocoVectorEnv, task_ids
 def make_vec(task: str, num_envs: int = 1, num_threads: int | None = None,
              autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
              max_episode_steps: int | None = None, copy: bool = True,
-             reset_queue: int = 8) -> BatchedMujocoVectorEnv:
+             reset_queue: int = 32) -> BatchedMujocoVectorEnv:
     """A ``gymnasium.vector.VectorEnv`` of ``num_envs`` copies of ``task`` (a gymnasium id such as
     "Hopper-v5") stepped in C++ on ``num_threads`` threads (default: min(num_envs, CPUs))."""
     return BatchedMujocoVectorEnv(task, num_envs, num_threads, autoreset_mode, max_episode_steps, copy, reset_queue)

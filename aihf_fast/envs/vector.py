@@ -62,7 +62,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         max_episode_steps: int | None = None,
         copy: bool = True,
-        reset_queue: int = 8,
+        reset_queue: int = 32,
     ):
         core = _core()
         if task not in core.task_ids():
