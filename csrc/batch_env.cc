@@ -26,6 +26,10 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int 
     d = mj_makeData(model_);
     if (!d) throw std::runtime_error("mj_makeData failed");
   }
+  n_info_ = int(task_->info_keys().size());
+  n_reset_info_ = int(task_->reset_info_keys().size());
+  info.assign(size_t(n_) * std::max(n_info_, 1), 0.0);
+  reset_info.assign(size_t(n_) * std::max(n_reset_info_, 1), 0.0);
   obs.assign(size_t(n_) * obs_dim_, 0.0);
   final_obs.assign(size_t(n_) * obs_dim_, 0.0);
   rewards.assign(n_, 0.0);
@@ -68,6 +72,7 @@ bool BatchEnv::reset_one(int i) {
   queue_count[i] -= 1;
   mj_forward(model_, d);
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
+  task_->reset_info(model_, d, &reset_info[size_t(i) * std::max(n_reset_info_, 1)]);
   elapsed[i] = 0;
   needs_reset[i] = 0;
   reset_consumed[i] = 1;
@@ -118,7 +123,7 @@ void BatchEnv::physics_step(int i, const float* ai32, const double* ai64) {
   diverged[i] = bad() != bad_before;
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   bool term = false;
-  rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term);
+  rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term, &info[size_t(i) * std::max(n_info_, 1)]);
   terminated[i] = term;
   elapsed[i] += 1;
   truncated[i] = max_steps_ > 0 && elapsed[i] >= max_steps_;

@@ -58,11 +58,15 @@ class BatchEnv {
   int obs_dim() const { return obs_dim_; }
   int max_episode_steps() const { return max_steps_; }
   int reset_queue() const { return K_; }
+  const Task& task() const { return *task_; }
+  int n_info() const { return n_info_; }
+  int n_reset_info() const { return n_reset_info_; }
   double dt() const { return model_->opt.timestep * task_->frame_skip(); }
   const mjModel* model() const { return model_; }
 
   // Buffers (row-major, one row per env).
   std::vector<double> obs, rewards, final_obs;
+  std::vector<double> info, reset_info;  // (N, n_info) of the last step, (N, n_reset_info) of the last reset
   std::vector<unsigned char> terminated, truncated, needs_reset, reset_consumed, diverged, final_valid;
   std::vector<int> elapsed;
   // Reset queue: env i's states live in slots [i*K, (i+1)*K), a ring from queue_head[i] holding
@@ -83,7 +87,7 @@ class BatchEnv {
   mjModel* model_ = nullptr;
   std::vector<mjData*> data_;
   std::vector<NormalRng> noise_;
-  int n_, obs_dim_, max_steps_, K_;
+  int n_, obs_dim_, max_steps_, K_, n_info_ = 0, n_reset_info_ = 0;
   Autoreset mode_;
   ThreadPool pool_;
 };

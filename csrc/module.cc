@@ -5,6 +5,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+
+#include <algorithm>
 
 #include <optional>
 
@@ -121,6 +124,22 @@ NB_MODULE(_C, m) {
       .def_prop_ro("final_obs", [](BatchEnv& e) { return view(e, e.final_obs, {size_t(e.num_envs()), size_t(e.obs_dim())}); })
       .def_prop_ro("rewards", [](BatchEnv& e) { return view(e, e.rewards, {size_t(e.num_envs())}); })
       .def_prop_ro("reset_queue", &BatchEnv::reset_queue)
+      .def_prop_ro("info_keys", [](BatchEnv& e) {
+        std::vector<std::pair<std::string, int>> keys;
+        for (const auto& k : e.task().info_keys()) keys.emplace_back(k.name, int(k.type));
+        return keys;
+      })
+      .def_prop_ro("reset_info_keys", [](BatchEnv& e) {
+        std::vector<std::string> keys;
+        for (const char* k : e.task().reset_info_keys()) keys.emplace_back(k);
+        return keys;
+      })
+      .def_prop_ro("info", [](BatchEnv& e) {
+        return view(e, e.info, {size_t(e.num_envs()), size_t(std::max(e.n_info(), 1))});
+      })
+      .def_prop_ro("reset_info", [](BatchEnv& e) {
+        return view(e, e.reset_info, {size_t(e.num_envs()), size_t(std::max(e.n_reset_info(), 1))});
+      })
       .def_prop_ro("queue_qpos", [](BatchEnv& e) {
         return view(e, e.queue_qpos, {size_t(e.num_envs()), size_t(e.reset_queue()), size_t(e.nq())});
       })

@@ -46,6 +46,9 @@ double ctrl_cost(const float* a32, const double* a64, int n, double weight) {
 
 double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), hi); }
 
+// np.linalg.norm of a 2-vector: sqrt(x.dot(x))
+double norm2(double x, double y) { return std::sqrt(x * x + y * y); }
+
 // Hopper-v5 / Walker2d-v5: planar walkers, obs = qpos[1:], clip(qvel, -10, 10).
 class PlanarWalker : public Task {
  public:
@@ -58,15 +61,28 @@ class PlanarWalker : public Task {
     for (int i = 0; i < m->nv; ++i) *obs++ = clip(d->qvel[i], -10, 10);
   }
   double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated) const override {
+                const double* a64, bool* terminated, double* info) const override {
     double dt = m->opt.timestep * frame_skip();
     double x_velocity = (d->qpos[0] - pre.x) / dt;
     bool healthy = is_healthy(m, d);
     double forward = 1.0 * x_velocity;
-    double rewards = forward + (healthy ? 1.0 : 0.0);
+    double survive = healthy ? 1.0 : 0.0;
+    double rewards = forward + survive;
     double costs = ctrl_cost(a32, a64, m->nu, 1e-3);
     *terminated = !healthy;
+    double v[] = {d->qpos[0], d->qpos[1] - m->qpos0[1], x_velocity, forward, -costs, survive};
+    std::copy(v, v + 6, info);
     return rewards - costs;
+  }
+  std::vector<InfoKey> info_keys() const override {
+    return {{"x_position", InfoType::kFloat64}, {"z_distance_from_origin", InfoType::kFloat64},
+            {"x_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
+            {"reward_ctrl", InfoType::kActionDtype}, {"reward_survive", InfoType::kFloat64}};
+  }
+  std::vector<const char*> reset_info_keys() const override { return {"x_position", "z_distance_from_origin"}; }
+  void reset_info(const mjModel* m, const mjData* d, double* info) const override {
+    info[0] = d->qpos[0];
+    info[1] = d->qpos[1] - m->qpos0[1];
   }
   virtual bool is_healthy(const mjModel* m, const mjData* d) const = 0;
 };
@@ -113,11 +129,40 @@ class Runner : public Task {
     for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
   }
   double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated) const override {
+                const double* a64, bool* terminated, double* info) const override {
     double dt = m->opt.timestep * frame_skip_;
     double x_velocity = (d->qpos[0] - pre.x) / dt;
+    double forward = 1.0 * x_velocity, ctrl = ctrl_cost(a32, a64, m->nu, ctrl_w_);
     *terminated = false;
-    return 1.0 * x_velocity - ctrl_cost(a32, a64, m->nu, ctrl_w_);
+    if (skip_ == 1) {  // HalfCheetah
+      double v[] = {d->qpos[0], x_velocity, forward, -ctrl};
+      std::copy(v, v + 4, info);
+    } else {  // Swimmer
+      double y_velocity = (d->qpos[1] - pre.y) / dt;
+      double v[] = {d->qpos[0], d->qpos[1], norm2(d->qpos[0], d->qpos[1]), x_velocity, y_velocity, forward, -ctrl};
+      std::copy(v, v + 7, info);
+    }
+    return forward - ctrl;
+  }
+  std::vector<InfoKey> info_keys() const override {
+    if (skip_ == 1)
+      return {{"x_position", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
+              {"reward_forward", InfoType::kFloat64}, {"reward_ctrl", InfoType::kActionDtype}};
+    return {{"x_position", InfoType::kFloat64}, {"y_position", InfoType::kFloat64},
+            {"distance_from_origin", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
+            {"y_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
+            {"reward_ctrl", InfoType::kActionDtype}};
+  }
+  std::vector<const char*> reset_info_keys() const override {
+    if (skip_ == 1) return {"x_position"};
+    return {"x_position", "y_position", "distance_from_origin"};
+  }
+  void reset_info(const mjModel*, const mjData* d, double* info) const override {
+    info[0] = d->qpos[0];
+    if (skip_ == 2) {
+      info[1] = d->qpos[1];
+      info[2] = norm2(d->qpos[0], d->qpos[1]);
+    }
   }
 
  private:
@@ -139,13 +184,15 @@ class InvertedPendulum : public Task {
     for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
   }
   double reward(const mjModel* m, const mjData* d, const PreStep&, const float*, const double*,
-                bool* terminated) const override {
+                bool* terminated, double* info) const override {
     bool finite = true;
     for (int i = 0; i < m->nq; ++i) finite = finite && std::isfinite(d->qpos[i]);
     for (int i = 0; i < m->nv; ++i) finite = finite && std::isfinite(d->qvel[i]);
     *terminated = !finite || std::fabs(d->qpos[1]) > 0.2;
-    return *terminated ? 0.0 : 1.0;
+    info[0] = *terminated ? 0.0 : 1.0;
+    return info[0];
   }
+  std::vector<InfoKey> info_keys() const override { return {{"reward_survive", InfoType::kInt64}}; }
 };
 
 class Reacher : public Task {
@@ -168,13 +215,18 @@ class Reacher : public Task {
     for (int i = 0; i < 2; ++i) *obs++ = d->xpos[3 * fingertip_ + i] - d->xpos[3 * target_ + i];
   }
   double reward(const mjModel* m, const mjData* d, const PreStep&, const float* a32,
-                const double* a64, bool* terminated) const override {
+                const double* a64, bool* terminated, double* info) const override {
     double v[3];
     for (int i = 0; i < 3; ++i) v[i] = d->xpos[3 * fingertip_ + i] - d->xpos[3 * target_ + i];
     double reward_dist = -std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) * 1.0;
     double reward_ctrl = -ctrl_cost(a32, a64, m->nu, 1.0);
     *terminated = false;
+    info[0] = reward_dist;
+    info[1] = reward_ctrl;
     return reward_dist + reward_ctrl;
+  }
+  std::vector<InfoKey> info_keys() const override {
+    return {{"reward_dist", InfoType::kFloat64}, {"reward_ctrl", InfoType::kActionDtype}};
   }
 
  private:
@@ -195,9 +247,10 @@ class Ant : public Task {
     for (int i = 6; i < 6 * m->nbody; ++i) *obs++ = clip(d->cfrc_ext[i], -1.0, 1.0);
   }
   double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated) const override {
+                const double* a64, bool* terminated, double* info) const override {
     double dt = m->opt.timestep * frame_skip();
     double x_velocity = (d->xpos[3 * 1 + 0] - pre.x) / dt;
+    double y_velocity = (d->xpos[3 * 1 + 1] - pre.y) / dt;
     bool finite = true;
     for (int i = 0; i < m->nq; ++i) finite = finite && std::isfinite(d->qpos[i]);
     for (int i = 0; i < m->nv; ++i) finite = finite && std::isfinite(d->qvel[i]);
@@ -210,9 +263,26 @@ class Ant : public Task {
       sq[i] = c * c;
     }
     double contact_cost = 5e-4 * pairwise_sum(sq.data(), 6 * m->nbody);
-    double costs = ctrl_cost(a32, a64, m->nu, 0.5) + contact_cost;
+    double ctrl = ctrl_cost(a32, a64, m->nu, 0.5);
+    double costs = ctrl + contact_cost;
     *terminated = !healthy;
+    double v[] = {d->qpos[0], d->qpos[1], norm2(d->qpos[0], d->qpos[1]), x_velocity, y_velocity,
+                  x_velocity * 1.0, -ctrl, -contact_cost, healthy ? 1.0 : 0.0};
+    std::copy(v, v + 9, info);
     return rewards - costs;
+  }
+  std::vector<InfoKey> info_keys() const override {
+    return {{"x_position", InfoType::kFloat64}, {"y_position", InfoType::kFloat64},
+            {"distance_from_origin", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
+            {"y_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
+            {"reward_ctrl", InfoType::kActionDtype}, {"reward_contact", InfoType::kFloat64},
+            {"reward_survive", InfoType::kFloat64}};
+  }
+  std::vector<const char*> reset_info_keys() const override { return {"x_position", "y_position", "distance_from_origin"}; }
+  void reset_info(const mjModel*, const mjData* d, double* info) const override {
+    info[0] = d->qpos[0];
+    info[1] = d->qpos[1];
+    info[2] = norm2(d->qpos[0], d->qpos[1]);
   }
 };
 

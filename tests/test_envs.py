@@ -17,16 +17,34 @@ def random_actions(space, n, steps, seed):
     return rng.uniform(space.low, space.high, size=(steps, n, space.shape[0])).astype(np.float32)
 
 
-def run_both(task, n, seed, steps, mode=AutoresetMode.NEXT_STEP, threads=2):
+def assert_same_info(i1, i2, where):
+    """gymnasium's vector info: same keys, masks, dtypes and values (diverged is ours alone)."""
+    assert set(i1) - {"diverged", "_diverged"} == set(i2), (where, sorted(set(i1) ^ set(i2)))
+    for k in i2:
+        if k == "final_obs":
+            continue
+        if k == "final_info":
+            assert_same_info(i1[k], i2[k], where + " final_info")
+            continue
+        assert i1[k].dtype == i2[k].dtype, (where, k, i1[k].dtype, i2[k].dtype)
+        if k.startswith("_"):
+            assert np.array_equal(i1[k], i2[k]), (where, k)
+        else:
+            np.testing.assert_allclose(i1[k], i2[k], **TOL, err_msg=f"{where} info {k}")
+
+
+def run_both(task, n, seed, steps, mode=AutoresetMode.NEXT_STEP, threads=2, dtype=np.float32):
     ours = make_vec(task, n, num_threads=threads, autoreset_mode=mode)
     ref = gym.make_vec(task, n, vectorization_mode="sync", vector_kwargs={"autoreset_mode": mode})
-    o1, _ = ours.reset(seed=seed)
-    o2, _ = ref.reset(seed=seed)
+    o1, i1 = ours.reset(seed=seed)
+    o2, i2 = ref.reset(seed=seed)
     np.testing.assert_allclose(o1, o2, **TOL)
-    acts = random_actions(ref.single_action_space, n, steps, seed + 100)
+    assert_same_info(i1, i2, f"{task} reset")
+    acts = random_actions(ref.single_action_space, n, steps, seed + 100).astype(dtype)
     ends = 0
     for t in range(steps):
         r1, r2 = ours.step(acts[t]), ref.step(acts[t])
+        assert_same_info(r1[4], r2[4], f"{task} step {t}")
         for k, name in enumerate(("obs", "reward")):
             np.testing.assert_allclose(r1[k], r2[k], **TOL, err_msg=f"{task} step {t} {name}")
         assert np.array_equal(r1[2], r2[2]) and np.array_equal(r1[3], r2[3]), f"{task} step {t} dones"
@@ -57,6 +75,11 @@ def test_matches_gymnasium_next_step(task, n, seed):
 @pytest.mark.parametrize("task", ["Hopper-v5", "Reacher-v5"])
 def test_matches_gymnasium_other_autoreset_modes(task, mode):
     assert run_both(task, 4, 7, steps=400, mode=mode) > 0
+
+
+def test_float64_actions_match_gymnasium():
+    # numpy computes the control cost in the action's dtype; so does the C++ side
+    assert run_both("Ant-v5", 2, 3, steps=200, dtype=np.float64) >= 0
 
 
 def _trajectory(threads, task="Walker2d-v5", n=5, steps=300):

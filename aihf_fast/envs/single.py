@@ -20,15 +20,19 @@ class BatchedMujocoEnv(gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        obs, _ = self._vec.reset(seed=seed)
-        return obs[0], {}
+        obs, info = self._vec.reset(seed=seed)
+        return obs[0], _unbatch(info)
 
     def step(self, action):
         a = np.asarray(action)
         if a.shape != self.action_space.shape:
             raise ValueError(f"action must have shape {self.action_space.shape}, got {a.shape}")
         obs, rew, term, trunc, info = self._vec.step(a[None])
-        return obs[0], float(rew[0]), bool(term[0]), bool(trunc[0]), {}
+        return obs[0], float(rew[0]), bool(term[0]), bool(trunc[0]), _unbatch(info)
 
     def close(self):
         self._vec.close()
+
+
+def _unbatch(info: dict) -> dict:
+    return {k: v[0] for k, v in info.items() if not k.startswith("_") and info.get("_" + k, [False])[0]}

@@ -49,9 +49,10 @@ class BatchedMujocoVectorEnv(VectorEnv):
     Observations (num_envs, obs_dim) float64, rewards (num_envs,) float64, terminations and
     truncations (num_envs,) bool. The arrays returned by ``step``/``reset`` are copies unless
     ``copy=False``, in which case they are views of the C++ buffers, overwritten by the next call.
-    ``info`` holds ``final_obs``/``final_info`` in SAME_STEP mode and ``diverged`` (a MuJoCo
-    bad-acceleration warning during the step: MuJoCo reset that env's data, as it would under
-    gymnasium) when any env diverged.
+    ``info`` is gymnasium's vector info: the task's step / reset info keys (``x_position``,
+    ``reward_ctrl``, ...) with their ``_key`` masks, ``final_obs``/``final_info`` in SAME_STEP
+    mode, plus ``diverged`` when MuJoCo's own checks reset an env's data during the step (NaN or
+    huge qpos/qvel/qacc, as happens under gymnasium too).
     """
 
     def __init__(
@@ -145,7 +146,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._core.reset(np.ascontiguousarray(mask))
         self._fill_queues()
         self._needs_reset[mask] = False
-        return self._out(self._core.obs), {}
+        none = np.zeros(self.num_envs, dtype=bool)
+        return self._out(self._core.obs), self._infos(none, mask, np.float32)
 
     # ------------------------------------------------------------------ step
 
@@ -170,20 +172,44 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._core.step(np.ascontiguousarray(a))
         self._fill_queues()
         term, trunc = self._core.terminated, self._core.truncated
-        infos: dict[str, Any] = {}
-        if self._autoreset_mode == AutoresetMode.SAME_STEP and self._core.final_valid.any():
-            fv = self._core.final_valid.copy()
+        mode = self._autoreset_mode
+        if mode == AutoresetMode.NEXT_STEP:  # an env either stepped or (auto)reset
+            reset = self._core.reset_consumed.copy()
+        elif mode == AutoresetMode.SAME_STEP:  # ended envs report their reset info, the step's goes to final_info
+            reset = self._core.final_valid.copy()
+        else:
+            reset = np.zeros(self.num_envs, dtype=bool)
+        infos = self._infos(~reset, reset, a.dtype)
+        if mode == AutoresetMode.SAME_STEP and reset.any():
             final_obs = np.full(self.num_envs, None, dtype=object)
-            final_info = np.full(self.num_envs, None, dtype=object)
-            for i in np.flatnonzero(fv):
+            for i in np.flatnonzero(reset):
                 final_obs[i] = self._core.final_obs[i].copy()
-                final_info[i] = {}
-            infos.update(final_obs=final_obs, _final_obs=fv, final_info={}, _final_info=fv.copy())
+            infos.update(final_obs=final_obs, _final_obs=reset.copy(),
+                         final_info=self._infos(reset, np.zeros_like(reset), a.dtype), _final_info=reset.copy())
         if self._core.diverged.any():
             infos.update(diverged=self._core.diverged.copy(), _diverged=self._core.diverged.copy())
         if self._autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
         return (self._out(self._core.obs), self._out(self._core.rewards), self._out(term), self._out(trunc), infos)
+
+    def _infos(self, step_mask, reset_mask, action_dtype) -> dict[str, Any]:
+        """gymnasium's vector info dict: each key's values and its ``_key`` mask, with the dtype
+        numpy gives the single-env value (reward_ctrl has the action's dtype)."""
+        core = self._core
+        infos: dict[str, Any] = {}
+        types = {0: np.float64, 1: np.dtype(action_dtype), 2: np.int64}
+        step_keys = core.info_keys if step_mask.any() else []
+        for j, (name, kind) in enumerate(step_keys):
+            arr = np.zeros(self.num_envs, dtype=types[kind])
+            arr[step_mask] = core.info[step_mask, j]
+            infos[name], infos["_" + name] = arr, step_mask.copy()
+        if reset_mask.any():
+            for j, name in enumerate(core.reset_info_keys):
+                if name not in infos:
+                    infos[name], infos["_" + name] = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=bool)
+                infos[name][reset_mask] = core.reset_info[reset_mask, j]
+                infos["_" + name] |= reset_mask
+        return infos
 
     # ------------------------------------------------------------------ whole trajectories
 
