@@ -227,3 +227,14 @@ def test_diverging_simulation_is_flagged_and_reset_by_mujoco():
     obs, rew, term, trunc, info = env.step(np.zeros((2, 3), np.float32))
     assert info["diverged"].tolist() == [False, True] and info["_diverged"].tolist() == [False, True]
     assert np.isfinite(obs).all() and np.isfinite(rew).all()
+
+
+def test_copy_false_gives_live_views_that_torch_shares():
+    env = make_vec("Swimmer-v5", 2, copy=False)
+    obs, _ = env.reset(seed=0)
+    t = torch.from_numpy(obs)  # no copy: the C++ buffer
+    before = t.clone()
+    obs2, rew, term, trunc, _ = env.step(np.ones((2, 2), np.float32))
+    assert obs2 is not None and np.shares_memory(obs, obs2)
+    assert not torch.equal(t, before)  # the tensor sees the new step
+    assert torch.equal(t, torch.from_numpy(obs2))
