@@ -6,11 +6,26 @@
 #include <stdexcept>
 
 namespace aihf {
+namespace {
+
+int checked_threads(int num_threads) {
+  if (num_threads < 1 || num_threads > 1024) throw std::invalid_argument("num_threads must be in [1, 1024]");
+  return num_threads;
+}
+
+// Fails a call made while another thread is inside one on the same env.
+std::unique_lock<std::mutex> exclusive(std::mutex& mu) {
+  std::unique_lock<std::mutex> lock(mu, std::try_to_lock);
+  if (!lock) throw std::runtime_error("this env is busy: another thread is stepping, resetting or rolling it out");
+  return lock;
+}
+
+}  // namespace
 
 BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int num_envs, int num_threads,
                    int autoreset_mode, int max_episode_steps, int reset_queue)
     : n_(num_envs), max_steps_(max_episode_steps), K_(reset_queue), mode_(static_cast<Autoreset>(autoreset_mode)),
-      pool_(num_threads) {
+      pool_(checked_threads(num_threads)) {
   if (num_envs < 1) throw std::invalid_argument("num_envs must be >= 1");
   if (reset_queue < 1) throw std::invalid_argument("reset_queue must be >= 1");
   if (autoreset_mode < 0 || autoreset_mode > 2) throw std::invalid_argument("autoreset_mode must be 0, 1 or 2");
@@ -19,7 +34,13 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int 
   char err[1000] = "";
   model_ = mj_loadXML(xml_path.c_str(), nullptr, err, sizeof(err));
   if (!model_) throw std::runtime_error("mj_loadXML(" + xml_path + "): " + err);
-  task_->bind(model_);
+  try {
+    if (model_->nu > 64) throw std::invalid_argument("models with more than 64 actuators are not supported");
+    task_->bind(model_);
+  } catch (...) {
+    mj_deleteModel(model_);
+    throw;
+  }
   obs_dim_ = task_->obs_dim(model_);
   data_.resize(n_);
   for (auto& d : data_) {
@@ -79,7 +100,15 @@ bool BatchEnv::reset_one(int i) {
   return true;
 }
 
+void BatchEnv::check_queues() const {
+  for (int i = 0; i < n_; ++i)
+    if (queue_head[i] < 0 || queue_head[i] >= K_ || queue_count[i] < 0 || queue_count[i] > K_)
+      throw std::out_of_range("reset queue of env " + std::to_string(i) + " is corrupt (head/count out of range)");
+}
+
 void BatchEnv::reset(const bool* mask) {
+  auto lock = exclusive(busy_);
+  check_queues();
   for (int i = 0; i < n_; ++i) {
     reset_consumed[i] = 0;
     if (mask[i] && queue_count[i] == 0) throw std::runtime_error("reset: empty reset queue for env " + std::to_string(i));
@@ -94,6 +123,8 @@ void BatchEnv::reset(const bool* mask) {
 }
 
 void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
+  auto lock = exclusive(busy_);
+  if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
   mjData* d = data_[i];
   std::memcpy(d->qpos, qpos, sizeof(double) * model_->nq);
   std::memcpy(d->qvel, qvel, sizeof(double) * model_->nv);
@@ -155,6 +186,8 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64) {
 }
 
 void BatchEnv::step(const float* a32, const double* a64) {
+  auto lock = exclusive(busy_);
+  check_queues();
   parallel([&](int i) { step_one(i, a32, a64); });
 }
 
@@ -189,6 +222,10 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
 }
 
 int BatchEnv::rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress) {
+  auto lock = exclusive(busy_);
+  check_queues();
+  for (int i = 0; i < n_; ++i)
+    if (progress[i] < 0 || progress[i] > out.T) throw std::out_of_range("progress values must be in [0, T]");
   const int width = policy ? 2 * policy->max_width() : 1;
   // one env's whole trajectory per work item, handed out dynamically
   pool_.for_each(n_, 1, [&](int i) {

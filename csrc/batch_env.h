@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -86,7 +87,9 @@ class BatchEnv {
   std::unique_ptr<Task> task_;
   mjModel* model_ = nullptr;
   std::vector<mjData*> data_;
+  void check_queues() const;
   std::vector<NormalRng> noise_;
+  std::mutex busy_;  // one call at a time: Python threads may share an env
   int n_, obs_dim_, max_steps_, K_, n_info_ = 0, n_reset_info_ = 0;
   Autoreset mode_;
   ThreadPool pool_;

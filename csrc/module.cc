@@ -69,7 +69,10 @@ NB_MODULE(_C, m) {
           [](aihf::MLPPolicy* p, std::vector<F32> weights, std::vector<F32> biases, int activation, int squash,
              bool gaussian, bool state_dependent_std, F32 log_std, float log_std_min, float log_std_max,
              std::vector<double> low, std::vector<double> high) {
-            new (p) aihf::MLPPolicy();
+            if (activation < 0 || activation > 1) throw nb::value_error("activation must be 0 (tanh) or 1 (relu)");
+            if (squash < 0 || squash > 2) throw nb::value_error("squash must be 0 (tanh), 1 (clip) or 2 (none)");
+            aihf::MLPPolicy built;  // constructed in full before *p, so a throw leaks nothing
+            aihf::MLPPolicy* q = &built;
             if (weights.empty() || weights.size() != biases.size())
               throw nb::value_error("policy needs one bias per weight matrix and at least one layer");
             for (size_t l = 0; l < weights.size(); ++l) {
@@ -77,24 +80,25 @@ NB_MODULE(_C, m) {
               const auto& b = biases[l];
               if (w.ndim() != 2 || b.ndim() != 1 || b.shape(0) != w.shape(0))
                 throw nb::value_error(("layer " + std::to_string(l) + ": weight must be (out, in) and bias (out,)").c_str());
-              if (l > 0 && w.shape(1) != size_t(p->layers.back().out))
+              if (l > 0 && w.shape(1) != size_t(q->layers.back().out))
                 throw nb::value_error(("layer " + std::to_string(l) + ": input size does not match the previous layer").c_str());
               aihf::Layer layer;
               layer.out = int(w.shape(0));
               layer.in = int(w.shape(1));
               layer.w.assign(w.data(), w.data() + w.size());
               layer.b.assign(b.data(), b.data() + b.size());
-              p->layers.push_back(std::move(layer));
+              q->layers.push_back(std::move(layer));
             }
-            p->act = static_cast<aihf::Activation>(activation);
-            p->squash = static_cast<aihf::Squash>(squash);
-            p->gaussian = gaussian;
-            p->state_dependent_std = state_dependent_std;
-            p->log_std.assign(log_std.data(), log_std.data() + log_std.size());
-            p->log_std_min = log_std_min;
-            p->log_std_max = log_std_max;
-            p->low = std::move(low);
-            p->high = std::move(high);
+            q->act = static_cast<aihf::Activation>(activation);
+            q->squash = static_cast<aihf::Squash>(squash);
+            q->gaussian = gaussian;
+            q->state_dependent_std = state_dependent_std;
+            q->log_std.assign(log_std.data(), log_std.data() + log_std.size());
+            q->log_std_min = log_std_min;
+            q->log_std_max = log_std_max;
+            q->low = std::move(low);
+            q->high = std::move(high);
+            new (p) aihf::MLPPolicy(std::move(built));
           },
           "weights"_a, "biases"_a, "activation"_a, "squash"_a, "gaussian"_a, "state_dependent_std"_a, "log_std"_a,
           "log_std_min"_a, "log_std_max"_a, "low"_a, "high"_a)
@@ -186,6 +190,7 @@ NB_MODULE(_C, m) {
           [](BatchEnv& e, int i, nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> qpos,
              nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> qvel) {
             if (i < 0 || i >= e.num_envs()) throw nb::index_error("env index out of range");
+            nb::gil_scoped_release release;
             if (qpos.shape(0) != size_t(e.nq()) || qvel.shape(0) != size_t(e.nv()))
               throw nb::value_error("qpos must be (nq,) and qvel (nv,)");
             e.set_state(i, qpos.data(), qvel.data());
@@ -242,7 +247,9 @@ NB_MODULE(_C, m) {
             nb::gil_scoped_release release;
             return e.rollout(policy, ol, out, progress.data());
           },
-          "policy"_a.none(), "open_loop"_a.none(), "T"_a, "progress"_a, "obs"_a.none(), "actions"_a.none(),
-          "rewards"_a.none(), "terminated"_a.none(), "truncated"_a.none(), "next_obs"_a.none(), "diverged"_a.none(),
-          "qpos"_a.none(), "qvel"_a.none());
+          // outputs must be the caller's own arrays: no implicit conversion to a temporary copy
+          "policy"_a.none(), "open_loop"_a.none(), "T"_a, "progress"_a.noconvert(), "obs"_a.noconvert().none(),
+          "actions"_a.noconvert().none(), "rewards"_a.noconvert().none(), "terminated"_a.noconvert().none(),
+          "truncated"_a.noconvert().none(), "next_obs"_a.noconvert().none(), "diverged"_a.noconvert().none(),
+          "qpos"_a.noconvert().none(), "qvel"_a.noconvert().none());
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 namespace aihf {
 namespace {
@@ -50,8 +51,13 @@ double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), h
 double norm2(double x, double y) { return std::sqrt(x * x + y * y); }
 
 // Hopper-v5 / Walker2d-v5: planar walkers, obs = qpos[1:], clip(qvel, -10, 10).
+void require(bool ok, const char* task, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string(task) + ": the model does not fit the task (" + what + ")");
+}
+
 class PlanarWalker : public Task {
  public:
+  void bind(const mjModel* m) override { require(m->nq >= 3 && m->nv >= 1, name(), "needs nq >= 3"); }
   int obs_dim(const mjModel* m) const override { return m->nq - 1 + m->nv; }
   int max_episode_steps() const override { return 1000; }
   int frame_skip() const override { return 4; }
@@ -118,6 +124,7 @@ class Runner : public Task {
  public:
   Runner(const char* name, const char* xml, int frame_skip, double ctrl_w, int skip)
       : name_(name), xml_(xml), frame_skip_(frame_skip), ctrl_w_(ctrl_w), skip_(skip) {}
+  void bind(const mjModel* m) override { require(m->nq >= 2 && m->nq > skip_, name_, "needs nq >= 2"); }
   const char* name() const override { return name_; }
   const char* xml_file() const override { return xml_; }
   int frame_skip() const override { return frame_skip_; }
@@ -174,6 +181,7 @@ class Runner : public Task {
 
 class InvertedPendulum : public Task {
  public:
+  void bind(const mjModel* m) override { require(m->nq >= 2, name(), "needs nq >= 2"); }
   const char* name() const override { return "InvertedPendulum-v5"; }
   const char* xml_file() const override { return "inverted_pendulum.xml"; }
   int frame_skip() const override { return 2; }
@@ -203,6 +211,7 @@ class Reacher : public Task {
   int max_episode_steps() const override { return 50; }
   int obs_dim(const mjModel* m) const override { return 2 + 2 + (m->nq - 2) + 2 + 2; }
   void bind(const mjModel* m) override {
+    require(m->nq >= 2 && m->nv >= 2, name(), "needs nq, nv >= 2");
     fingertip_ = mj_name2id(m, mjOBJ_BODY, "fingertip");
     target_ = mj_name2id(m, mjOBJ_BODY, "target");
     if (fingertip_ < 0 || target_ < 0) throw std::runtime_error("reacher.xml: missing fingertip/target body");
@@ -235,6 +244,7 @@ class Reacher : public Task {
 
 class Ant : public Task {
  public:
+  void bind(const mjModel* m) override { require(m->nq >= 3 && m->nbody >= 2, name(), "needs nq >= 3, a torso body"); }
   const char* name() const override { return "Ant-v5"; }
   const char* xml_file() const override { return "ant.xml"; }
   int frame_skip() const override { return 5; }

@@ -133,3 +133,36 @@ def test_packed_layout_errors(backend):
         aihf_loss(labels, logits=logits, backend=backend)
     with pytest.raises(ValueError, match="segment_ids must be in"):
         aihf_loss(labels, logits=logits, segment_ids=torch.arange(10, device=DEVICE) - 1, num_sequences=9, backend=backend)
+
+
+def test_unused_sequences_cannot_poison_the_loss():
+    # sequence 1 is neither compared nor a demonstration: its -inf log-prob must not give NaN
+    labels = torch.zeros(2, 3, dtype=torch.long, device=DEVICE)
+    tok = torch.tensor([[-1.0, -2.0, -0.5], [float("-inf"), -1.0, -1.0]], device=DEVICE, requires_grad=True)
+    out = aihf_loss(labels, token_logps=tok, nll_weights=torch.tensor([1.0, 0.0], device=DEVICE))
+    assert torch.isfinite(out.loss) and torch.isfinite(out.metrics["loss/nll"])
+    out.loss.backward()
+    assert torch.isfinite(tok.grad).all()
+    # and a batch with no terms at all still backpropagates (zero gradients)
+    tok.grad = None
+    aihf_loss(labels, token_logps=tok).loss.backward()
+    assert bool((tok.grad == 0).all())
+
+
+def test_more_aihf_loss_argument_errors():
+    logits, labels = _batch()
+    ref = torch.zeros(4, device=DEVICE)
+    with pytest.raises(TypeError, match="bool tensor"):
+        aihf_loss(labels, logits=logits, ref_seq_logps=ref,
+                  comparisons=(torch.tensor([True, False]), torch.tensor([1, 3])))
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=(torch.tensor([0]), torch.tensor([1])),
+                  beta=float("inf"))
+    with pytest.raises(ValueError, match="num_sequences=3 but the layout holds 4"):
+        aihf_loss(labels, logits=logits, num_sequences=3)
+    # the (K, 3) tensor form: float weights, integral indices
+    cmp = torch.tensor([[0.0, 1.0, 0.5], [2.0, 3.0, 1.0]], device=DEVICE)
+    out = aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(TypeError, match="integer sequence indices"):
+        aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp + 0.5)

@@ -212,11 +212,69 @@ def test_bad_input():
     with pytest.raises(ValueError, match="reset_mask"):
         env.reset(options={"reset_mask": np.array([1, 0])})
     disabled = make_vec("Hopper-v5", 2, autoreset_mode=AutoresetMode.DISABLED)
-    with pytest.raises(ValueError, match="never reset"):
+    with pytest.raises(gym.error.ResetNeeded, match="never reset"):
         disabled.step(np.zeros((2, 3), np.float32))
+    with pytest.raises(gym.error.ResetNeeded, match="never reset"):
+        disabled.rollout(actions=np.zeros((5, 2, 3)), num_steps=5)
+    disabled.reset(seed=0)
+    disabled.set_state(1, np.array([0.0, 0.1, 0, 0, 0, 0]), np.zeros(6))  # fallen: terminates
+    _, _, term, _, _ = disabled.step(np.zeros((2, 3), np.float32))
+    assert term.tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"envs \[1\] ended"):
+        disabled.step(np.zeros((2, 3), np.float32))
+    out = disabled.rollout(actions=np.zeros((3, 2, 3)), num_steps=3)  # the rollout resets env 1 itself
+    assert not out["terminated"][0, 1]
+    disabled.step(np.zeros((2, 3), np.float32))  # and leaves no stale flags behind
     env.close()
     with pytest.raises(RuntimeError, match="closed"):
         env.step(np.zeros((2, 3), np.float32))
+
+
+def test_core_rejects_what_could_crash_it():
+    import threading
+
+    from aihf_fast import _C
+    from aihf_fast.envs.vector import ASSETS
+
+    xml = f"{ASSETS}/hopper.xml"
+    with pytest.raises(ValueError, match="num_threads"):
+        _C.BatchEnv("Hopper-v5", xml, 2, 0, 0, 1000, 4)
+    with pytest.raises(ValueError, match="does not fit the task"):
+        _C.BatchEnv("Ant-v5", f"{ASSETS}/inverted_pendulum.xml", 2, 1, 0, 1000, 4)
+    env = make_vec("Hopper-v5", 4, num_threads=2)
+    env.reset(seed=0)
+    core, T = env._core, 5
+    acts = np.zeros((T, 4, 3), np.float32)
+    bufs = dict(obs=None, actions=np.empty((T, 4, 3), np.float32), rewards=None, terminated=None, truncated=None,
+                next_obs=None, diverged=None, qpos=None, qvel=None)
+    with pytest.raises(IndexError, match="progress"):
+        core.rollout(None, acts, T, np.array([0, -3, 0, 0], np.int32), **bufs)
+    with pytest.raises(TypeError):  # an int64 progress would be converted to a copy and lost
+        core.rollout(None, acts, T, np.zeros(4, np.int64), **bufs)
+    with pytest.raises(TypeError):
+        core.rollout(None, acts, T, np.zeros(4, np.int32), **{**bufs, "rewards": np.empty((T, 4), np.float32)})
+    core.queue_head[0] = 10**8
+    with pytest.raises(IndexError, match="reset queue of env 0 is corrupt"):
+        env.step(np.zeros((4, 3), np.float32))
+    core.queue_head[0] = 0
+    # two Python threads on one env: one of them gets a clear error, nothing crashes
+    big = make_vec("Hopper-v5", 64, num_threads=2)
+    big.reset(seed=0)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                big.rollout(actions=np.zeros((50, 64, 3), np.float32), num_steps=50)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("busy" in e for e in errors)
 
 
 def test_diverging_simulation_is_flagged_and_reset_by_mujoco():

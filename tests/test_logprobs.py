@@ -157,3 +157,24 @@ def test_reference_gradcheck_float64():
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: reference.linear_token_logprobs(a, b, labels), (h, w))
+
+
+@pytest.mark.parametrize("dtype,V", [(torch.uint8, 256), (torch.int16, 40000), (torch.int32, 300)])
+def test_narrow_integer_labels(dtype, V):
+    logits = torch.randn(6, V, device=DEVICE)
+    y = torch.tensor([0, 1, 156 % V, min(V - 1, 32000), 2, 3], device=DEVICE)  # representable in dtype
+    want = reference.token_logprobs(logits, y)
+    for backend in ("torch", "triton"):
+        got = token_logprobs(logits, y.to(dtype), backend=backend)
+        assert_close_to(f"{backend} {dtype}", got, want, 1e-5, 1e-5)
+
+
+def test_linear_float64_with_ignored_tokens_on_the_torch_backend():
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.tensor([1, -100, 3, -100, 8])
+    lp = linear_token_logprobs(h, w, y, backend="torch")
+    assert lp.dtype == torch.float64 and bool((lp[[1, 3]] == 0).all())
+    assert_close_to("logp", lp, reference.linear_token_logprobs(h, w, y), 1e-12)
+    lp.sum().backward()
+    assert bool((h.grad[[1, 3]] == 0).all())

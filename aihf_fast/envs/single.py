@@ -14,6 +14,7 @@ class BatchedMujocoEnv(gymnasium.Env):
 
     def __init__(self, task: str, max_episode_steps: int | None = None):
         self._vec = BatchedMujocoVectorEnv(task, 1, 1, autoreset_mode="Disabled", max_episode_steps=max_episode_steps)
+        self._vec._check_done = False  # like gymnasium.make: stepping on after the end is the caller's choice
         self.spec = self._vec.spec
         self.observation_space = self._vec.single_observation_space
         self.action_space = self._vec.single_action_space

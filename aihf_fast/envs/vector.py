@@ -47,8 +47,9 @@ class BatchedMujocoVectorEnv(VectorEnv):
     """N copies of one gymnasium MuJoCo ``*-v5`` task stepped in C++ (see module docstring).
 
     Observations (num_envs, obs_dim) float64, rewards (num_envs,) float64, terminations and
-    truncations (num_envs,) bool. The arrays returned by ``step``/``reset`` are copies unless
-    ``copy=False``, in which case they are views of the C++ buffers, overwritten by the next call.
+    truncations (num_envs,) bool. As in gymnasium, ``copy=False`` returns the observations
+    without a copy: a view of the C++ buffer, overwritten by the next call (``torch.from_numpy``
+    of it is a zero-copy tensor); the other arrays are always fresh.
     ``info`` is gymnasium's vector info: the task's step / reset info keys (``x_position``,
     ``reward_ctrl``, ...) with their ``_key`` masks, ``final_obs``/``final_info`` in SAME_STEP
     mode, plus ``diverged`` when MuJoCo's own checks reset an env's data during the step (NaN or
@@ -97,6 +98,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
         self._autoreset_mode = autoreset_mode
         self._needs_reset = np.ones(self.num_envs, dtype=bool)  # DISABLED mode bookkeeping
+        self._was_reset = np.zeros(self.num_envs, dtype=bool)  # step() before reset() is an error
+        self._check_done = True  # DISABLED: refuse to step ended envs (the single-env face allows it)
         self._closed = False
 
     # ------------------------------------------------------------------ RNG and reset states
@@ -146,6 +149,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._core.reset(np.ascontiguousarray(mask))
         self._fill_queues()
         self._needs_reset[mask] = False
+        self._was_reset |= mask
         none = np.zeros(self.num_envs, dtype=bool)
         return self._out(self._core.obs), self._infos(none, mask, np.float32)
 
@@ -164,7 +168,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         if not np.isfinite(a).all():
             bad = np.argwhere(~np.isfinite(a))[0]
             raise ValueError(f"actions must be finite; actions[{bad[0]}, {bad[1]}] = {a[tuple(bad)]}")
-        if self._autoreset_mode == AutoresetMode.DISABLED and self._needs_reset.any():
+        self._check_was_reset()
+        if self._autoreset_mode == AutoresetMode.DISABLED and self._check_done and self._needs_reset.any():
             raise ValueError(
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended or were never reset; with "
                 "autoreset_mode=DISABLED call reset(options={'reset_mask': mask}) before stepping them"
@@ -190,7 +195,12 @@ class BatchedMujocoVectorEnv(VectorEnv):
             infos.update(diverged=self._core.diverged.copy(), _diverged=self._core.diverged.copy())
         if self._autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
-        return (self._out(self._core.obs), self._out(self._core.rewards), self._out(term), self._out(trunc), infos)
+        return self._out(self._core.obs), self._core.rewards.copy(), term.copy(), trunc.copy(), infos
+
+    def _check_was_reset(self):
+        if not self._was_reset.all():
+            raise gymnasium.error.ResetNeeded(
+                f"envs {np.flatnonzero(~self._was_reset).tolist()} were never reset: call reset() first")
 
     def _infos(self, step_mask, reset_mask, action_dtype) -> dict[str, Any]:
         """gymnasium's vector info dict: each key's values and its ``_key`` mask, with the dtype
@@ -227,6 +237,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         ``record_state``.
         """
         self._check_open()
+        self._check_was_reset()
         core = self._core
         T = int(num_steps)
         if T < 0:
@@ -267,8 +278,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
             if self._autoreset_mode == AutoresetMode.SAME_STEP:
                 core.reset(np.ascontiguousarray(ended))
                 self._fill_queues()
-            elif self._autoreset_mode == AutoresetMode.DISABLED:
-                self._needs_reset |= ended
+        if self._autoreset_mode == AutoresetMode.DISABLED:
+            self._needs_reset = ended  # the rollout reset every env that ended before its last step
         return out
 
     def set_state(self, env: int, qpos, qvel) -> np.ndarray:
@@ -284,6 +295,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         if not 0 <= env < self.num_envs:
             raise IndexError(f"env must be in [0, {self.num_envs}), got {env}")
         self._core.set_state(int(env), qpos, qvel)
+        self._needs_reset[env] = False
+        self._was_reset[env] = True
         return self._core.obs[env].copy()
 
     def _out(self, a):

@@ -171,8 +171,9 @@ def _linear_lse_fwd_kernel(
         for k in range(0, K, BLOCK_K):
             ks = k + offs_k
             k_mask = ks < K
-            a = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            ks64 = ks.to(tl.int64)
+            a = tl.load(x_rows + ks64[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_cols + ks64[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_UPCAST:  # triton's CPU interpreter mis-multiplies bf16 tiles; products are exact in fp32
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)

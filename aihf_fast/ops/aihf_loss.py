@@ -117,18 +117,22 @@ def _parse_comparisons(comparisons, S, device, validate):
     if isinstance(comparisons, torch.Tensor):
         if comparisons.dim() != 2 or comparisons.shape[1] not in (2, 3):
             raise ValueError(f"comparisons tensor must be (K, 2) or (K, 3), got shape {tuple(comparisons.shape)}")
-        parts = list(comparisons.unbind(1))
+        parts = [p.to(device) for p in comparisons.unbind(1)]
     elif isinstance(comparisons, (tuple, list)) and len(comparisons) in (2, 3):
         parts = [torch.as_tensor(p, device=device) for p in comparisons]
     else:
         raise TypeError("comparisons must be (winners, losers[, weights]) or a (K, 2|3) tensor")
     winners, losers = parts[0], parts[1]
     for name, t in (("comparisons winners", winners), ("comparisons losers", losers)):
-        if t.is_floating_point():
-            t_int = t.long()
-            if validate and not bool((t_int == t).all()):
+        if t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer sequence indices, got a bool tensor")
+        if t.is_floating_point():  # the (K, 3) tensor form carries float weights
+            if validate and not bool((t.long() == t).all()):
                 raise TypeError(f"{name} must hold integer sequence indices")
-        check_int(name, t.long(), ndim=1)
+        else:
+            check_int(name, t)
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     winners, losers = winners.long(), losers.long()
     K = winners.numel()
     check_shape("comparisons losers", losers, (K,), "one loser per winner")
@@ -200,15 +204,18 @@ def aihf_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if nll_normalize not in NLL_NORMALIZATIONS:
         raise ValueError(f"nll_normalize must be one of {NLL_NORMALIZATIONS}, got {nll_normalize!r}")
-    if not (isinstance(beta, (int, float)) and beta > 0):
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    if not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
 
+    labels = labels.long()  # narrow integer dtypes would wrap ignore_index
     labels_shape = tuple(labels.shape)
     flat_labels, seg, S = _segments(labels, cu_seqlens, segment_ids, num_sequences, validate)
+    if num_sequences is not None and num_sequences != S:
+        raise ValueError(f"num_sequences={num_sequences} but the layout holds {S} sequences")
     N = flat_labels.numel()
     device = labels.device
     valid = flat_labels != ignore_index
@@ -314,7 +321,9 @@ def aihf_loss(
             })
         h_out = h.detach()
     else:
-        pref = seq_logps.sum() * 0.0
+        # zero, but on the graph (a batch with no comparisons still backpropagates); masked so
+        # that -inf log-probs of unused sequences cannot turn it into NaN
+        pref = torch.where(torch.isfinite(seq_logps), seq_logps, 0.0).sum() * 0.0
         h_out = rho.new_zeros(0)
 
     # demonstration likelihood
@@ -328,7 +337,8 @@ def aihf_loss(
         denom = has_nll.sum().clamp(min=1)
     else:
         denom = 1
-    nll = (a * nll_i).sum() / denom
+    # masked, not multiplied: a sequence the loss does not use may hold -inf log-probs
+    nll = torch.where(has_nll, a * nll_i, 0.0).sum() / denom
     loss = pref + nll
     with torch.no_grad():
         n_demo = has_nll.sum()

@@ -308,6 +308,7 @@ def token_logprobs(
     check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device(logits=logits, labels=labels)
     temperature = _check_temperature(temperature)
+    labels = labels.long()  # narrow integer dtypes would wrap ignore_index and the range check
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a vocabulary size V >= 1, got V = 0")
@@ -364,6 +365,7 @@ def linear_token_logprobs(
     check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     check_same_device(hidden=hidden, weight=weight, labels=labels)
     temperature = _check_temperature(temperature)
+    labels = labels.long()
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     V = weight.shape[0]
@@ -388,7 +390,7 @@ def linear_token_logprobs(
             x, weight, y.contiguous(), 1.0 / temperature, return_entropy, chunk_size
         )
     if compact:
-        zeros = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        zeros = torch.zeros(N, dtype=logp.dtype, device=hidden.device)
         logp = zeros.index_copy(0, idx, logp)
         entropy = zeros.index_copy(0, idx, entropy) if return_entropy else None
     logp = logp.view(labels.shape)
