@@ -1,5 +1,8 @@
 // A persistent pool of worker threads running one parallel-for at a time.
-// Work item i always covers the same env range, so results never depend on the thread count.
+// Between calls the workers spin briefly before sleeping (a step loop calls the pool every
+// few milliseconds; a condition-variable wake-up costs tens of microseconds on a VM), then
+// block on a condition variable. Items are handed out dynamically; every item's result is
+// independent of the thread that ran it, so results never depend on the thread count.
 #pragma once
 
 #include <atomic>
@@ -9,19 +12,25 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define AIHF_CPU_RELAX() _mm_pause()
+#else
+#define AIHF_CPU_RELAX() std::this_thread::yield()
+#endif
+
 namespace aihf {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_threads) {
+  explicit ThreadPool(int num_threads) : size_(num_threads) {
     for (int t = 1; t < num_threads; ++t) workers_.emplace_back([this, t] { loop(t); });
-    size_ = num_threads;
   }
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
@@ -49,35 +58,44 @@ class ThreadPool {
       fn(0);
       return;
     }
+    fn_ = &fn;
+    pending_.store(size_ - 1);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      pending_ = size_ - 1;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     cv_.notify_all();
     fn(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return pending_ == 0; });
+    for (int spin = 0; pending_.load() != 0 && spin < kSpin; ++spin) AIHF_CPU_RELAX();
+    if (pending_.load() != 0) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_cv_.wait(lock, [this] { return pending_.load() == 0; });
+    }
     fn_ = nullptr;
   }
 
  private:
+  static constexpr int kSpin = 1 << 14;  // ~50-150 us of pause instructions
+
   void loop(int t) {
     long seen = 0;
     for (;;) {
-      const std::function<void(int)>* fn;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        fn = fn_;
+      long g = generation_.load();
+      for (int spin = 0; g == seen && spin < kSpin; ++spin) {
+        AIHF_CPU_RELAX();
+        g = generation_.load();
       }
-      (*fn)(t);
-      {
+      if (g == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        g = generation_.load();
+      }
+      seen = g;
+      if (stop_) return;
+      (*fn_)(t);
+      if (pending_.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(mu_);
-        if (--pending_ == 0) done_cv_.notify_one();
+        done_cv_.notify_one();
       }
     }
   }
@@ -86,8 +104,9 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* fn_ = nullptr;
-  long generation_ = 0;
-  int pending_ = 0, size_ = 1;
+  std::atomic<long> generation_{0};
+  std::atomic<int> pending_{0};
+  int size_ = 1;
   bool stop_ = false;
 };
 
