@@ -1,8 +1,5 @@
 // A persistent pool of worker threads running one parallel-for at a time.
-// Between calls the workers spin briefly before sleeping (a step loop calls the pool every
-// few milliseconds; a condition-variable wake-up costs tens of microseconds on a VM), then
-// block on a condition variable. Items are handed out dynamically; every item's result is
-// independent of the thread that ran it, so results never depend on the thread count.
+// Work item i always covers the same env range, so results never depend on the thread count.
 #pragma once
 
 #include <atomic>
@@ -12,25 +9,19 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define AIHF_CPU_RELAX() _mm_pause()
-#else
-#define AIHF_CPU_RELAX() std::this_thread::yield()
-#endif
-
 namespace aihf {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_threads) : size_(num_threads) {
+  explicit ThreadPool(int num_threads) {
     for (int t = 1; t < num_threads; ++t) workers_.emplace_back([this, t] { loop(t); });
+    size_ = num_threads;
   }
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      generation_.fetch_add(1);
+      ++generation_;
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
@@ -41,6 +32,10 @@ class ThreadPool {
   // shared counter (load balancing: envs differ in cost); fn(i) must not depend on the thread.
   template <typename F>
   void for_each(int n, int chunk, F&& fn) {
+    if (n <= chunk) {  // one item's worth: no need to wake the workers
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
     std::atomic<int> next{0};
     run([&](int) {
       for (;;) {
@@ -58,44 +53,35 @@ class ThreadPool {
       fn(0);
       return;
     }
-    fn_ = &fn;
-    pending_.store(size_ - 1);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      generation_.fetch_add(1);
+      fn_ = &fn;
+      pending_ = size_ - 1;
+      ++generation_;
     }
     cv_.notify_all();
     fn(0);
-    for (int spin = 0; pending_.load() != 0 && spin < kSpin; ++spin) AIHF_CPU_RELAX();
-    if (pending_.load() != 0) {
-      std::unique_lock<std::mutex> lock(mu_);
-      done_cv_.wait(lock, [this] { return pending_.load() == 0; });
-    }
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return pending_ == 0; });
     fn_ = nullptr;
   }
 
  private:
-  static constexpr int kSpin = 1 << 14;  // ~50-150 us of pause instructions
-
   void loop(int t) {
     long seen = 0;
     for (;;) {
-      long g = generation_.load();
-      for (int spin = 0; g == seen && spin < kSpin; ++spin) {
-        AIHF_CPU_RELAX();
-        g = generation_.load();
-      }
-      if (g == seen) {
+      const std::function<void(int)>* fn;
+      {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return generation_.load() != seen; });
-        g = generation_.load();
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        fn = fn_;
       }
-      seen = g;
-      if (stop_) return;
-      (*fn_)(t);
-      if (pending_.fetch_sub(1) == 1) {
+      (*fn)(t);
+      {
         std::lock_guard<std::mutex> lock(mu_);
-        done_cv_.notify_one();
+        if (--pending_ == 0) done_cv_.notify_one();
       }
     }
   }
@@ -104,9 +90,8 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* fn_ = nullptr;
-  std::atomic<long> generation_{0};
-  std::atomic<int> pending_{0};
-  int size_ = 1;
+  long generation_ = 0;
+  int pending_ = 0, size_ = 1;
   bool stop_ = false;
 };
 

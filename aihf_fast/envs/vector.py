@@ -209,9 +209,13 @@ class BatchedMujocoVectorEnv(VectorEnv):
         infos: dict[str, Any] = {}
         types = {0: np.float64, 1: np.dtype(action_dtype), 2: np.int64}
         step_keys = core.info_keys if step_mask.any() else []
+        values, every = core.info, step_mask.all()
         for j, (name, kind) in enumerate(step_keys):
+            if every:  # the common case: one copy per key
+                infos[name], infos["_" + name] = values[:, j].astype(types[kind]), np.ones(self.num_envs, bool)
+                continue
             arr = np.zeros(self.num_envs, dtype=types[kind])
-            arr[step_mask] = core.info[step_mask, j]
+            arr[step_mask] = values[step_mask, j]
             infos[name], infos["_" + name] = arr, step_mask.copy()
         if reset_mask.any():
             for j, name in enumerate(core.reset_info_keys):
