@@ -234,3 +234,19 @@ def test_dpo_plus_nll_equals_liger_fused_linear_dpo(alpha, backend):
     assert_close_to("loss", got, want, 1e-5, 1e-5)
     assert_close_to("dhidden", x2.grad, x1.grad, 1e-5, 1e-5)
     assert_close_to("dweight", w2.grad, w1.grad, 1e-5, 1e-5)
+
+
+def test_single_token_sequences_in_a_pack():
+    V, H = 23, 8
+    h = torch.randn(7, H, device=DEVICE)
+    w = torch.randn(V, H, device=DEVICE)
+    y = torch.randint(0, V, (7,), device=DEVICE)
+    cu = torch.tensor([0, 1, 2, 7], device=DEVICE)  # two one-token sequences and a longer one
+    ref = torch.zeros(3, device=DEVICE)
+    logp = torch.log_softmax(h @ w.t(), -1).gather(-1, y[:, None]).squeeze(-1)
+    want = -F.logsigmoid(BETA * (logp[0] - logp[1])) + 0.5 * (-logp[2:].sum()) / 5
+    for backend in ("torch", "triton"):
+        out = aihf_loss(y, hidden=h, weight=w, cu_seqlens=cu, ref_seq_logps=ref, beta=BETA, backend=backend,
+                        comparisons=(torch.tensor([0]), torch.tensor([1])),
+                        nll_weights=torch.tensor([0.0, 0.0, 0.5], device=DEVICE))
+        assert_close_to(f"{backend} loss", out.loss, want, 1e-5, 1e-5)
