@@ -13,6 +13,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "batch_env.h"
 
@@ -54,6 +55,17 @@ void check_actions_shape(const BatchEnv& env, size_t ndim, size_t d0, size_t d1)
   if (ndim != 2 || d0 != size_t(env.num_envs()) || d1 != size_t(env.nu()))
     throw nb::value_error(("actions must have shape (" + std::to_string(env.num_envs()) + ", " +
                            std::to_string(env.nu()) + ")").c_str());
+}
+
+// One env step with float32 or float64 actions (numpy's control-cost dtype follows them).
+template <typename T>
+void step_with(BatchEnv& e, nb::ndarray<const T, nb::c_contig, nb::device::cpu> a) {
+  check_actions_shape(e, a.ndim(), a.shape(0), a.ndim() > 1 ? a.shape(1) : 0);
+  nb::gil_scoped_release release;
+  if constexpr (std::is_same_v<T, float>)
+    e.step(a.data(), nullptr);
+  else
+    e.step(nullptr, a.data());
 }
 
 }  // namespace
@@ -168,22 +180,8 @@ NB_MODULE(_C, m) {
             e.reset(mask.data());
           },
           "mask"_a)
-      .def(
-          "step",
-          [](BatchEnv& e, nb::ndarray<const float, nb::c_contig, nb::device::cpu> a) {
-            check_actions_shape(e, a.ndim(), a.shape(0), a.ndim() > 1 ? a.shape(1) : 0);
-            nb::gil_scoped_release release;
-            e.step(a.data(), nullptr);
-          },
-          "actions"_a)
-      .def(
-          "step",
-          [](BatchEnv& e, nb::ndarray<const double, nb::c_contig, nb::device::cpu> a) {
-            check_actions_shape(e, a.ndim(), a.shape(0), a.ndim() > 1 ? a.shape(1) : 0);
-            nb::gil_scoped_release release;
-            e.step(nullptr, a.data());
-          },
-          "actions"_a)
+      .def("step", &step_with<float>, "actions"_a)
+      .def("step", &step_with<double>, "actions"_a)
       .def("seed_policy_noise", &BatchEnv::seed_policy_noise, "seed"_a)
       .def(
           "set_state",

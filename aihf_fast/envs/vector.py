@@ -82,6 +82,11 @@ class BatchedMujocoVectorEnv(VectorEnv):
         xml = os.path.join(ASSETS, spec.kwargs.get("xml_file") or _XML[task])
         self._core = core.BatchEnv(task, xml, int(num_envs), int(num_threads), _MODES[autoreset_mode],
                                    int(max_episode_steps), int(reset_queue))
+        # NumPy views of the C++ buffers, made once: the buffers never move, and building a view
+        # on every property access would cost the step loop a dozen allocations per call
+        self._buf = _Buffers(self._core)
+        self._info_keys = list(self._core.info_keys)
+        self._reset_info_keys = list(self._core.reset_info_keys)
         self.task, self.num_envs, self.copy = task, int(num_envs), copy
         self.spec = spec
         self.metadata = {"autoreset_mode": autoreset_mode, "render_modes": []}
@@ -113,9 +118,9 @@ class BatchedMujocoVectorEnv(VectorEnv):
         """Top up each env's reset queue with states drawn from its own Generator, in order."""
         core = self._core
         K = core.reset_queue
-        count, head = core.queue_count, core.queue_head
+        count, head = self._buf.queue_count, self._buf.queue_head
         envs = np.flatnonzero(count < K) if envs is None else envs
-        qpos, qvel = core.queue_qpos, core.queue_qvel
+        qpos, qvel = self._buf.queue_qpos, self._buf.queue_qvel
         for i in envs:
             if self._rngs[i] is None:
                 self._rngs[i], _ = seeding.np_random(None)
@@ -144,14 +149,14 @@ class BatchedMujocoVectorEnv(VectorEnv):
         for i in np.flatnonzero(mask):
             if seeds[i] is not None:  # a new seed drops the states drawn from the old Generator
                 self._rngs[i], _ = seeding.np_random(int(seeds[i]))
-                self._core.queue_count[i] = 0
+                self._buf.queue_count[i] = 0
         self._fill_queues()
         self._core.reset(np.ascontiguousarray(mask))
         self._fill_queues()
         self._needs_reset[mask] = False
         self._was_reset |= mask
         none = np.zeros(self.num_envs, dtype=bool)
-        return self._out(self._core.obs), self._infos(none, mask, np.float32)
+        return self._out(self._buf.obs), self._infos(none, mask, np.float32)
 
     # ------------------------------------------------------------------ step
 
@@ -176,26 +181,26 @@ class BatchedMujocoVectorEnv(VectorEnv):
             )
         self._core.step(np.ascontiguousarray(a))
         self._fill_queues()
-        term, trunc = self._core.terminated, self._core.truncated
+        term, trunc = self._buf.terminated, self._buf.truncated
         mode = self._autoreset_mode
         if mode == AutoresetMode.NEXT_STEP:  # an env either stepped or (auto)reset
-            reset = self._core.reset_consumed.copy()
+            reset = self._buf.reset_consumed.copy()
         elif mode == AutoresetMode.SAME_STEP:  # ended envs report their reset info, the step's goes to final_info
-            reset = self._core.final_valid.copy()
+            reset = self._buf.final_valid.copy()
         else:
             reset = np.zeros(self.num_envs, dtype=bool)
         infos = self._infos(~reset, reset, a.dtype)
         if mode == AutoresetMode.SAME_STEP and reset.any():
             final_obs = np.full(self.num_envs, None, dtype=object)
             for i in np.flatnonzero(reset):
-                final_obs[i] = self._core.final_obs[i].copy()
+                final_obs[i] = self._buf.final_obs[i].copy()
             infos.update(final_obs=final_obs, _final_obs=reset.copy(),
                          final_info=self._infos(reset, np.zeros_like(reset), a.dtype), _final_info=reset.copy())
-        if self._core.diverged.any():
-            infos.update(diverged=self._core.diverged.copy(), _diverged=self._core.diverged.copy())
+        if self._buf.diverged.any():
+            infos.update(diverged=self._buf.diverged.copy(), _diverged=self._buf.diverged.copy())
         if self._autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
-        return self._out(self._core.obs), self._core.rewards.copy(), term.copy(), trunc.copy(), infos
+        return self._out(self._buf.obs), self._buf.rewards.copy(), term.copy(), trunc.copy(), infos
 
     def _check_was_reset(self):
         if not self._was_reset.all():
@@ -205,11 +210,10 @@ class BatchedMujocoVectorEnv(VectorEnv):
     def _infos(self, step_mask, reset_mask, action_dtype) -> dict[str, Any]:
         """gymnasium's vector info dict: each key's values and its ``_key`` mask, with the dtype
         numpy gives the single-env value (reward_ctrl has the action's dtype)."""
-        core = self._core
         infos: dict[str, Any] = {}
         types = {0: np.float64, 1: np.dtype(action_dtype), 2: np.int64}
-        step_keys = core.info_keys if step_mask.any() else []
-        values, every = core.info, step_mask.all()
+        step_keys = self._info_keys if step_mask.any() else []
+        values, every = self._buf.info, step_mask.all()
         for j, (name, kind) in enumerate(step_keys):
             if every:  # the common case: one copy per key
                 infos[name], infos["_" + name] = values[:, j].astype(types[kind]), np.ones(self.num_envs, bool)
@@ -218,10 +222,10 @@ class BatchedMujocoVectorEnv(VectorEnv):
             arr[step_mask] = values[step_mask, j]
             infos[name], infos["_" + name] = arr, step_mask.copy()
         if reset_mask.any():
-            for j, name in enumerate(core.reset_info_keys):
+            for j, name in enumerate(self._reset_info_keys):
                 if name not in infos:
                     infos[name], infos["_" + name] = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=bool)
-                infos[name][reset_mask] = core.reset_info[reset_mask, j]
+                infos[name][reset_mask] = self._buf.reset_info[reset_mask, j]
                 infos["_" + name] |= reset_mask
         return infos
 
@@ -277,7 +281,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
                            out.get("qpos"), out.get("qvel")) < N:
             self._fill_queues()  # some env used up its reset queue
         self._fill_queues()
-        ended = core.needs_reset.copy()
+        ended = self._buf.needs_reset.copy()
         if ended.any():
             if self._autoreset_mode == AutoresetMode.SAME_STEP:
                 core.reset(np.ascontiguousarray(ended))
@@ -301,7 +305,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._core.set_state(int(env), qpos, qvel)
         self._needs_reset[env] = False
         self._was_reset[env] = True
-        return self._core.obs[env].copy()
+        return self._buf.obs[env].copy()
 
     def _out(self, a):
         return a.copy() if self.copy else a
@@ -312,7 +316,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     def close_extras(self, **kwargs):
         self._closed = True
-        self._core = None
+        self._core = self._buf = None
 
     @property
     def num_threads(self) -> int:
@@ -320,6 +324,17 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     def __repr__(self) -> str:
         return f"BatchedMujocoVectorEnv({self.task}, num_envs={self.num_envs})"
+
+
+class _Buffers:
+    """The C++ env's buffers as NumPy views (each keeps the env alive)."""
+
+    NAMES = ("obs", "rewards", "terminated", "truncated", "reset_consumed", "final_valid", "final_obs", "diverged",
+             "info", "reset_info", "needs_reset", "queue_count", "queue_head", "queue_qpos", "queue_qvel")
+
+    def __init__(self, core):
+        for name in self.NAMES:
+            setattr(self, name, getattr(core, name))
 
 
 _XML = {
