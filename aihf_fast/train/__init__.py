@@ -1,0 +1,1 @@
+"""Trainers: ``aihf_fast.train.llm`` (transformers + DeepSpeed ZeRO)."""

@@ -1,0 +1,211 @@
+"""Configuration of the LLM trainer: one dataclass, read from YAML/JSON and overridden by flags.
+
+Batch sizes are per micro-batch and per process: each micro-batch holds ``pairs_per_batch``
+preference pairs and ``demos_per_batch`` demonstrations (each followed by the policy's own
+sample where the method uses one). One optimiser step consumes
+``world_size * grad_accum`` micro-batches; a single process with ``grad_accum = k * world``
+sees exactly the same global batch as ``world`` processes with ``grad_accum = k``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+METHODS = ("sft", "dpo", "ipo", "rpo", "sft_then_dpo", "spin", "aihf")
+NEEDS_DEMOS = ("sft", "sft_then_dpo", "spin", "aihf")
+NEEDS_PREFS = ("dpo", "ipo", "rpo", "sft_then_dpo")
+USES_SAMPLES = ("spin", "aihf")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with the option and what was expected."""
+
+
+@dataclass
+class LLMTrainConfig:
+    # model and tokenizer
+    model: str | None = field(default=None, metadata={"help": "hub id or local path of an AutoModelForCausalLM"})
+    model_config: dict | str | None = field(default=None, metadata={"help": "config (dict or JSON path, with model_type) of a randomly initialised model"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer id/path (default: the model's)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation"})
+    # data
+    demonstrations: str | None = field(default=None, metadata={"help": "demonstrations: JSONL path, dataset dir or hf:NAME[:SPLIT]"})
+    preferences: str | None = field(default=None, metadata={"help": "preference pairs: JSONL path, dataset dir or hf:NAME[:SPLIT]"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for sampling evaluations"})
+    eval_reward: str | None = field(default=None, metadata={"help": "'module:function'(prompts, completions) -> rewards, for evaluations"})
+    max_length: int = field(default=512, metadata={"help": "max prompt + completion tokens"})
+    append_eos: bool = field(default=True, metadata={"help": "append EOS to string completions"})
+    packing: bool = field(default=True, metadata={"help": "padding-free packed batches (position_ids); else padded"})
+    # method
+    method: str = field(default="aihf", metadata={"help": "|".join(METHODS)})
+    beta: float = 0.1
+    w_P: float = field(default=1.0, metadata={"help": "aihf: weight of the human preference pairs"})
+    w_D: float = field(default=1.0, metadata={"help": "aihf: weight of (demonstration > own sample) pairs"})
+    nll_weight: float = field(default=0.0, metadata={"help": "aihf lambda / rpo alpha: demonstration (chosen) NLL weight"})
+    label_smoothing: float = 0.0
+    reference: str = field(default="fixed", metadata={"help": "fixed (the initial model) | moving (the policy at the last sample refresh; spin's default)"})
+    sft_steps: int = field(default=0, metadata={"help": "sft_then_dpo: SFT steps before the DPO steps (of `steps` in all)"})
+    # own samples (spin, aihf)
+    refresh_every: int = field(default=50, metadata={"help": "steps between regenerating the policy's own samples"})
+    max_new_tokens: int = 64
+    sample_temperature: float = 1.0
+    sample_top_p: float = 1.0
+    gen_batch_size: int = 64
+    # optimisation
+    steps: int = 100
+    pairs_per_batch: int = 4
+    demos_per_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine (after warmup)"})
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed_config: dict | str | None = field(default=None, metadata={"help": "DeepSpeed config (dict or JSON path) merged over the generated one"})
+    # output, logging, checkpoints
+    output_dir: str = "runs/llm"
+    log_every: int = 1
+    eval_every: int = 0
+    eval_samples_per_prompt: int = 1
+    save_every: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps (0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    overwrite: bool = field(default=False, metadata={"help": "start over even if output_dir holds checkpoints (deletes them)"})
+    save_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) at the end"})
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def uses_samples(self) -> bool:
+        return self.method in USES_SAMPLES and (self.method == "spin" or self.w_D > 0)
+
+
+def _parse_bool(s):
+    if isinstance(s, bool):
+        return s
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r}: expected a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict) -> LLMTrainConfig:
+    names = {f.name for f in dataclasses.fields(LLMTrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
+    data = dict(data)
+    if "adam_betas" in data:
+        data["adam_betas"] = tuple(data["adam_betas"])
+    return LLMTrainConfig(**data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aihf_fast.train.llm", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="the embedded default job: generate the known-reward task, pretrain a tiny Llama base on "
+                        "mediocre answers, train it with the chosen method, report the true reward before/after")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    for f in dataclasses.fields(LLMTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if t == "bool":
+            kw.update(type=_parse_bool, nargs="?", const=True)
+        elif t == "int":
+            kw.update(type=int)
+        elif t == "float":
+            kw.update(type=float)
+        elif t == "tuple":
+            kw.update(type=float, nargs=2)
+        elif f.name in ("model_config", "deepspeed_config"):
+            kw.update(type=str)
+        else:
+            kw.update(type=str)
+        p.add_argument(flag, dest=f.name, **kw)
+    return p
+
+
+def parse_args(argv=None, preset: dict | None = None) -> tuple[LLMTrainConfig, argparse.Namespace]:
+    """Flags over the --config file over ``preset`` -> (config, namespace with --synthetic)."""
+    ns = build_parser().parse_args(argv)
+    data = dict(preset or {})
+    data.update(_load_file(ns.config) if ns.config else {})
+    names = {f.name for f in dataclasses.fields(LLMTrainConfig)}
+    for k, v in vars(ns).items():
+        if k in names:
+            data[k] = v
+    for k in ("model_config", "deepspeed_config"):
+        if isinstance(data.get(k), str) and data[k].lstrip().startswith("{"):
+            data[k] = json.loads(data[k])
+    return from_dict(data), ns
+
+
+def validate(cfg: LLMTrainConfig) -> None:
+    """Fail early, naming the option, on a configuration that cannot run."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if (cfg.model is None) == (cfg.model_config is None):
+        raise ConfigError("give exactly one of model (hub id / path) or model_config (random init)")
+    if cfg.model_config is not None and cfg.tokenizer is None:
+        raise ConfigError("model_config (random init) needs tokenizer")
+    if cfg.method in NEEDS_DEMOS and not cfg.demonstrations:
+        raise ConfigError(f"method {cfg.method!r} needs demonstrations")
+    if cfg.method in NEEDS_PREFS and not cfg.preferences:
+        raise ConfigError(f"method {cfg.method!r} needs preferences")
+    for name in ("demonstrations", "preferences", "eval_prompts"):
+        v = getattr(cfg, name)
+        if v and not v.startswith("hf:") and not os.path.exists(v):
+            raise ConfigError(f"{name}: file not found: {v!r}")
+    if cfg.eval_reward and ":" not in cfg.eval_reward:
+        raise ConfigError(f"eval_reward must be 'module:function', got {cfg.eval_reward!r}")
+    for name in ("beta", "lr", "max_new_tokens", "gen_batch_size", "max_length", "grad_accum", "log_every"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("w_P", "w_D", "nll_weight", "label_smoothing", "weight_decay", "max_grad_norm", "sft_steps",
+                 "warmup_steps", "save_every", "eval_every", "steps", "refresh_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.method in ("dpo", "ipo", "rpo", "sft_then_dpo", "aihf") and cfg.preferences and cfg.pairs_per_batch < 1:
+        raise ConfigError("pairs_per_batch must be >= 1 when preferences are used")
+    if cfg.method in NEEDS_DEMOS and cfg.demos_per_batch < 1:
+        raise ConfigError(f"demos_per_batch must be >= 1 for method {cfg.method!r}")
+    if cfg.method == "aihf" and cfg.w_D == 0 and cfg.nll_weight == 0 and not cfg.preferences:
+        raise ConfigError("aihf with w_D = 0 and nll_weight = 0 needs preferences")
+    if cfg.method == "sft_then_dpo" and not 0 < cfg.sft_steps < cfg.steps:
+        raise ConfigError(f"sft_then_dpo needs 0 < sft_steps < steps, got sft_steps={cfg.sft_steps}, steps={cfg.steps}")
+    if cfg.uses_samples and cfg.refresh_every < 1:
+        raise ConfigError(f"refresh_every must be >= 1 for method {cfg.method!r}")
+    if cfg.reference not in ("fixed", "moving"):
+        raise ConfigError(f"reference must be 'fixed' or 'moving', got {cfg.reference!r}")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")

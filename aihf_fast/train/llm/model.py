@@ -1,0 +1,154 @@
+"""Model, tokenizer and DeepSpeed set-up, and the module DeepSpeed wraps.
+
+``PolicyWithLoss`` runs the causal LM's base model to its last hidden states and hands them,
+with the LM-head weight, to the fused ops: the (tokens x vocab) logits are never built. Models
+whose head is not a plain bias-free linear map (logit soft-capping, logit scaling, a bias) take
+the logits path (``token_logprobs``, still without a log-softmax copy). Under ZeRO-3 the head
+weight is registered as an external parameter of this module, so it is gathered for the loss.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from ...ops import aihf_loss, linear_token_logprobs, token_logprobs
+from .config import ConfigError, LLMTrainConfig
+
+
+def _fused_head_ok(model) -> bool:
+    head = model.get_output_embeddings()
+    c = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None
+            and not getattr(c, "final_logit_softcapping", None)
+            and getattr(c, "logit_scale", None) in (None, 1, 1.0)
+            and getattr(c, "output_multiplier_scale", None) in (None, 1, 1.0))
+
+
+class PolicyWithLoss(torch.nn.Module):
+    """forward(inputs, loss_kwargs) -> AIHFLossOutput (training) or, with loss_kwargs=None,
+    per-sequence summed completion log-probs (S,) fp32 (scoring, e.g. reference log-probs).
+
+    inputs: ``batches.build_inputs``'s dict (packed: input_ids/position_ids (1, N), labels (N,),
+    cu_seqlens (S+1,); padded: input_ids/attention_mask (S, T), labels (S, T))."""
+
+    def __init__(self, model, zero3: bool = False):
+        super().__init__()
+        self.model = model
+        self.fused = _fused_head_ok(model)
+        if zero3 and self.fused:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, model.get_output_embeddings().weight)
+
+    def _run(self, inputs):
+        kw = dict(input_ids=inputs["input_ids"], use_cache=False)
+        if "position_ids" in inputs:
+            kw["position_ids"] = inputs["position_ids"]
+        else:
+            kw["attention_mask"] = inputs["attention_mask"]
+        if self.fused:
+            h = self.model.base_model(**kw).last_hidden_state
+            if "position_ids" in inputs:
+                h = h[0]
+            return dict(hidden=h, weight=self.model.get_output_embeddings().weight)
+        logits = self.model(**kw).logits
+        return dict(logits=logits[0] if "position_ids" in inputs else logits)
+
+    def forward(self, inputs, loss_kwargs=None):
+        pol = self._run(inputs)
+        labels = inputs["labels"]
+        if loss_kwargs is not None:
+            layout = dict(cu_seqlens=inputs["cu_seqlens"]) if "cu_seqlens" in inputs else {}
+            return aihf_loss(labels, **pol, **layout, **loss_kwargs)
+        if "hidden" in pol:
+            tok = linear_token_logprobs(pol["hidden"], pol["weight"], labels)
+        else:
+            tok = token_logprobs(pol["logits"], labels)
+        if "cu_seqlens" in inputs:
+            cu = inputs["cu_seqlens"].long()
+            seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=tok.device), cu[1:] - cu[:-1])
+            return torch.zeros(cu.numel() - 1, device=tok.device).index_add(0, seg, tok)
+        return tok.sum(-1)
+
+
+def load_tokenizer(cfg: LLMTrainConfig):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or cfg.model
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # noqa: BLE001 - name the option and what transformers said
+        raise ConfigError(f"tokenizer: cannot load {src!r}: {e}") from e
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"tokenizer {src!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def deepspeed_config(cfg: LLMTrainConfig) -> dict:
+    """The generated DeepSpeed config, with ``cfg.deepspeed_config`` merged over it."""
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,   # one micro-batch = one call (its size is set by the method layout)
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bool(cfg.bf16)},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    user = cfg.deepspeed_config
+    if isinstance(user, str):
+        if not os.path.isfile(user):
+            raise ConfigError(f"deepspeed_config: file not found: {user!r}")
+        with open(user, encoding="utf-8") as f:
+            user = json.load(f)
+
+    def merge(a, b):
+        for k, v in (b or {}).items():
+            a[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return a
+
+    ds = merge(ds, user)
+    ds.pop("train_batch_size", None)  # derived from the micro-batch count, never from a user number
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    cfg.zero_stage = int(ds["zero_optimization"].get("stage", 0))
+    return ds
+
+
+def build_model(cfg: LLMTrainConfig, zero3: bool):
+    """The causal LM (fp32, or bf16 with cfg.bf16), randomly initialised from cfg.model_config
+    with seed cfg.seed, or loaded from cfg.model. Under ZeRO-3 the caller holds an
+    ``HfDeepSpeedConfig`` so that transformers partitions the weights while loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if cfg.model_config is not None:
+        mc = cfg.model_config
+        if isinstance(mc, str):
+            if not os.path.isfile(mc):
+                raise ConfigError(f"model_config: file not found: {mc!r}")
+            with open(mc, encoding="utf-8") as f:
+                mc = json.load(f)
+        mc = copy.deepcopy(mc)
+        if "model_type" not in mc:
+            raise ConfigError("model_config needs a 'model_type' (e.g. 'llama')")
+        try:
+            conf = AutoConfig.for_model(mc.pop("model_type"), **mc)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model_config: {e}") from e
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(f"model: cannot load {cfg.model!r}: {e}") from e
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model

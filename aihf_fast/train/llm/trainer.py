@@ -1,0 +1,437 @@
+"""The training loop: DeepSpeed engine, method layouts, own samples, reference log-probs,
+logging, evaluation, checkpoints and exact resume.
+
+Per optimiser step every process runs ``grad_accum`` micro-batches. A micro-batch is laid out
+as ``method_config`` expects, ``[chosen(P), rejected(P), demo(D), own sample(D)]`` (blocks the
+method does not use are left out), and its loss is ``aihf_loss`` on the fused LM-head path with
+per-sequence reference log-probs:
+
+    sft           L = NLL(demos)                                  (token mean)
+    dpo / ipo     L = mean_k l(beta * (rho_chosen - rho_rejected))
+    rpo           dpo + nll_weight * NLL(chosen)
+    sft_then_dpo  sft for sft_steps, then dpo with the SFT model as the reference
+    spin          L = mean_i l(beta * (rho_demo_i - rho_sample_i)), reference = the policy at the
+                  last refresh (moving)
+    aihf          L = [w_P sum_pairs l(beta h) + w_D sum_demos l(beta (rho_demo - rho_sample))]
+                      / (P + D)  + nll_weight * NLL(demos)
+    (rho = log pi - log pi_ref summed over completion tokens; l = -log sigmoid, IPO's square)
+
+Own samples and reference log-probs are refreshed every ``refresh_every`` steps for the examples
+that the next window of steps will use. The reference is either fixed (the initial model: data
+log-probs computed once and cached; samples scored by a frozen copy) or moving (the policy at
+the last refresh, the self-play form).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ...data.records import load_demonstrations, load_preferences, load_prompts
+from ...data.tokenize import encode_prompt, tokenize_records
+from ...ops import method_config
+from . import sampling
+from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices
+from .config import ConfigError, LLMTrainConfig, validate
+from .model import PolicyWithLoss, build_model, deepspeed_config, load_tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Join the process group the deepspeed launcher set up, or make a one-process group."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size(), torch.device(get_accelerator().current_device_name())
+
+
+def _lr_lambda(cfg):
+    def f(step):
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+def load_reward_fn(spec: str):
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"eval_reward: cannot import {spec!r}: {e}") from e
+
+
+class Trainer:
+    def __init__(self, cfg: LLMTrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        import deepspeed
+
+        self.ds_config = deepspeed_config(cfg)
+        self.zero3 = cfg.zero_stage == 3
+        if self.zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions weights on load
+        self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        has_ckpt = os.path.isfile(os.path.join(self.ckpt_dir, "latest"))
+        if has_ckpt and cfg.overwrite and not cfg.resume:
+            if self.rank == 0:
+                import shutil
+
+                shutil.rmtree(self.ckpt_dir)
+            if self.world > 1:
+                dist.barrier()
+        elif has_ckpt and not cfg.resume:
+            raise ConfigError(f"output_dir {cfg.output_dir!r} already holds checkpoints: pass --resume to continue "
+                              "that run, --overwrite to start over, or choose another output_dir")
+        self.tok = load_tokenizer(cfg)
+        self._load_data()
+        self.micro_per_step = self.world * cfg.grad_accum
+
+        model = build_model(cfg, self.zero3)
+        policy = PolicyWithLoss(model, self.zero3)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+        self.engine, self.opt, _, self.sched = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched,
+                                                                    config=self.ds_config)
+        self.policy = self.engine.module
+        self.packed = cfg.packing and self._packing_works()
+        self.ref = self._build_reference() if (cfg.reference == "fixed" and cfg.uses_samples) else None
+        nP, nD = len(self.prefs), len(self.demos)
+        self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
+        self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
+        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+
+    # ------------------------------------------------------------------ set-up
+    def _load_data(self):
+        cfg = self.cfg
+        self.demos, self.prefs, self.eval_prompts = [], [], []
+        if cfg.demonstrations and (cfg.method in ("sft", "sft_then_dpo", "spin", "aihf")):
+            t = tokenize_records(self.tok, load_demonstrations(cfg.demonstrations), cfg.max_length, "demonstrations", cfg.append_eos)
+            self.demos = t.items
+            self._note_truncated(t.truncated, "demonstrations")
+        if cfg.preferences and cfg.method != "sft" and cfg.method != "spin":
+            t = tokenize_records(self.tok, load_preferences(cfg.preferences), cfg.max_length, "preferences", cfg.append_eos)
+            self.prefs = t.items
+            self._note_truncated(t.truncated, "preference pairs")
+        if cfg.eval_prompts:
+            recs = load_prompts(cfg.eval_prompts)
+            self.eval_prompts = [(r.prompt, encode_prompt(self.tok, r.prompt, r.where)) for r in recs]
+
+    def _note_truncated(self, n, what):
+        if n and self.rank == 0:
+            print(f"[aihf_fast] note: {n} {what} truncated to max_length={self.cfg.max_length}", flush=True)
+
+    def _packing_works(self) -> bool:
+        """Padding-free packing needs the attention to respect sequence boundaries given by
+        position_ids (transformers' masking utilities do for sdpa/eager/flash): check it once."""
+        seqs = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
+        seqs = [([t % self.tok.vocab_size for t in p], [t % self.tok.vocab_size for t in c]) for p, c in seqs]
+        a = sampling.score(self.policy, seqs, batch_size=2, packed=True, pad_id=self.tok.pad_token_id, device=self.device)
+        b = sampling.score(self.policy, seqs, batch_size=2, packed=False, pad_id=self.tok.pad_token_id, device=self.device)
+        ok = torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+        if not ok and self.rank == 0:
+            print("[aihf_fast] note: this model's attention ignores packed sequence boundaries; using padded batches",
+                  flush=True)
+        return ok
+
+    def _build_reference(self):
+        """A frozen copy of the initial model (for scoring own samples under a fixed reference)."""
+        import deepspeed
+
+        model = build_model(self.cfg, self.zero3)
+        model.requires_grad_(False)
+        ref = PolicyWithLoss(model, self.zero3)
+        if self.zero3:
+            conf = {k: v for k, v in self.ds_config.items() if k in ("zero_optimization", "bf16", "train_micro_batch_size_per_gpu")}
+            eng, *_ = deepspeed.initialize(model=ref, config=conf)
+            eng.eval()
+            return eng.module
+        return ref.to(self.device).eval()
+
+    # ------------------------------------------------------------------ schedule
+    def method_at(self, step: int) -> str:
+        if self.cfg.method == "sft_then_dpo":
+            return "sft" if step < self.cfg.sft_steps else "dpo"
+        return self.cfg.method
+
+    def _uses(self, method):
+        return method in ("dpo", "ipo", "rpo", "aihf") and len(self.prefs) > 0, method in ("sft", "spin", "aihf")
+
+    def micro_indices(self, step: int, j: int):
+        """(pair indices, demo indices) of micro-batch j of `step` (empty arrays where unused)."""
+        cfg = self.cfg
+        use_p, use_d = self._uses(self.method_at(step))
+        P = micro_batch_indices(step, j, self.micro_per_step, len(self.prefs), cfg.pairs_per_batch, cfg.seed, PAIRS) if use_p else np.zeros(0, np.int64)
+        D = micro_batch_indices(step, j, self.micro_per_step, len(self.demos), cfg.demos_per_batch, cfg.seed, DEMOS) if use_d else np.zeros(0, np.int64)
+        return P, D
+
+    def _score(self, module, seqs):
+        return sampling.score(module, seqs, batch_size=self.cfg.gen_batch_size, packed=self.packed,
+                              pad_id=self.tok.pad_token_id, device=self.device)
+
+    def _pair_seqs(self, idx):
+        return [(self.prefs[i].prompt, self.prefs[i].completions[k]) for k in (0, 1) for i in idx]
+
+    def refresh(self, step: int):
+        """At step 0, at each ``refresh_every`` boundary (samples / moving reference), and at the
+        SFT -> DPO switch: recompute what the next window of steps needs."""
+        cfg, st = self.cfg, self.state
+        moving = cfg.reference == "moving"
+        if step == 0 and not moving and cfg.method != "sft_then_dpo" and cfg.method != "sft":
+            self._fixed_reference_logps()
+        if cfg.method == "sft_then_dpo" and step == cfg.sft_steps:
+            allp = np.arange(len(self.prefs))
+            st["ref_pairs"] = self._score(self.policy, self._pair_seqs(allp)).view(2, -1).T.contiguous()
+        if not (cfg.uses_samples or (moving and cfg.method != "sft")) or step % cfg.refresh_every:
+            return
+        end = min(step + cfg.refresh_every, cfg.steps)
+        if cfg.method == "sft_then_dpo":
+            end = min(end, cfg.sft_steps) if step < cfg.sft_steps else end
+        Ps, Ds = zip(*[self.micro_indices(g, j) for g in range(step, end) for j in range(self.micro_per_step)])
+        pidx, didx = np.unique(np.concatenate(Ps)), np.unique(np.concatenate(Ds))
+        if moving:  # the reference becomes the current policy
+            if len(pidx):
+                st["ref_pairs"][pidx] = self._score(self.policy, self._pair_seqs(pidx)).view(2, -1).T
+            if len(didx):
+                st["ref_demos"][didx] = self._score(self.policy, [(self.demos[i].prompt, self.demos[i].completions[0]) for i in didx])
+        if cfg.uses_samples and len(didx):
+            t0 = time.time()
+            comps = sampling.generate(self.policy.model, self.tok, [self.demos[i].prompt for i in didx],
+                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
+                                      top_p=cfg.sample_top_p, batch_size=cfg.gen_batch_size,
+                                      seed=cfg.seed * 1_000_003 + step, max_length=cfg.max_length,
+                                      synced=self.zero3 and self.world > 1, device=self.device)
+            scorer = self.policy if moving else self.ref
+            refs = self._score(scorer, [(self.demos[i].prompt, c) for i, c in zip(didx, comps)])
+            st["samples"] = {int(i): c for i, c in zip(didx, comps)}
+            st["sample_ref"] = {int(i): float(r) for i, r in zip(didx, refs)}
+            self._gen_time += time.time() - t0
+
+    def _fixed_reference_logps(self):
+        """Reference log-probs of all fixed data under the initial model: one pass, cached."""
+        cfg, st = self.cfg, self.state
+        cache = os.path.join(cfg.output_dir, "ref_logps.pt")
+        key = dict(model=cfg.model, model_config=cfg.model_config, demonstrations=cfg.demonstrations,
+                   preferences=cfg.preferences, max_length=cfg.max_length, n=(len(self.prefs), len(self.demos)))
+        if os.path.isfile(cache):
+            c = torch.load(cache)
+            if c.get("key") == json.loads(json.dumps(key)):
+                st["ref_pairs"], st["ref_demos"] = c["ref_pairs"], c["ref_demos"]
+                return
+        scorer = self.ref if self.ref is not None else self.policy  # the policy is the initial model at step 0
+        if self.prefs:
+            st["ref_pairs"] = self._score(scorer, self._pair_seqs(np.arange(len(self.prefs)))).view(2, -1).T.contiguous()
+        if self.demos and cfg.uses_samples:
+            st["ref_demos"] = self._score(scorer, [(d.prompt, d.completions[0]) for d in self.demos])
+        if self.rank == 0:
+            torch.save(dict(key=json.loads(json.dumps(key)), ref_pairs=st["ref_pairs"], ref_demos=st["ref_demos"]), cache)
+
+    # ------------------------------------------------------------------ one step
+    def micro_batch(self, step: int, j: int):
+        """-> (inputs, loss kwargs) of micro-batch j of `step`."""
+        cfg, st = self.cfg, self.state
+        method = self.method_at(step)
+        pidx, didx = self.micro_indices(step, j)
+        seqs = self._pair_seqs(pidx)
+        refs = [st["ref_pairs"][pidx, 0], st["ref_pairs"][pidx, 1]]
+        if len(didx):
+            seqs += [(self.demos[i].prompt, self.demos[i].completions[0]) for i in didx]
+            refs.append(st["ref_demos"][didx])
+            if method in ("spin", "aihf"):
+                seqs += [(self.demos[i].prompt, st["samples"][int(i)]) for i in didx]
+                refs.append(torch.tensor([st["sample_ref"][int(i)] for i in didx]))
+        mc = method_config(method, len(pidx), len(didx),
+                           w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight, device=self.device)
+        mc.pop("num_sequences")
+        if method != "sft":
+            mc["ref_seq_logps"] = torch.cat(refs).to(self.device)
+        mc.update(beta=cfg.beta, label_smoothing=cfg.label_smoothing if mc["loss_type"] == "sigmoid" else 0.0)
+        return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), mc
+
+    def train_step(self, step: int) -> dict:
+        sums, tokens = {}, 0
+        for a in range(self.cfg.grad_accum):
+            inputs, kw = self.micro_batch(step, a * self.world + self.rank)
+            out = self.engine(inputs, kw)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            tokens += inputs["num_tokens"]
+            for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] / self.cfg.grad_accum for k in keys] + [tokens], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(vec)
+            vec[:-1] /= self.world
+        out = {k: float(v) for k, v in zip(keys, vec[:-1])}
+        out["tokens"] = int(vec[-1])
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict | None:
+        if not (self.eval_prompts and self.eval_reward):
+            return None
+        cfg = self.cfg
+        n = cfg.eval_samples_per_prompt
+        prompts = [p for p in self.eval_prompts for _ in range(n)]
+        comps = sampling.generate(self.policy.model, self.tok, [ids for _, ids in prompts],
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
+                                  top_p=cfg.sample_top_p, batch_size=cfg.gen_batch_size, seed=cfg.seed * 7919 + 1,
+                                  max_length=cfg.max_length, synced=self.zero3 and self.world > 1, device=self.device)
+        texts = self.tok.batch_decode(comps, skip_special_tokens=True)
+        r = np.asarray(self.eval_reward([p for p, _ in prompts], texts), dtype=np.float64)
+        res = {"step": step, "eval/reward": float(r.mean()), "eval/reward_sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
+               "eval/num_samples": len(r)}
+        if self.rank == 0:
+            with open(os.path.join(cfg.output_dir, f"eval_samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
+                for (p, _), t, x in zip(prompts, texts, r):
+                    f.write(json.dumps({"prompt": p, "completion": t, "reward": float(x)}) + "\n")
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int):
+        tag = f"step{step}"
+        path = os.path.join(self.ckpt_dir, tag)
+        os.makedirs(path, exist_ok=True)
+        st = dict(self.state, step=step)
+        if self.rank == 0:  # our state first: DeepSpeed writes `latest` last
+            torch.save(st, os.path.join(path, "trainer_state.pt"))
+        torch.save(dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                   os.path.join(path, f"rng_rank{self.rank}.pt"))
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag)
+
+    def load_checkpoint(self) -> bool:
+        if not os.path.isfile(os.path.join(self.ckpt_dir, "latest")):
+            if self.rank == 0:
+                print(f"[aihf_fast] --resume: no checkpoint in {self.ckpt_dir}, starting from step 0", flush=True)
+            return False
+        path, _ = self.engine.load_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+        d = os.path.join(self.ckpt_dir, open(os.path.join(self.ckpt_dir, "latest")).read().strip())
+        self.state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+        rng_file = os.path.join(d, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return True
+
+    def save_model(self):
+        out = os.path.join(self.cfg.output_dir, "model")
+        model = self.policy.model
+        sd = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else model.state_dict()
+        if self.rank == 0:
+            model.config.use_cache = True
+            model.save_pretrained(out, state_dict=sd, safe_serialization=True)
+            self.tok.save_pretrained(out)
+        if self.world > 1:
+            dist.barrier()
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, rec: dict):
+        if self.rank == 0:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self._gen_time = 0.0
+        resumed = cfg.resume and self.load_checkpoint()
+        start = self.state["step"]
+        if self.rank == 0:
+            if resumed:  # keep the log up to the checkpoint: the steps after it are run again
+                lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
+                keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
+                open(self.log_path, "w").write("".join(ln + "\n" for ln in keep))
+            else:
+                open(self.log_path, "w").close()
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump({k: v for k, v in vars(cfg).items()}, f, indent=1, default=str)
+        evals = []
+        if start == 0:
+            e = self.evaluate(0)
+            if e:
+                evals.append(e); self._log(e)
+        kill_at = int(os.environ.get("AIHF_FAST_KILL_AFTER_STEP", "-1"))  # test hook: SIGKILL after that step
+        bar = None
+        if self.rank == 0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method}", dynamic_ncols=True)
+        t_start, tok_total, last = time.time(), 0, {}
+        for step in range(start, cfg.steps):
+            self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
+            t0 = time.time()
+            m = self.train_step(step)
+            dt = time.time() - t0
+            tok_total += m["tokens"]
+            last = dict(step=step + 1, method=self.method_at(step), lr=self.sched.get_last_lr()[0],
+                        tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                self._log(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
+                e = self.evaluate(step + 1)
+                if e:
+                    evals.append(e); self._log(e)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                self.save_checkpoint(step + 1)
+            if step + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if bar is not None:
+            bar.close()
+        if start < cfg.steps or not evals:
+            e = self.evaluate(cfg.steps)
+            if e:
+                evals.append(e); self._log(e)
+        model_dir = self.save_model() if cfg.save_model else None
+        wall = time.time() - t_start
+        summary = dict(steps=cfg.steps, method=cfg.method, last=last, evals=evals, model_dir=model_dir,
+                       train_seconds=wall, tokens=tok_total, generation_seconds=self._gen_time,
+                       world_size=self.world, zero_stage=cfg.zero_stage, packed=self.packed)
+        if self.rank == 0:
+            with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+
+
+def train(cfg: LLMTrainConfig) -> dict:
+    """Run one training job; returns its summary (also written to output_dir/summary.json)."""
+    return Trainer(cfg).train()
