@@ -28,7 +28,7 @@ def _fused_head_ok(model) -> bool:
 
 
 class PolicyWithLoss(torch.nn.Module):
-    """forward(inputs, loss_kwargs) -> AIHFLossOutput (training) or, with loss_kwargs=None,
+    """forward(inputs, loss_kwargs) -> {"loss", "metrics"} of ``aihf_loss`` (training) or, with loss_kwargs=None,
     per-sequence summed completion log-probs (S,) fp32 (scoring, e.g. reference log-probs).
 
     inputs: ``batches.build_inputs``'s dict (packed: input_ids/position_ids (1, N), labels (N,),
@@ -62,7 +62,10 @@ class PolicyWithLoss(torch.nn.Module):
         labels = inputs["labels"]
         if loss_kwargs is not None:
             layout = dict(cu_seqlens=inputs["cu_seqlens"]) if "cu_seqlens" in inputs else {}
-            return aihf_loss(labels, **pol, **layout, **loss_kwargs)
+            out = aihf_loss(labels, **pol, **layout, **loss_kwargs)
+            # a dict, not the dataclass: ZeRO-3 hooks the tensors of tuples/lists/dicts only, and the
+            # LM-head weight must be gathered again in backward
+            return {"loss": out.loss, "metrics": out.metrics}
         if "hidden" in pol:
             tok = linear_token_logprobs(pol["hidden"], pol["weight"], labels)
         else:

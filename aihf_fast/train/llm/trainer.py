@@ -280,10 +280,10 @@ class Trainer:
         for a in range(self.cfg.grad_accum):
             inputs, kw = self.micro_batch(step, a * self.world + self.rank)
             out = self.engine(inputs, kw)
-            self.engine.backward(out.loss)
+            self.engine.backward(out["loss"])
             self.engine.step()
             tokens += inputs["num_tokens"]
-            for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+            for k, v in {"loss": out["loss"].detach(), **out["metrics"]}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         keys = sorted(sums)
         vec = torch.tensor([sums[k] / self.cfg.grad_accum for k in keys] + [tokens], dtype=torch.float64)
@@ -352,7 +352,11 @@ class Trainer:
     def save_model(self):
         out = os.path.join(self.cfg.output_dir, "model")
         model = self.policy.model
-        sd = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else model.state_dict()
+        if self.zero3:  # gathered onto rank 0 layer by layer; keys are the wrapper's ("model." + HF name)
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            sd = {k[len("model."):]: v for k, v in (sd or {}).items()}
+        else:
+            sd = model.state_dict()
         if self.rank == 0:
             model.config.use_cache = True
             model.save_pretrained(out, state_dict=sd, safe_serialization=True)
