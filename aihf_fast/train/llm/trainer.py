@@ -97,6 +97,7 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions weights on load
+        os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         has_ckpt = os.path.isfile(os.path.join(self.ckpt_dir, "latest"))
         if has_ckpt and cfg.overwrite and not cfg.resume:
@@ -127,6 +128,7 @@ class Trainer:
         self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
         self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
         self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+        self._gen_time = 0.0
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self):
@@ -373,8 +375,6 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        self._gen_time = 0.0
         resumed = cfg.resume and self.load_checkpoint()
         start = self.state["step"]
         if self.rank == 0:

@@ -1,0 +1,168 @@
+"""TRL-format records, tokenisation with prompt masking, batch layout, data order, and the
+trainer's early, named errors on bad configuration or data."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llm_helpers import make_task
+
+pytest.importorskip("transformers")
+
+from aihf_fast.data import synthetic  # noqa: E402
+from aihf_fast.data.records import DataError, load_demonstrations, load_preferences  # noqa: E402
+from aihf_fast.data.tokenize import tokenize_records  # noqa: E402
+from aihf_fast.train.llm.batches import build_inputs, stream_indices  # noqa: E402
+from aihf_fast.train.llm.cli import main  # noqa: E402
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def test_record_formats(tmp_path):
+    d = load_demonstrations(_write(tmp_path / "d.jsonl", [
+        {"prompt": "t1 t2 =", "completion": " t3"},
+        {"messages": [{"role": "user", "content": "t1"}, {"role": "assistant", "content": "t2"}]},
+        {"prompt": [{"role": "user", "content": "t1"}], "completion": [{"role": "assistant", "content": "t4"}]},
+    ]))
+    assert [r.conversational for r in d] == [False, True, True]
+    assert d[1].prompt == [{"role": "user", "content": "t1"}] and d[1].completion[0]["content"] == "t2"
+    p = load_preferences(_write(tmp_path / "p.jsonl", [
+        {"prompt": "t1 =", "chosen": " t2", "rejected": " t3"},
+        {"chosen": [{"role": "user", "content": "t1"}, {"role": "assistant", "content": "t2"}],
+         "rejected": [{"role": "user", "content": "t1"}, {"role": "assistant", "content": "t3"}]},
+    ]))
+    assert p[1].prompt == [{"role": "user", "content": "t1"}]  # implicit prompt: the shared prefix
+    assert p[1].chosen == [{"role": "assistant", "content": "t2"}]
+
+
+@pytest.mark.parametrize("rows,msg", [
+    (['{"prompt": "t1 =", "completion": " t2"}', '{"prompt": "t1 =", '], "d.jsonl:2: not valid JSON"),
+    ([{"prompt": "t1 ="}, ], "d.jsonl:1: missing key 'completion'"),
+    ([{"prompt": "t1 =", "completion": 3}], "d.jsonl:1: 'completion' must be a string"),
+    ([{"prompt": [{"role": "user", "content": "t1"}], "completion": " t2"}], "is a string but the prompt is a list"),
+    (["[1, 2]"], "d.jsonl:1: expected a JSON object"),
+    ([], "no demonstrations"),
+])
+def test_bad_demonstration_rows(tmp_path, rows, msg):
+    with pytest.raises(DataError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        load_demonstrations(_write(tmp_path / "d.jsonl", rows))
+
+
+def test_tokenisation_masks_the_prompt_and_checks_length(tmp_path):
+    tok = synthetic.make_tokenizer()
+    recs = load_demonstrations(_write(tmp_path / "d.jsonl", [{"prompt": "t1 t2 =", "completion": " t3 t4"}]))
+    t = tokenize_records(tok, recs, max_length=16, kind="demonstrations")
+    e = t.items[0]
+    assert e.prompt == [1, 6, 7, 4] and e.completions == [[8, 9, 2]]  # <bos> t1 t2 = | t3 t4 <eos>
+    b = build_inputs([(e.prompt, e.completions[0])], pad_id=0, packed=True, device="cpu")
+    assert b["input_ids"].tolist() == [[1, 6, 7, 4, 8, 9, 2]]
+    assert b["labels"].tolist() == [-100, -100, -100, 8, 9, 2, -100]  # position t predicts token t+1
+    t = tokenize_records(tok, recs, max_length=5, kind="demonstrations")
+    assert t.truncated == 1 and t.items[0].completions == [[8]]
+    with pytest.raises(DataError, match=r"d.jsonl:1: the prompt has 4 tokens, max_length=4"):
+        tokenize_records(tok, recs, max_length=4, kind="demonstrations")
+
+
+def test_chat_template_records(tmp_path):
+    tok = synthetic.make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}= {% endif %}")
+    recs = load_demonstrations(_write(tmp_path / "d.jsonl", [
+        {"prompt": [{"role": "user", "content": "t1 t2"}], "completion": [{"role": "assistant", "content": "= t5"}]}]))
+    e = tokenize_records(tok, recs, max_length=16, kind="demonstrations").items[0]
+    assert tok.decode(e.prompt) == "t1 t2 =" and tok.decode(e.completions[0]) == "t5"
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_records(tok, recs, max_length=16, kind="demonstrations")
+
+
+def test_packed_and_padded_layouts_agree():
+    seqs = [([1, 2], [3, 4, 5]), ([6], [7])]
+    p = build_inputs(seqs, pad_id=0, packed=True, device="cpu")
+    q = build_inputs(seqs, pad_id=0, packed=False, device="cpu")
+    assert p["cu_seqlens"].tolist() == [0, 5, 7] and p["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert q["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    assert q["labels"][q["attention_mask"].bool()].tolist() == p["labels"].tolist()
+
+
+def test_data_order_is_a_pure_function_of_position():
+    n = 7
+    a = stream_indices(n, seed=3, stream=1, start=0, count=3 * n)
+    for e in range(3):
+        assert sorted(a[e * n:(e + 1) * n].tolist()) == list(range(n))  # each epoch a permutation
+    assert not np.array_equal(a[:n], a[n:2 * n])
+    b = np.concatenate([stream_indices(n, 3, 1, s, 4) for s in range(0, 20, 4)])
+    assert np.array_equal(a[:20], b)  # slicing (micro-batches, resume) does not change the order
+    assert not np.array_equal(a, stream_indices(n, 4, 1, 0, 3 * n))
+
+
+# ----------------------------------------------------------------------------- bad config
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_task(str(tmp_path_factory.mktemp("llm_bad")), num_demos=8, num_pairs=4, num_eval=4)
+
+
+def _run(task, tmp_path, capsys, **kw):
+    args = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
+                preferences=task["preferences"], method="aihf", steps=1, output_dir=str(tmp_path / "o"),
+                progress="false", max_length=24, max_new_tokens=9)
+    args.update(kw)
+    argv = []
+    for k, v in args.items():
+        if v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="ppo"), "method must be one of"),
+    (dict(demonstrations="/nonexistent/d.jsonl"), "demonstrations: file not found"),
+    (dict(method="dpo", preferences=None), "method 'dpo' needs preferences"),
+    (dict(method="sft", demonstrations=None), "method 'sft' needs demonstrations"),
+    (dict(w_D=-1), "w_D must be >= 0"),
+    (dict(beta=0), "beta must be > 0"),
+    (dict(max_length=5), "the prompt has 8 tokens, max_length=5"),
+    (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+    (dict(method="sft_then_dpo", sft_steps=0), "sft_then_dpo needs 0 < sft_steps < steps"),
+    (dict(model="/nonexistent/model"), "model: cannot load"),
+])
+def test_bad_config_fails_early_with_a_clear_message(task, tmp_path, capsys, kw, msg):
+    rc, err = _run(task, tmp_path, capsys, **kw)
+    assert rc == 2 and msg in err, err
+
+
+def test_bad_data_names_file_and_line(task, tmp_path, capsys):
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "t1 =", "completion": " t2"}, "{oops"])
+    rc, err = _run(task, tmp_path, capsys, demonstrations=bad)
+    assert rc == 2 and "bad.jsonl:2: not valid JSON" in err
+    empty = _write(tmp_path / "empty.jsonl", [])
+    rc, err = _run(task, tmp_path, capsys, preferences=empty)
+    assert rc == 2 and "no preference pairs" in err
+
+
+def test_config_file_and_unknown_options(task, tmp_path, capsys):
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text("method: sft\nsteps: 1\nnot_an_option: 3\n")
+    rc, err = _run(task, tmp_path, capsys, config=str(cfgf))
+    assert rc == 2 and "unknown option(s) ['not_an_option']" in err
+
+
+def test_yaml_config_with_flag_override_trains(task, tmp_path, capsys):
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text(f"method: sft\nsteps: 5\nlr: 0.01\ndemos_per_batch: 4\nsave_model: false\n")
+    rc, err = _run(task, tmp_path, capsys, config=str(cfgf), steps=2, method=None)
+    assert rc == 0, err
+    log = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "log.jsonl"))]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(r["method"] == "sft" for r in log if "loss" in r)
