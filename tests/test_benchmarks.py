@@ -36,3 +36,18 @@ def test_bench_loss_tiny(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4 * abs(rows[1]["loss"])
     assert report["device_type"] == "cpu"
+
+
+def test_bench_train_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_train
+
+    out = tmp_path / "train.json"
+    report = bench_train.main(["--vocab", "300", "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "2",
+                               "--inter", "32", "--seq", "12", "--prompt", "4", "--pairs", "2", "--demos", "1",
+                               "--steps", "1", "--rounds", "1", "--out", str(out)])
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["aihf_fast"]["status"] == "ok" and rows["full_logit"]["status"] == "ok"
+    assert rows["aihf_fast"]["tokens"] == 6 * 12 and rows["aihf_fast"]["loss_tokens"] == 6 * 8
+    assert abs(rows["aihf_fast"]["first_loss"] - rows["full_logit"]["first_loss"]) < 1e-4
+    assert report["ratios"]["tokens_per_s"] > 0 and report["commit"] is not None

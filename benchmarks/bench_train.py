@@ -1,0 +1,213 @@
+"""Tokens/s and peak memory of one ``aihf`` training step of a Llama-style model: the trainer's
+fused path against the same model with TRL-style full-logit log-probs, in one run.
+
+  aihf_fast   the trainer's module (``PolicyWithLoss``): base model -> last hidden states ->
+              ``aihf_loss(hidden, lm_head.weight)``; the (tokens x vocab) logits are never built
+  full_logit  ``model(...).logits`` -> ``log_softmax`` -> ``gather`` (what TRL's DPOTrainer
+              does), then the same ``aihf_loss(token_logps=...)`` combination
+
+One step = forward + backward + AdamW step on a packed micro-batch in the trainer's ``aihf``
+layout (P preference pairs, D demonstrations, D own samples; prompt tokens masked), reference
+log-probs precomputed (as the trainer does). No DeepSpeed: the loss path is what differs.
+Each provider runs in its own subprocess so that peak memory is its own: on CUDA
+``max_memory_allocated`` minus the memory held before the step; on CPU the process's peak RSS
+minus its RSS before the first step (includes allocator slack; comparable across providers).
+Tokens/s: all tokens in the micro-batch (prompt + completion) / median step time after warm-up;
+the providers run alternately ``--rounds`` times and each keeps its best round (shared, noisy
+machines); peak memory is that round's.
+
+    python benchmarks/bench_train.py                        # CPU, small model (defaults)
+    python benchmarks/bench_train.py --preset gpu-1b        # ~1B params, V = 128256, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    # CPU: small model, vocabulary of a real tokenizer, 2k tokens per micro-batch
+    "cpu-small": dict(vocab=32000, hidden=256, layers=2, heads=4, kv_heads=4, inter=688, seq=128,
+                      prompt=32, pairs=4, demos=4, dtype="float32"),
+    # GPU: a Llama-3.2-1B-shaped model (V = 128256), 8k tokens per micro-batch
+    "gpu-1b": dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, seq=512,
+                   prompt=128, pairs=4, demos=4, dtype="bfloat16"),
+}
+PROVIDERS = ("aihf_fast", "full_logit")
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def versions():
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dict:
+    """Build the model and batch, run warmup + steps training steps, measure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aihf_fast.ops import aihf_loss, method_config
+    from aihf_fast.train.llm.batches import build_inputs
+    from aihf_fast.train.llm.model import PolicyWithLoss
+
+    dtype = getattr(torch, p["dtype"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                      num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                      intermediate_size=p["inter"], max_position_embeddings=p["seq"], tie_word_embeddings=False,
+                      use_cache=False)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
+    module = PolicyWithLoss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    P, D = p["pairs"], p["demos"]
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for _ in range(2 * P + 2 * D):
+        ids = torch.randint(0, p["vocab"], (p["seq"],), generator=g).tolist()
+        seqs.append((ids[: p["prompt"]], ids[p["prompt"]:]))
+    inputs = build_inputs(seqs, pad_id=0, packed=True, device=device)
+    kw = method_config("aihf", P, D, w_P=1.0, w_D=1.0, nll_weight=0.1, device=device)
+    kw.pop("num_sequences")
+    kw.update(beta=0.1, ref_seq_logps=-torch.rand(2 * P + 2 * D, generator=g).to(device) * 100)
+
+    def step():
+        if provider == "aihf_fast":
+            loss = module(inputs, kw)["loss"]
+        else:
+            logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits[0]
+            labels = inputs["labels"]
+            logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+            logp = logp.masked_fill(labels == -100, 0.0)
+            loss = aihf_loss(labels, token_logps=logp, cu_seqlens=inputs["cu_seqlens"], **kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # optimizer state allocated before measuring (it is not part of the loss path)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    losses, times = [], []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times.sort()
+    med = times[len(times) // 2]
+    return dict(provider=provider, status="ok", tokens=inputs["num_tokens"],
+                loss_tokens=int((inputs["labels"] != -100).sum()), step_s_median=med, step_s_min=times[0],
+                tokens_per_s=inputs["num_tokens"] / med, peak_transient_bytes=int(peak), first_loss=losses[0],
+                params=sum(q.numel() for q in model.parameters()))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu-small on CPU, gpu-1b on CUDA")
+    for k in PRESETS["cpu-small"]:
+        ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=str if k == "dtype" else int, default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="providers run alternately this many times; best round kept")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    preset = a.preset or ("gpu-1b" if a.device.startswith("cuda") else "cpu-small")
+    p = dict(PRESETS[preset])
+    for k in p:
+        if getattr(a, k) is not None:
+            p[k] = getattr(a, k)
+    if a._child:  # one provider, this process: print its JSON row
+        try:
+            row = run_one(a._child, p, a.device, a.steps, a.warmup)
+        except torch.OutOfMemoryError as e:
+            row = dict(provider=a._child, status=f"oom: {str(e)[:200]}")
+        print("RESULT " + json.dumps(row), flush=True)
+        return row
+    rows = {}
+    for prov in [q for _ in range(a.rounds) for q in a.providers.split(",")]:
+        cmd = [sys.executable, __file__, "--_child", prov, "--device", a.device, "--steps", str(a.steps),
+               "--warmup", str(a.warmup), "--preset", preset]
+        for k, v in p.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        row = json.loads(line[-1][7:]) if line else dict(provider=prov, status=f"failed: {r.stderr[-500:]}")
+        print(json.dumps(row), flush=True)
+        old = rows.get(prov)
+        if old is None or old.get("status") != "ok" or (row.get("status") == "ok" and row["step_s_median"] < old["step_s_median"]):
+            rows[prov] = row
+    rows = list(rows.values())
+    ok = {r["provider"]: r for r in rows if r.get("status") == "ok"}
+    ratios = {}
+    if "aihf_fast" in ok and "full_logit" in ok:
+        f, b = ok["aihf_fast"], ok["full_logit"]
+        ratios = dict(tokens_per_s=f["tokens_per_s"] / b["tokens_per_s"],
+                      peak_transient_memory=f["peak_transient_bytes"] / max(b["peak_transient_bytes"], 1),
+                      loss_abs_diff=abs(f["first_loss"] - b["first_loss"]))
+        print(f"aihf_fast / full_logit: tokens/s x{ratios['tokens_per_s']:.2f}, "
+              f"peak transient memory x{ratios['peak_transient_memory']:.2f}", flush=True)
+    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    report = dict(benchmark="bench_train", device=dev, device_type="cuda" if a.device.startswith("cuda") else "cpu",
+                  preset=preset, shape=p, steps=a.steps, warmup=a.warmup, rounds=a.rounds, versions=versions(), commit=commit(),
+                  results=rows, ratios=ratios)
+    out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
