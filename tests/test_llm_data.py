@@ -137,9 +137,16 @@ def _run(task, tmp_path, capsys, **kw):
     (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
     (dict(method="sft_then_dpo", sft_steps=0), "sft_then_dpo needs 0 < sft_steps < steps"),
     (dict(model="/nonexistent/model"), "model: cannot load"),
+    (dict(w_D=0), "aihf needs w_D > 0"),
+    (dict(sample_temperature=0), "sample_temperature must be > 0"),
+    (dict(eval_reward="aihf_fast.data.synthetic:true_reward"), "eval_reward and eval_prompts go together"),
+    (dict(steps="abc"), "argument --steps: invalid int value"),
 ])
 def test_bad_config_fails_early_with_a_clear_message(task, tmp_path, capsys, kw, msg):
-    rc, err = _run(task, tmp_path, capsys, **kw)
+    try:
+        rc, err = _run(task, tmp_path, capsys, **kw)
+    except SystemExit as e:  # argparse's own type errors
+        rc, err = e.code, capsys.readouterr().err
     assert rc == 2 and msg in err, err
 
 
@@ -166,3 +173,28 @@ def test_yaml_config_with_flag_override_trains(task, tmp_path, capsys):
     assert rc == 0, err
     log = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(r["method"] == "sft" for r in log if "loss" in r)
+
+
+def test_config_file_values_are_typed_and_parse_errors_named(task, tmp_path, capsys):
+    from aihf_fast.train.llm.config import ConfigError, from_dict
+
+    assert from_dict({"lr": "1e-5", "steps": 3.0, "bf16": "true"}).lr == 1e-5  # YAML reads 1e-5 as a string
+    with pytest.raises(ConfigError, match="steps must be of type int"):
+        from_dict({"steps": 2.5})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("method: [sft\n")
+    rc, err = _run(task, tmp_path, capsys, config=str(bad))
+    assert rc == 2 and "cannot parse" in err
+
+
+def test_resume_checks_the_run_and_a_finished_run_is_left_alone(task, tmp_path, capsys):
+    kw = dict(method="dpo", steps=2, save_every=1, eval_prompts=task["eval_prompts"],
+              eval_reward="aihf_fast.data.synthetic:true_reward")
+    rc, err = _run(task, tmp_path, capsys, **kw)
+    assert rc == 0, err
+    log = open(os.path.join(tmp_path, "o", "log.jsonl")).read()
+    rc, err = _run(task, tmp_path, capsys, resume="true", **{**kw, "seed": 5})
+    assert rc == 2 and "seed (checkpoint 0, now 5)" in err
+    rc, err = _run(task, tmp_path, capsys, resume="true", **kw)
+    assert rc == 0, err
+    assert open(os.path.join(tmp_path, "o", "log.jsonl")).read() == log  # nothing appended or lost

@@ -40,10 +40,18 @@ class Record:
         return isinstance(self.prompt, list)
 
 
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading hf:NAME or a saved dataset directory needs `pip install datasets`") from None
+    return datasets
+
+
 def _rows(source: str):
     """Yield (where, row) from a JSONL file, a saved dataset directory or hf:NAME[:SPLIT]."""
     if source.startswith("hf:"):
-        import datasets
+        datasets = _datasets()
 
         name, _, split = source[3:].partition(":")
         try:
@@ -54,7 +62,7 @@ def _rows(source: str):
             yield f"dataset {name} row {i}", row
         return
     if os.path.isdir(source):
-        import datasets
+        datasets = _datasets()
 
         try:
             ds = datasets.load_from_disk(source)

@@ -66,6 +66,9 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int, kind: st
     out = Tokenized()
     for r in records:
         p = encode_prompt(tokenizer, r.prompt, r.where)
+        if not p:
+            raise DataError(f"{r.where}: the prompt is empty after tokenisation (the tokenizer adds no BOS); "
+                            "a completion needs at least one token before it")
         if len(p) >= max_length:
             raise DataError(f"{r.where}: the prompt has {len(p)} tokens, max_length={max_length} leaves no "
                             "room for the completion (raise max_length or shorten the prompt)")

@@ -46,7 +46,7 @@ class LLMTrainConfig:
     w_D: float = field(default=1.0, metadata={"help": "aihf: weight of (demonstration > own sample) pairs"})
     nll_weight: float = field(default=0.0, metadata={"help": "aihf lambda / rpo alpha: demonstration (chosen) NLL weight"})
     label_smoothing: float = 0.0
-    reference: str = field(default="fixed", metadata={"help": "fixed (the initial model) | moving (the policy at the last sample refresh; spin's default)"})
+    reference: str | None = field(default=None, metadata={"help": "fixed (the initial model) | moving (the policy at the last sample refresh); default: moving for spin, else fixed"})
     sft_steps: int = field(default=0, metadata={"help": "sft_then_dpo: SFT steps before the DPO steps (of `steps` in all)"})
     # own samples (spin, aihf)
     refresh_every: int = field(default=50, metadata={"help": "steps between regenerating the policy's own samples"})
@@ -101,12 +101,15 @@ def _load_file(path: str) -> dict:
         raise ConfigError(f"--config: file not found: {path!r}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, with line numbers
+        raise ConfigError(f"--config {path!r}: cannot parse: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path!r}: expected a mapping of options, got {type(data).__name__}")
     return data
@@ -118,9 +121,41 @@ def from_dict(data: dict) -> LLMTrainConfig:
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
     data = dict(data)
-    if "adam_betas" in data:
-        data["adam_betas"] = tuple(data["adam_betas"])
+    types = {f.name: f.type for f in dataclasses.fields(LLMTrainConfig)}
+    for k, v in list(data.items()):
+        data[k] = _coerce(k, types[k], v)
     return LLMTrainConfig(**data)
+
+
+def _coerce(name, typ, v):
+    """A config value as its option's type (YAML reads 1e-5 as a string), or ConfigError."""
+    if v is None:
+        if "None" in typ:
+            return None
+        raise ConfigError(f"{name} must not be null")
+    try:
+        if typ == "bool":
+            return _parse_bool(v) if isinstance(v, (str, bool)) else bool({0: False, 1: True}[v])
+        if typ == "int":
+            if isinstance(v, bool) or float(v) != int(float(v)):
+                raise ValueError
+            return int(float(v))
+        if typ == "float":
+            if isinstance(v, bool):
+                raise ValueError
+            return float(v)
+        if typ == "tuple":
+            t = tuple(float(x) for x in v)
+            if len(t) != 2:
+                raise ValueError
+            return t
+        if typ.startswith("str"):
+            if not isinstance(v, str):
+                raise ValueError
+            return v
+        return v  # dict | str | None: checked where used
+    except (ValueError, TypeError, KeyError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{name} must be of type {typ}, got {v!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +197,10 @@ def parse_args(argv=None, preset: dict | None = None) -> tuple[LLMTrainConfig, a
             data[k] = v
     for k in ("model_config", "deepspeed_config"):
         if isinstance(data.get(k), str) and data[k].lstrip().startswith("{"):
-            data[k] = json.loads(data[k])
+            try:
+                data[k] = json.loads(data[k])
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{k}: not valid JSON: {e}") from None
     return from_dict(data), ns
 
 
@@ -195,17 +233,28 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError("pairs_per_batch must be >= 1 when preferences are used")
     if cfg.method in NEEDS_DEMOS and cfg.demos_per_batch < 1:
         raise ConfigError(f"demos_per_batch must be >= 1 for method {cfg.method!r}")
-    if cfg.method == "aihf" and cfg.w_D == 0 and cfg.nll_weight == 0 and not cfg.preferences:
-        raise ConfigError("aihf with w_D = 0 and nll_weight = 0 needs preferences")
+    if cfg.method == "aihf" and cfg.w_D == 0:
+        raise ConfigError("aihf needs w_D > 0 (its demonstration vs own-sample term); for preferences + "
+                          "demonstration NLL without own samples use method rpo")
     if cfg.method == "sft_then_dpo" and not 0 < cfg.sft_steps < cfg.steps:
         raise ConfigError(f"sft_then_dpo needs 0 < sft_steps < steps, got sft_steps={cfg.sft_steps}, steps={cfg.steps}")
     if cfg.uses_samples and cfg.refresh_every < 1:
         raise ConfigError(f"refresh_every must be >= 1 for method {cfg.method!r}")
+    if cfg.reference is None:
+        cfg.reference = "moving" if cfg.method == "spin" else "fixed"
     if cfg.reference not in ("fixed", "moving"):
         raise ConfigError(f"reference must be 'fixed' or 'moving', got {cfg.reference!r}")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if cfg.eval_samples_per_prompt < 1:
+        raise ConfigError(f"eval_samples_per_prompt must be >= 1, got {cfg.eval_samples_per_prompt}")
+    if not cfg.sample_temperature > 0:
+        raise ConfigError(f"sample_temperature must be > 0, got {cfg.sample_temperature}")
+    if not 0 < cfg.sample_top_p <= 1:
+        raise ConfigError(f"sample_top_p must be in (0, 1], got {cfg.sample_top_p}")
+    if bool(cfg.eval_reward) != bool(cfg.eval_prompts):
+        raise ConfigError("eval_reward and eval_prompts go together: give both (or neither)")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")

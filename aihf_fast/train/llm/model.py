@@ -108,7 +108,10 @@ def deepspeed_config(cfg: LLMTrainConfig) -> dict:
         if not os.path.isfile(user):
             raise ConfigError(f"deepspeed_config: file not found: {user!r}")
         with open(user, encoding="utf-8") as f:
-            user = json.load(f)
+            try:
+                user = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"deepspeed_config {f.name!r}: not valid JSON: {e}") from None
 
     def merge(a, b):
         for k, v in (b or {}).items():
@@ -136,7 +139,12 @@ def build_model(cfg: LLMTrainConfig, zero3: bool):
             if not os.path.isfile(mc):
                 raise ConfigError(f"model_config: file not found: {mc!r}")
             with open(mc, encoding="utf-8") as f:
-                mc = json.load(f)
+                try:
+                    mc = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"model_config {f.name!r}: not valid JSON: {e}") from None
+        if not isinstance(mc, dict):
+            raise ConfigError(f"model_config must be a mapping, got {type(mc).__name__}")
         mc = copy.deepcopy(mc)
         if "model_type" not in mc:
             raise ConfigError("model_config needs a 'model_type' (e.g. 'llama')")

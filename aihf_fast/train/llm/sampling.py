@@ -46,13 +46,31 @@ def _sharded(n_chunks: int, fn) -> dict:
     return _gather(local)
 
 
+def stop_token_ids(model, tokenizer) -> list:
+    """End-of-answer ids: the tokenizer's EOS and the model's generation_config EOS id(s)."""
+    ids = []
+    for e in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for t in (e if isinstance(e, (list, tuple)) else [e]):
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    return ids
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
              batch_size: int, seed: int, max_length: int, synced: bool, device) -> list:
     """Sample one completion per prompt (prompts: list of token-id lists). Returns completion
     token-id lists, each cut after its first EOS (kept) and to fit max_length with its prompt."""
+    from transformers import GenerationConfig
+
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    stops = stop_token_ids(model, tokenizer)
+    # sample from the policy itself: no top-k default, no repetition penalty or other processors
+    # from the model's own generation_config
+    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops or None,
+                               use_cache=True)
     was_training = model.training
     model.eval()
 
@@ -66,18 +84,18 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperatur
             att[i, T - len(p):] = 1
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(hash((seed, c)) & 0x7FFFFFFF)
-            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
-                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos, synced_gpus=synced, use_cache=True)
+            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen_cfg,
+                                 synced_gpus=synced)
         res = []
         for i, p in enumerate(chunk):
             comp = out[i, T:].tolist()
-            if eos is not None and eos in comp:
-                comp = comp[: comp.index(eos) + 1]
-            elif pad != eos:
+            cut = next((k for k, t in enumerate(comp) if t in stops), None)
+            if cut is not None:
+                comp = comp[: cut + 1]  # keep the stop token: it is part of the answer
+            elif pad not in stops:
                 while comp and comp[-1] == pad:
                     comp.pop()
-            comp = comp[: max(max_length - len(p), 1)] or [eos if eos is not None else pad]
+            comp = comp[: max(max_length - len(p), 1)] or [stops[0] if stops else pad]
             res.append(comp)
         return res
 

@@ -99,12 +99,15 @@ class Trainer:
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions weights on load
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-        has_ckpt = os.path.isfile(os.path.join(self.ckpt_dir, "latest"))
+        has_ckpt = self._agree(os.path.isfile(os.path.join(self.ckpt_dir, "latest")))  # rank 0 decides
         if has_ckpt and cfg.overwrite and not cfg.resume:
             if self.rank == 0:
                 import shutil
 
                 shutil.rmtree(self.ckpt_dir)
+                for f in ("ref_logps.pt", "summary.json"):
+                    if os.path.isfile(os.path.join(cfg.output_dir, f)):
+                        os.remove(os.path.join(cfg.output_dir, f))
             if self.world > 1:
                 dist.barrier()
         elif has_ckpt and not cfg.resume:
@@ -131,6 +134,14 @@ class Trainer:
         self._gen_time = 0.0
 
     # ------------------------------------------------------------------ set-up
+    def _agree(self, value):
+        """Rank 0's value of a decision, on every rank (file checks on non-shared disks)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _load_data(self):
         cfg = self.cfg
         self.demos, self.prefs, self.eval_prompts = [], [], []
@@ -240,20 +251,47 @@ class Trainer:
         """Reference log-probs of all fixed data under the initial model: one pass, cached."""
         cfg, st = self.cfg, self.state
         cache = os.path.join(cfg.output_dir, "ref_logps.pt")
-        key = dict(model=cfg.model, model_config=cfg.model_config, demonstrations=cfg.demonstrations,
-                   preferences=cfg.preferences, max_length=cfg.max_length, n=(len(self.prefs), len(self.demos)))
-        if os.path.isfile(cache):
+        key = self._ref_cache_key()
+        hit = None
+        if self.rank == 0 and os.path.isfile(cache):
             c = torch.load(cache)
-            if c.get("key") == json.loads(json.dumps(key)):
-                st["ref_pairs"], st["ref_demos"] = c["ref_pairs"], c["ref_demos"]
-                return
+            if c.get("key") == key:
+                hit = (c["ref_pairs"], c["ref_demos"])
+        hit = self._agree(hit)
+        if hit is not None:
+            st["ref_pairs"], st["ref_demos"] = hit
+            return
         scorer = self.ref if self.ref is not None else self.policy  # the policy is the initial model at step 0
         if self.prefs:
             st["ref_pairs"] = self._score(scorer, self._pair_seqs(np.arange(len(self.prefs)))).view(2, -1).T.contiguous()
         if self.demos and cfg.uses_samples:
             st["ref_demos"] = self._score(scorer, [(d.prompt, d.completions[0]) for d in self.demos])
         if self.rank == 0:
-            torch.save(dict(key=json.loads(json.dumps(key)), ref_pairs=st["ref_pairs"], ref_demos=st["ref_demos"]), cache)
+            torch.save(dict(key=key, ref_pairs=st["ref_pairs"], ref_demos=st["ref_demos"]), cache)
+
+    def _ref_cache_key(self) -> str:
+        """What the cached reference log-probs depend on: every token id scored, the reference
+        model's identity (source, its files' sizes and mtimes, seed, dtype, attention), and
+        whether the demonstrations were scored."""
+        import hashlib
+
+        cfg = self.cfg
+        h = hashlib.sha256()
+        for e in self.prefs:
+            h.update(json.dumps([e.prompt, e.completions]).encode())
+        h.update(b"|")
+        if self.cfg.uses_samples:
+            for e in self.demos:
+                h.update(json.dumps([e.prompt, e.completions]).encode())
+        files = []
+        if cfg.model and os.path.isdir(cfg.model):
+            for f in sorted(os.listdir(cfg.model)):
+                st = os.stat(os.path.join(cfg.model, f))
+                files.append((f, st.st_size, st.st_mtime_ns))
+        ident = [cfg.model, cfg.model_config, files, cfg.seed, cfg.bf16, cfg.attn_implementation, cfg.uses_samples,
+                 self.packed]
+        h.update(json.dumps(ident, default=str).encode())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ one step
     def micro_batch(self, step: int, j: int):
@@ -323,13 +361,22 @@ class Trainer:
         tag = f"step{step}"
         path = os.path.join(self.ckpt_dir, tag)
         os.makedirs(path, exist_ok=True)
-        st = dict(self.state, step=step)
+        st = dict(self.state, step=step, run=self._run_signature())
         if self.rank == 0:  # our state first: DeepSpeed writes `latest` last
             torch.save(st, os.path.join(path, "trainer_state.pt"))
         torch.save(dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
                    os.path.join(path, f"rng_rank{self.rank}.pt"))
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag)
+
+    def _run_signature(self) -> dict:
+        """The options that decide data order, windows and targets: a resume must keep them."""
+        c = self.cfg
+        keys = ("method", "seed", "pairs_per_batch", "demos_per_batch", "refresh_every", "reference", "sft_steps",
+                "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight")
+        sig = {k: getattr(c, k) for k in keys}
+        sig.update(micro_batches_per_step=self.micro_per_step, num_pairs=len(self.prefs), num_demos=len(self.demos))
+        return sig
 
     def load_checkpoint(self) -> bool:
         if not os.path.isfile(os.path.join(self.ckpt_dir, "latest")):
@@ -340,7 +387,14 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
         d = os.path.join(self.ckpt_dir, open(os.path.join(self.ckpt_dir, "latest")).read().strip())
-        self.state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+        saved, now = state.pop("run", {}), self._run_signature()
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ConfigError("--resume: these options differ from the checkpointed run, so the data order, "
+                              "samples or reference would not continue it: "
+                              + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in diff))
+        self.state = state
         rng_file = os.path.join(d, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng_file):
             rng = torch.load(rng_file, weights_only=False)
@@ -386,7 +440,16 @@ class Trainer:
                 open(self.log_path, "w").close()
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
                 json.dump({k: v for k, v in vars(cfg).items()}, f, indent=1, default=str)
+        summary_path = os.path.join(cfg.output_dir, "summary.json")
+        if resumed and start >= cfg.steps and os.path.isfile(summary_path):
+            if self.rank == 0:
+                print(f"[aihf_fast] --resume: this run already finished ({cfg.steps} steps)", flush=True)
+            with open(summary_path) as f:
+                return json.load(f)
         evals = []
+        if resumed and os.path.isfile(self.log_path):
+            with open(self.log_path) as f:
+                evals = [r for r in map(json.loads, f) if "eval/reward" in r]
         if start == 0:
             e = self.evaluate(0)
             if e:
@@ -400,11 +463,12 @@ class Trainer:
         t_start, tok_total, last = time.time(), 0, {}
         for step in range(start, cfg.steps):
             self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
+            lr = self.sched.get_last_lr()[0]  # the rate this step uses
             t0 = time.time()
             m = self.train_step(step)
             dt = time.time() - t0
             tok_total += m["tokens"]
-            last = dict(step=step + 1, method=self.method_at(step), lr=self.sched.get_last_lr()[0],
+            last = dict(step=step + 1, method=self.method_at(step), lr=lr,
                         tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 self._log(last)
@@ -421,7 +485,7 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             bar.close()
-        if start < cfg.steps or not evals:
+        if not evals or evals[-1]["step"] != cfg.steps:
             e = self.evaluate(cfg.steps)
             if e:
                 evals.append(e); self._log(e)
@@ -431,7 +495,7 @@ class Trainer:
                        train_seconds=wall, tokens=tok_total, generation_seconds=self._gen_time,
                        world_size=self.world, zero_stage=cfg.zero_stage, packed=self.packed)
         if self.rank == 0:
-            with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=1)
         return summary
 
