@@ -198,3 +198,18 @@ def test_resume_checks_the_run_and_a_finished_run_is_left_alone(task, tmp_path, 
     rc, err = _run(task, tmp_path, capsys, resume="true", **kw)
     assert rc == 0, err
     assert open(os.path.join(tmp_path, "o", "log.jsonl")).read() == log  # nothing appended or lost
+
+
+def test_eval_reward_and_kl_to_the_initial_model(task, tmp_path, capsys):
+    rc, err = _run(task, tmp_path, capsys, method="dpo", steps=3, lr=0.05, eval_kl="true", save_model="false",
+                   eval_prompts=task["eval_prompts"], eval_reward="aihf_fast.data.synthetic:true_reward")
+    assert rc == 0, err
+    ev = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "log.jsonl")) if "eval/kl" in x]
+    assert [e["step"] for e in ev] == [0, 3] and ev[0]["eval/num_samples"] == 4
+    assert abs(ev[0]["eval/kl"]) < 1e-5          # the policy is the initial model at step 0
+    assert abs(ev[1]["eval/kl"]) > 1e-3          # and has moved after 3 steps
+    samples = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "eval_samples_step3.jsonl"))]
+    from aihf_fast.data import synthetic
+
+    assert [s["reward"] for s in samples] == pytest.approx(
+        synthetic.true_reward([s["prompt"] for s in samples], [s["completion"] for s in samples]).tolist())

@@ -74,6 +74,7 @@ class LLMTrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_samples_per_prompt: int = 1
+    eval_kl: bool = field(default=False, metadata={"help": "also log eval/kl: mean log pi(y|x) - log pi_init(y|x) of the eval samples (keeps a frozen initial model)"})
     save_every: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "start over even if output_dir holds checkpoints (deletes them)"})

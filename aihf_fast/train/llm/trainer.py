@@ -126,7 +126,7 @@ class Trainer:
                                                                     config=self.ds_config)
         self.policy = self.engine.module
         self.packed = cfg.packing and self._packing_works()
-        self.ref = self._build_reference() if (cfg.reference == "fixed" and cfg.uses_samples) else None
+        self.ref = self._build_reference() if ((cfg.reference == "fixed" and cfg.uses_samples) or cfg.eval_kl) else None
         nP, nD = len(self.prefs), len(self.demos)
         self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
         self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
@@ -350,6 +350,11 @@ class Trainer:
         r = np.asarray(self.eval_reward([p for p, _ in prompts], texts), dtype=np.float64)
         res = {"step": step, "eval/reward": float(r.mean()), "eval/reward_sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
                "eval/num_samples": len(r)}
+        if cfg.eval_kl:  # Monte-Carlo KL(pi || pi_init) per sequence, on the same samples
+            seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
+            kl = self._score(self.policy, seqs) - self._score(self.ref, seqs)
+            res["eval/kl"] = float(kl.double().mean())
+            res["eval/kl_sem"] = float(kl.double().std() / np.sqrt(len(kl))) if len(kl) > 1 else 0.0
         if self.rank == 0:
             with open(os.path.join(cfg.output_dir, f"eval_samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
                 for (p, _), t, x in zip(prompts, texts, r):
