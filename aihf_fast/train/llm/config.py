@@ -196,13 +196,26 @@ def parse_args(argv=None, preset: dict | None = None) -> tuple[LLMTrainConfig, a
     for k, v in vars(ns).items():
         if k in names:
             data[k] = v
-    for k in ("model_config", "deepspeed_config"):
-        if isinstance(data.get(k), str) and data[k].lstrip().startswith("{"):
-            try:
-                data[k] = json.loads(data[k])
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{k}: not valid JSON: {e}") from None
     return from_dict(data), ns
+
+
+def load_mapping(name: str, value) -> dict | None:
+    """A mapping option (model_config, deepspeed_config) given as a dict, inline JSON or a JSON file."""
+    if value is None or isinstance(value, dict):
+        return value
+    text, where = value, name
+    if not value.lstrip().startswith("{"):
+        if not os.path.isfile(value):
+            raise ConfigError(f"{name}: file not found: {value!r}")
+        with open(value, encoding="utf-8") as f:
+            text, where = f.read(), f"{name} {value!r}"
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{name} must be a mapping, got {type(out).__name__}")
+    return out
 
 
 def validate(cfg: LLMTrainConfig) -> None:

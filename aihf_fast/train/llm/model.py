@@ -9,13 +9,12 @@ weight is registered as an external parameter of this module, so it is gathered 
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import torch
 
 from ...ops import aihf_loss, linear_token_logprobs, token_logprobs
-from .config import ConfigError, LLMTrainConfig
+from ...ops.reference import segment_sum
+from .config import ConfigError, LLMTrainConfig, load_mapping
 
 
 def _fused_head_ok(model) -> bool:
@@ -73,7 +72,7 @@ class PolicyWithLoss(torch.nn.Module):
         if "cu_seqlens" in inputs:
             cu = inputs["cu_seqlens"].long()
             seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=tok.device), cu[1:] - cu[:-1])
-            return torch.zeros(cu.numel() - 1, device=tok.device).index_add(0, seg, tok)
+            return segment_sum(tok, seg, cu.numel() - 1)
         return tok.sum(-1)
 
 
@@ -103,15 +102,7 @@ def deepspeed_config(cfg: LLMTrainConfig) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    user = cfg.deepspeed_config
-    if isinstance(user, str):
-        if not os.path.isfile(user):
-            raise ConfigError(f"deepspeed_config: file not found: {user!r}")
-        with open(user, encoding="utf-8") as f:
-            try:
-                user = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"deepspeed_config {f.name!r}: not valid JSON: {e}") from None
+    user = load_mapping("deepspeed_config", cfg.deepspeed_config)
 
     def merge(a, b):
         for k, v in (b or {}).items():
@@ -134,18 +125,7 @@ def build_model(cfg: LLMTrainConfig, zero3: bool):
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     if cfg.model_config is not None:
-        mc = cfg.model_config
-        if isinstance(mc, str):
-            if not os.path.isfile(mc):
-                raise ConfigError(f"model_config: file not found: {mc!r}")
-            with open(mc, encoding="utf-8") as f:
-                try:
-                    mc = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"model_config {f.name!r}: not valid JSON: {e}") from None
-        if not isinstance(mc, dict):
-            raise ConfigError(f"model_config must be a mapping, got {type(mc).__name__}")
-        mc = copy.deepcopy(mc)
+        mc = copy.deepcopy(load_mapping("model_config", cfg.model_config))
         if "model_type" not in mc:
             raise ConfigError("model_config needs a 'model_type' (e.g. 'llama')")
         try:

@@ -41,7 +41,7 @@ from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices
-from .config import ConfigError, LLMTrainConfig, validate
+from .config import NEEDS_DEMOS, ConfigError, LLMTrainConfig, validate
 from .model import PolicyWithLoss, build_model, deepspeed_config, load_tokenizer
 
 
@@ -145,11 +145,11 @@ class Trainer:
     def _load_data(self):
         cfg = self.cfg
         self.demos, self.prefs, self.eval_prompts = [], [], []
-        if cfg.demonstrations and (cfg.method in ("sft", "sft_then_dpo", "spin", "aihf")):
+        if cfg.demonstrations and cfg.method in NEEDS_DEMOS:
             t = tokenize_records(self.tok, load_demonstrations(cfg.demonstrations), cfg.max_length, "demonstrations", cfg.append_eos)
             self.demos = t.items
             self._note_truncated(t.truncated, "demonstrations")
-        if cfg.preferences and cfg.method != "sft" and cfg.method != "spin":
+        if cfg.preferences and cfg.method not in ("sft", "spin"):
             t = tokenize_records(self.tok, load_preferences(cfg.preferences), cfg.max_length, "preferences", cfg.append_eos)
             self.prefs = t.items
             self._note_truncated(t.truncated, "preference pairs")
@@ -324,9 +324,10 @@ class Trainer:
             self.engine.step()
             tokens += inputs["num_tokens"]
             for k, v in {"loss": out["loss"].detach(), **out["metrics"]}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v.float()  # stays on the device: no sync per metric
         keys = sorted(sums)
-        vec = torch.tensor([sums[k] / self.cfg.grad_accum for k in keys] + [tokens], dtype=torch.float64)
+        vec = torch.cat([torch.stack([sums[k] for k in keys]).double().cpu() / self.cfg.grad_accum,
+                         torch.tensor([tokens], dtype=torch.float64)])
         if self.world > 1:
             dist.all_reduce(vec)
             vec[:-1] /= self.world
