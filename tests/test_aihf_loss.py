@@ -126,6 +126,21 @@ def test_aihf_weights_pairs_and_demonstrations():
     assert_close_to("sum form", out2.loss, want, 1e-5, 1e-5)
 
 
+def test_aihf_without_demonstration_comparisons_is_dpo_plus_nll():
+    # w_D = 0: no own-sample block, layout [chosen_0, rejected_0, demo_0..3]: S = 6
+    h, w, rh, rw, labels = make_batch()
+    w_P, lam = 0.6, 0.2
+    pol, n = seq_logps_by_hand(h @ w.t(), labels)
+    ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
+    rho = pol - ref
+    want = w_P * -F.logsigmoid(BETA * (rho[0] - rho[1])) + lam * (-pol[2:6].sum()) / n[2:6].sum()
+    cfg = method_config("aihf", num_pairs=1, num_demos=4, w_P=w_P, w_D=0.0, nll_weight=lam, device=DEVICE)
+    assert cfg.pop("num_sequences") == 6
+    assert cfg["comparisons"][0].numel() == 1
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+
+
 def _as_packed(labels, *token_tensors):
     lengths = torch.tensor([3, 9, 5, 7, 9, 4], device=DEVICE)  # drop trailing padding per row
     keep = torch.arange(labels.shape[1], device=DEVICE)[None, :] < lengths[:, None]

@@ -137,7 +137,8 @@ def _run(task, tmp_path, capsys, **kw):
     (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
     (dict(method="sft_then_dpo", sft_steps=0), "sft_then_dpo needs 0 < sft_steps < steps"),
     (dict(model="/nonexistent/model"), "model: cannot load"),
-    (dict(w_D=0), "aihf needs w_D > 0"),
+    (dict(w_D=0, w_P=0), "aihf needs w_D > 0 or w_P > 0"),
+    (dict(w_D=0, preferences=None), "aihf with w_D = 0"),
     (dict(sample_temperature=0), "sample_temperature must be > 0"),
     (dict(eval_reward="aihf_fast.data.synthetic:true_reward"), "eval_reward and eval_prompts go together"),
     (dict(steps="abc"), "argument --steps: invalid int value"),
@@ -213,3 +214,49 @@ def test_eval_reward_and_kl_to_the_initial_model(task, tmp_path, capsys):
 
     assert [s["reward"] for s in samples] == pytest.approx(
         synthetic.true_reward([s["prompt"] for s in samples], [s["completion"] for s in samples]).tolist())
+
+
+def test_held_out_demo_nll_and_preference_accuracy(task, tmp_path, capsys):
+    """eval/demo_nll is the per-token NLL of the held-out demonstrations; eval/pref_accuracy ranks
+    held-out pairs by log pi - log pi_ref (ties count 1/2); eval_reference changes that reference."""
+    import transformers
+
+    from aihf_fast.data.records import load_demonstrations, load_preferences
+    from aihf_fast.data.tokenize import tokenize_records
+
+    other = str(tmp_path / "other")  # a different model as the eval reference
+    m = transformers.AutoModelForCausalLM.from_pretrained(task["model"])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m.save_pretrained(other)
+    rc, err = _run(task, tmp_path, capsys, method="dpo", steps=2, lr=0.05, eval_kl="true", save_model="false",
+                   eval_demonstrations=task["demonstrations"], eval_preferences=task["preferences"],
+                   eval_prompts=task["eval_prompts"], eval_reward="aihf_fast.data.synthetic:true_reward")
+    assert rc == 0, err
+    ev = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "log.jsonl")) if "eval/demo_nll" in x]
+    assert [e["step"] for e in ev] == [0, 2]
+    assert ev[0]["eval/pref_accuracy"] == 0.5 and ev[0]["eval/pref_margin"] == 0.0  # policy == reference: ties
+    assert ev[1]["eval/pref_accuracy"] > 0.5  # trained on these very pairs
+
+    # demo NLL at step 0 by hand from the full logits of the initial model
+    tok = transformers.AutoTokenizer.from_pretrained(task["tokenizer"])
+    items = tokenize_records(tok, load_demonstrations(task["demonstrations"]), 24, "demonstrations", True).items
+    model = transformers.AutoModelForCausalLM.from_pretrained(task["model"]).eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([list(it.prompt) + list(it.completions[0])])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            P = len(it.prompt)
+            tot -= sum(float(lp[t - 1, ids[0, t]]) for t in range(P, ids.shape[1]))
+            n += ids.shape[1] - P
+    assert ev[0]["eval/demo_nll"] == pytest.approx(tot / n, rel=1e-4)
+
+    rc, err = _run(task, tmp_path / "b", capsys, method="dpo", steps=1, eval_kl="true", save_model="false",
+                   eval_preferences=task["preferences"], eval_reference=other,
+                   eval_prompts=task["eval_prompts"], eval_reward="aihf_fast.data.synthetic:true_reward")
+    assert rc == 0, err
+    ev0 = json.loads(open(os.path.join(tmp_path, "b", "o", "log.jsonl")).readline())
+    assert ev0["step"] == 0 and abs(ev0["eval/kl"]) > 1e-2 and ev0["eval/pref_margin"] != 0.0
+    assert len(load_preferences(task["preferences"])) > 0

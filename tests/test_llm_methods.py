@@ -76,9 +76,11 @@ def _sig(z):
     return -float(F.logsigmoid(torch.tensor(z, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "rpo", "spin", "aihf"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "rpo", "spin", "aihf", "aihf_wD0"])
 def test_method_loss_equals_formula(task, tmp_path, method):
     beta, alpha, wP, wD = 0.5, 0.3, 0.7, 1.4
+    if method == "aihf_wD0":  # DPO on the pairs + alpha * NLL(demonstrations), no own samples
+        method, wD = "aihf", 0.0
     tr = _trainer(task, tmp_path, method=method, nll_weight=alpha, w_P=wP, w_D=wD,
                   reference="moving" if method == "spin" else "fixed")
     tr.refresh(0)  # reference log-probs of the data (initial model) and own samples
@@ -87,7 +89,9 @@ def test_method_loss_equals_formula(task, tmp_path, method):
     pol.eval()
     pairs, demos, samples = _blocks(tr)
     h = [_rho(pol, ref, p, c) - _rho(pol, ref, p, r) for p, c, r in pairs]
-    g = [_rho(pol, ref, p, d) - _rho(pol, ref, p, s) for (p, d), (_, s) in zip(demos, samples)] if method in ("spin", "aihf") else []
+    g = [_rho(pol, ref, p, d) - _rho(pol, ref, p, s) for (p, d), (_, s) in zip(demos, samples)] if method in ("spin", "aihf") and wD else []
+    if method == "aihf" and not wD:
+        assert tr.state["samples"] == {}  # no own samples drawn
     if method == "sft":
         want = _nll(pol, demos)
     elif method == "dpo":

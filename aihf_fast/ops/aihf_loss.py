@@ -373,18 +373,21 @@ def method_config(
     block by the current policy's own sample for the same prompt; blocks a method does not use
     are omitted from its layout). Returns kwargs for ``aihf_loss``: comparisons, nll_weights,
     loss_type, plus ``num_sequences``. nll_weight is RPO's alpha / AIHF's lambda; SFT uses 1.
+    ``aihf`` with ``w_D = 0`` has no own-sample block: ``[chosen, rejected, demo]``, i.e. DPO on
+    the pairs plus lambda * NLL on the demonstrations.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     P = num_pairs if method in ("dpo", "ipo", "rpo", "aihf") else 0
     D = num_demos if method in ("sft", "spin", "aihf") else 0
-    n_demo_seqs = D if method == "sft" else 2 * D
+    with_samples = method == "spin" or (method == "aihf" and w_D != 0)
+    n_demo_seqs = 2 * D if with_samples else D
     S = 2 * P + n_demo_seqs
     ar = lambda n, off=0: torch.arange(off, off + n, device=device)  # noqa: E731
     win, lose, wts = [], [], []
     if P:
         win.append(ar(P)); lose.append(ar(P, P)); wts.append(torch.full((P,), float(w_P if method == "aihf" else 1.0), device=device))
-    if D and method in ("spin", "aihf"):
+    if D and with_samples:
         win.append(ar(D, 2 * P)); lose.append(ar(D, 2 * P + D))
         wts.append(torch.full((D,), float(w_D if method == "aihf" else 1.0), device=device))
     nll = torch.zeros(S, device=device)

@@ -36,6 +36,9 @@ class LLMTrainConfig:
     preferences: str | None = field(default=None, metadata={"help": "preference pairs: JSONL path, dataset dir or hf:NAME[:SPLIT]"})
     eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for sampling evaluations"})
     eval_reward: str | None = field(default=None, metadata={"help": "'module:function'(prompts, completions) -> rewards, for evaluations"})
+    eval_demonstrations: str | None = field(default=None, metadata={"help": "held-out demonstrations: evaluations log eval/demo_nll (per token)"})
+    eval_preferences: str | None = field(default=None, metadata={"help": "held-out preference pairs: evaluations log eval/pref_accuracy of the implicit reward log pi - log pi_eval_ref"})
+    eval_reference: str | None = field(default=None, metadata={"help": "model for eval/kl and eval/pref_accuracy (default: the initial model)"})
     max_length: int = field(default=512, metadata={"help": "max prompt + completion tokens"})
     append_eos: bool = field(default=True, metadata={"help": "append EOS to string completions"})
     packing: bool = field(default=True, metadata={"help": "padding-free packed batches (position_ids); else padded"})
@@ -230,7 +233,7 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError(f"method {cfg.method!r} needs demonstrations")
     if cfg.method in NEEDS_PREFS and not cfg.preferences:
         raise ConfigError(f"method {cfg.method!r} needs preferences")
-    for name in ("demonstrations", "preferences", "eval_prompts"):
+    for name in ("demonstrations", "preferences", "eval_prompts", "eval_demonstrations", "eval_preferences"):
         v = getattr(cfg, name)
         if v and not v.startswith("hf:") and not os.path.exists(v):
             raise ConfigError(f"{name}: file not found: {v!r}")
@@ -247,9 +250,11 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError("pairs_per_batch must be >= 1 when preferences are used")
     if cfg.method in NEEDS_DEMOS and cfg.demos_per_batch < 1:
         raise ConfigError(f"demos_per_batch must be >= 1 for method {cfg.method!r}")
-    if cfg.method == "aihf" and cfg.w_D == 0:
-        raise ConfigError("aihf needs w_D > 0 (its demonstration vs own-sample term); for preferences + "
-                          "demonstration NLL without own samples use method rpo")
+    if cfg.method == "aihf" and cfg.w_D == 0 and cfg.w_P == 0:
+        raise ConfigError("aihf needs w_D > 0 or w_P > 0")
+    if cfg.method == "aihf" and cfg.w_D == 0 and not (cfg.preferences and cfg.w_P > 0):
+        raise ConfigError("aihf with w_D = 0 (DPO on the pairs + nll_weight * demonstration NLL, no own samples) "
+                          "needs preferences and w_P > 0")
     if cfg.method == "sft_then_dpo" and not 0 < cfg.sft_steps < cfg.steps:
         raise ConfigError(f"sft_then_dpo needs 0 < sft_steps < steps, got sft_steps={cfg.sft_steps}, steps={cfg.steps}")
     if cfg.uses_samples and cfg.refresh_every < 1:

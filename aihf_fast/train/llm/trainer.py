@@ -126,7 +126,12 @@ class Trainer:
                                                                     config=self.ds_config)
         self.policy = self.engine.module
         self.packed = cfg.packing and self._packing_works()
-        self.ref = self._build_reference() if ((cfg.reference == "fixed" and cfg.uses_samples) or cfg.eval_kl) else None
+        need_eval_ref = cfg.eval_kl or bool(self.eval_prefs)
+        need_ref = cfg.reference == "fixed" and cfg.uses_samples
+        self.ref = self._build_reference() if need_ref or (need_eval_ref and not cfg.eval_reference) else None
+        self.eval_ref = None  # scores eval/kl and eval/pref_accuracy: the initial model or eval_reference
+        if need_eval_ref:
+            self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
         nP, nD = len(self.prefs), len(self.demos)
         self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
         self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
@@ -156,6 +161,13 @@ class Trainer:
         if cfg.eval_prompts:
             recs = load_prompts(cfg.eval_prompts)
             self.eval_prompts = [(r.prompt, encode_prompt(self.tok, r.prompt, r.where)) for r in recs]
+        self.eval_demos, self.eval_prefs = [], []
+        if cfg.eval_demonstrations:
+            self.eval_demos = tokenize_records(self.tok, load_demonstrations(cfg.eval_demonstrations), cfg.max_length,
+                                               "demonstrations", cfg.append_eos).items
+        if cfg.eval_preferences:
+            self.eval_prefs = tokenize_records(self.tok, load_preferences(cfg.eval_preferences), cfg.max_length,
+                                               "preferences", cfg.append_eos).items
 
     def _note_truncated(self, n, what):
         if n and self.rank == 0:
@@ -174,11 +186,15 @@ class Trainer:
                   flush=True)
         return ok
 
-    def _build_reference(self):
-        """A frozen copy of the initial model (for scoring own samples under a fixed reference)."""
+    def _build_reference(self, path: str | None = None):
+        """A frozen copy of the initial model (for scoring own samples under a fixed reference),
+        or of the model at ``path``."""
+        import dataclasses
+
         import deepspeed
 
-        model = build_model(self.cfg, self.zero3)
+        cfg = dataclasses.replace(self.cfg, model=path, model_config=None) if path else self.cfg
+        model = build_model(cfg, self.zero3)
         model.requires_grad_(False)
         ref = PolicyWithLoss(model, self.zero3)
         if self.zero3:
@@ -210,7 +226,12 @@ class Trainer:
                               pad_id=self.tok.pad_token_id, device=self.device)
 
     def _pair_seqs(self, idx):
-        return [(self.prefs[i].prompt, self.prefs[i].completions[k]) for k in (0, 1) for i in idx]
+        return self._pair_seqs_of(self.prefs, idx)
+
+    @staticmethod
+    def _pair_seqs_of(prefs, idx):
+        """[chosen of idx..., rejected of idx...] as (prompt, completion) id lists."""
+        return [(prefs[i].prompt, prefs[i].completions[k]) for k in (0, 1) for i in idx]
 
     def refresh(self, step: int):
         """At step 0, at each ``refresh_every`` boundary (samples / moving reference), and at the
@@ -304,7 +325,7 @@ class Trainer:
         if len(didx):
             seqs += [(self.demos[i].prompt, self.demos[i].completions[0]) for i in didx]
             refs.append(st["ref_demos"][didx])
-            if method in ("spin", "aihf"):
+            if method in ("spin", "aihf") and cfg.uses_samples:
                 seqs += [(self.demos[i].prompt, st["samples"][int(i)]) for i in didx]
                 refs.append(torch.tensor([st["sample_ref"][int(i)] for i in didx]))
         mc = method_config(method, len(pidx), len(didx),
@@ -338,8 +359,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, step: int) -> dict | None:
-        if not (self.eval_prompts and self.eval_reward):
-            return None
+        """Evaluation records: sampled true reward (and KL) on eval_prompts, held-out demonstration
+        NLL, held-out preference accuracy; None when nothing to evaluate is configured."""
+        res = {"step": step}
+        if self.eval_prompts and self.eval_reward:
+            res.update(self._evaluate_samples(step))
+        if self.eval_demos:  # per-token NLL of held-out demonstrations
+            seqs = [(d.prompt, d.completions[0]) for d in self.eval_demos]
+            lp = self._score(self.policy, seqs)
+            res["eval/demo_nll"] = float(-lp.double().sum() / sum(len(c) for _, c in seqs))
+        if self.eval_prefs:  # does the implicit reward log pi - log pi_eval_ref rank held-out pairs right?
+            seqs = self._pair_seqs_of(self.eval_prefs, range(len(self.eval_prefs)))
+            rho = (self._score(self.policy, seqs) - self._score(self.eval_ref, seqs)).double().view(2, -1)
+            h = rho[0] - rho[1]
+            res["eval/pref_accuracy"] = float(((h > 0).double() + 0.5 * (h == 0).double()).mean())
+            res["eval/pref_margin"] = float(h.mean())
+        return res if len(res) > 1 else None
+
+    def _evaluate_samples(self, step: int) -> dict:
         cfg = self.cfg
         n = cfg.eval_samples_per_prompt
         prompts = [p for p in self.eval_prompts for _ in range(n)]
@@ -349,11 +386,11 @@ class Trainer:
                                   max_length=cfg.max_length, synced=self.zero3 and self.world > 1, device=self.device)
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         r = np.asarray(self.eval_reward([p for p, _ in prompts], texts), dtype=np.float64)
-        res = {"step": step, "eval/reward": float(r.mean()), "eval/reward_sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
+        res = {"eval/reward": float(r.mean()), "eval/reward_sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
                "eval/num_samples": len(r)}
         if cfg.eval_kl:  # Monte-Carlo KL(pi || pi_init) per sequence, on the same samples
             seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
-            kl = self._score(self.policy, seqs) - self._score(self.ref, seqs)
+            kl = self._score(self.policy, seqs) - self._score(self.eval_ref, seqs)
             res["eval/kl"] = float(kl.double().mean())
             res["eval/kl_sem"] = float(kl.double().std() / np.sqrt(len(kl))) if len(kl) > 1 else 0.0
         if self.rank == 0:
@@ -455,7 +492,7 @@ class Trainer:
         evals = []
         if resumed and os.path.isfile(self.log_path):
             with open(self.log_path) as f:
-                evals = [r for r in map(json.loads, f) if "eval/reward" in r]
+                evals = [r for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)]
         if start == 0:
             e = self.evaluate(0)
             if e:
