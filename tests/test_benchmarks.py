@@ -51,3 +51,46 @@ def test_bench_train_tiny(tmp_path):
     assert rows["aihf_fast"]["tokens"] == 6 * 12 and rows["aihf_fast"]["loss_tokens"] == 6 * 8
     assert abs(rows["aihf_fast"]["first_loss"] - rows["full_logit"]["first_loss"]) < 1e-4
     assert report["ratios"]["tokens_per_s"] > 0 and report["commit"] is not None
+
+
+def test_bench_alignment_llm_tiny(tmp_path):
+    """The alignment benchmark end to end on the tiny profile: every method runs through the
+    trainer, the JSON holds the records, the analysis and the verdict, and a plot is written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("deepspeed")
+    import bench_alignment_llm as bench
+
+    out = tmp_path / "align.json"
+    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "work"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "align.png").stat().st_size > 0
+    assert data["commit"] and data["device"] and data["versions"]["torch"]
+    main = {(r["method"], r["budget"]) for r in data["analysis"]["table"] if r["group"] == "main"}
+    for m in bench.MAIN:
+        assert (m, 8) in main, m
+    assert ("dpo", 0) not in main and ("aihf", 0) in main
+    for rec in data["records"]:
+        steps = [e["step"] for e in rec["evals"]]
+        assert steps == ([0] if rec["method"] == "base" else [0, 2, 4]), rec["key"]
+        for e in rec["evals"]:
+            assert {"eval/reward", "eval/kl", "eval/demo_nll", "eval/pref_accuracy"} <= set(e)
+    sft_then_dpo = next(r for r in data["records"] if r["method"] == "sft_then_dpo")
+    assert abs(sft_then_dpo["evals"][0]["eval/kl"]) > 0  # starts from SFT; KL is to the base model
+    assert set(data["analysis"]["verdict"]["goal"]) == {"aihf", "aihf_moving"}
+    # a second invocation reuses every cached run
+    again = bench.main(["--profile", "tiny", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert again["wall_seconds_this_invocation"] < res["wall_seconds_this_invocation"]
+    assert json.dumps(again["analysis"]["table"]) == json.dumps(res["analysis"]["table"])
+
+
+def test_alignment_selection_rule():
+    import bench_alignment_llm as bench
+
+    ev = [{"step": 0, "eval/pref_accuracy": 0.5, "eval/demo_nll": 2.0},
+          {"step": 50, "eval/pref_accuracy": 0.7, "eval/demo_nll": 1.5},
+          {"step": 100, "eval/pref_accuracy": 0.7, "eval/demo_nll": 1.6}]
+    assert bench.select(ev, uses_pairs=True)["step"] == 50    # best accuracy, earlier on ties
+    assert bench.select(ev, uses_pairs=False)["step"] == 50   # lowest held-out NLL
+    assert bench.rule_weights(25, 2000) == pytest.approx((50 / 2025, 4000 / 2025))
+    assert bench.rule_weights(0, 2000) == (0.0, 2.0)
+    assert bench.ci95([1.0, 3.0]) == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
