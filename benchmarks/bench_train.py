@@ -87,7 +87,8 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
                       num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
                       intermediate_size=p["inter"], max_position_embeddings=p["seq"], tie_word_embeddings=False,
                       use_cache=False)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs (a 1B model's CPU init takes minutes)
+        model = LlamaForCausalLM(cfg).to(dtype=dtype)
     model.config._attn_implementation = "sdpa"
     module = PolicyWithLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
