@@ -37,6 +37,10 @@ last two positions) and B (unbiased noisy expert) share the base model and the b
   Sweep (``sweep_seeds`` x ``sweep_designs``, reported separately): ``aihf_w1`` (w_P = w_D = 1, the
   paper's default), ``aihf_nonll`` (the rule without NLL), ``aihf_wD0.1`` (w_P = 1, w_D = 0.1).
   Ratio sweep: sft, dpo_nll, aihf with ``ratio_demos`` demonstrations at ``ratio_budget`` pairs.
+  Post hoc (``--posthoc``; added after the main results showed AIHF's reward oscillating from one
+  50-step sample window to the next, so NOT part of the pre-registered protocol or the verdict):
+  ``aihf_r10``, the rule's AIHF with own samples refreshed every 10 steps, on ``sweep_seeds`` x
+  both designs.
 * Checkpoints every ``eval_every`` steps (and step 0). The reported checkpoint of a run is chosen
   without the true reward: methods trained on pairs take the highest held-out preference accuracy
   of the implicit reward log pi - log pi_base (ties: the earlier); the others the lowest held-out
@@ -95,6 +99,7 @@ PROFILES = {
 MAIN = ("base", "sft", "spin", "dpo", "rpo", "dpo_nll", "sft_then_dpo", "aihf", "aihf_moving")
 SWEEP = ("aihf_w1", "aihf_nonll", "aihf_wD0.1")
 RATIO = ("sft", "dpo_nll", "aihf")
+POSTHOC = ("aihf_r10",)
 BASELINES = ("base", "sft", "spin", "dpo", "rpo", "dpo_nll", "sft_then_dpo")
 NEEDS_PAIRS = ("dpo", "rpo", "dpo_nll", "sft_then_dpo")       # not run at 0 pairs
 NO_PAIRS = ("base", "sft", "spin")                            # the same run at every budget
@@ -126,6 +131,7 @@ def method_options(method: str, num_pairs: int, num_demos: int) -> dict:
         "aihf_w1": dict(aihf, w_P=1.0, w_D=1.0),
         "aihf_nonll": dict(aihf, nll_weight=0.0),
         "aihf_wD0.1": dict(aihf, w_P=1.0, w_D=0.1),
+        "aihf_r10": dict(aihf, refresh_every=10),
     }[method]
 
 
@@ -133,7 +139,7 @@ def run_key(group, seed, design, method, budget, num_demos):
     return f"{group}-s{seed}-{design}-{method}-p{budget}-d{num_demos}"
 
 
-def plan(prof: dict) -> list[dict]:
+def plan(prof: dict, posthoc: bool = False) -> list[dict]:
     """All jobs: per seed a 'prepare' job, per (seed, design) an 'sft' job (its run is also a result
     and makes the SFT-sample pairs), then one 'run' job per result."""
     jobs, seen = [], set()
@@ -170,6 +176,12 @@ def plan(prof: dict) -> list[dict]:
             for n in prof["ratio_demos"]:
                 for m in RATIO:
                     add_run("ratio", s, d, m, prof["ratio_budget"], n)
+    if posthoc:
+        for s in prof["sweep_seeds"]:
+            for d in prof["designs"]:
+                for m in POSTHOC:
+                    for b in prof["budgets"]:
+                        add_run("posthoc", s, d, m, b, prof["num_demos"])
     return jobs
 
 
@@ -297,7 +309,7 @@ def job_run(job, prof, work):
     if job["kind"] == "sft":
         opts.update(output_dir=os.path.join(p["dir"], f"sft_{design}"), save_model=True)
     summary, wall = _train(opts)
-    rec = dict(key=run_key("main", seed, design, "sft", 0, nd) if job["kind"] == "sft" else job["key"],
+    rec = dict(commit=job.get("commit"), key=run_key("main", seed, design, "sft", 0, nd) if job["kind"] == "sft" else job["key"],
                group=job.get("group", "main"), seed=seed, design=design, method=method, budget=budget,
                num_demos=nd, options={k: opts.get(k) for k in ("method", "w_P", "w_D", "nll_weight", "reference")},
                evals=summary["evals"], wall_seconds=wall, train_seconds=summary["train_seconds"],
@@ -465,7 +477,7 @@ def markdown(result: dict, prof: dict) -> str:
         lines.append(f"\nDesign {d}: true reward at the selected checkpoint, mean +- 95% CI over seeds [KL to base]\n")
         lines.append("| method | " + " | ".join(f"{b} pairs" for b in prof["budgets"]) + " |")
         lines.append("|---|" + "---|" * len(prof["budgets"]))
-        for g, methods in (("main", MAIN), ("sweep", SWEEP)):
+        for g, methods in (("main", MAIN), ("sweep", SWEEP), ("posthoc", POSTHOC)):
             for m in methods:
                 cells = []
                 for b in prof["budgets"]:
@@ -473,7 +485,8 @@ def markdown(result: dict, prof: dict) -> str:
                               and r["num_demos"] == prof["num_demos"]), None)
                     cells.append("-" if r is None else f"{r['reward']:.2f}+-{r['reward_ci95']:.2f} [{r['kl']:.1f}]")
                 if any(c != "-" for c in cells):
-                    lines.append(f"| {m}{' (sweep)' if g == 'sweep' else ''} | " + " | ".join(cells) + " |")
+                    tag = {"main": "", "sweep": " (sweep)", "posthoc": " (post hoc)"}[g]
+                    lines.append(f"| {m}{tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -487,11 +500,11 @@ def plot(result: dict, prof: dict, path: str):
     designs = prof["designs"]
     fig, axes = plt.subplots(2, len(designs) + 1, figsize=(6 * (len(designs) + 1), 9), squeeze=False)
     xs = list(range(len(prof["budgets"])))
-    colors = dict(zip(MAIN, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    colors = dict(zip(MAIN + POSTHOC, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
     for i, d in enumerate(designs):
         ax = axes[0][i]
-        for m in MAIN:
-            rows = {r["budget"]: r for r in t if r["group"] == "main" and r["design"] == d and r["method"] == m}
+        for g, m in [("main", m) for m in MAIN] + [("posthoc", m) for m in POSTHOC]:
+            rows = {r["budget"]: r for r in t if r["group"] == g and r["design"] == d and r["method"] == m}
             pts = [(x, rows[b]) for x, b in zip(xs, prof["budgets"]) if b in rows]
             if not pts:
                 continue
@@ -499,7 +512,9 @@ def plot(result: dict, prof: dict, path: str):
             y = np.array([p[1]["reward"] for p in pts])
             c = np.nan_to_num(np.array([p[1]["reward_ci95"] for p in pts]))
             style = dict(lw=2.5) if m.startswith("aihf") else dict(lw=1.2, ls="--" if m in NO_PAIRS else "-")
-            ax.plot(x, y, marker="o", label=m, color=colors[m], **style)
+            if g == "posthoc":
+                style = dict(lw=1.5, ls=":")
+            ax.plot(x, y, marker="o", label=m + (" (post hoc)" if g == "posthoc" else ""), color=colors[m], **style)
             ax.fill_between(x, y - c, y + c, alpha=0.15, color=colors[m])
         meta = result["meta"]
         expert = np.mean([meta[str(s)][d]["expert_data_reward"] for s in prof["seeds"] if str(s) in meta])
@@ -557,6 +572,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds of the profile")
     ap.add_argument("--fresh", action="store_true", help="delete the run directory's cached records first")
+    ap.add_argument("--posthoc", action="store_true", help="also run the post-hoc variants (see the docstring)")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
     if a.seeds is not None:
@@ -569,7 +585,8 @@ def main(argv=None) -> dict:
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
     workers = a.workers or prof["workers"]
-    jobs = plan(prof)
+    head = commit()
+    jobs = [dict(j, commit=head) for j in plan(prof, a.posthoc)]
     t0 = time.time()
     records = execute(jobs, prof, work, workers, a.threads)
     wall = time.time() - t0
@@ -577,7 +594,7 @@ def main(argv=None) -> dict:
     runs = [r for k, r in sorted(records.items()) if "evals" in r and k == r["key"]]
     analysis = analyse({r["key"]: r for r in runs}, prof, {int(k): v for k, v in meta.items()})
     result = dict(benchmark="bench_alignment_llm", profile=a.profile, profile_config=prof, device=device_name(),
-                  versions=versions(), commit=commit(), workers=workers, threads_per_worker=a.threads,
+                  versions=versions(), commit=head, run_commits=sorted({str(r.get("commit")) for r in runs}), workers=workers, threads_per_worker=a.threads,
                   wall_seconds_this_invocation=wall, meta=meta, analysis=analysis, records=runs,
                   command="python benchmarks/bench_alignment_llm.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     os.makedirs(os.path.dirname(out), exist_ok=True)
