@@ -47,7 +47,9 @@ last two positions) and B (unbiased noisy expert) share the base model and the b
   demonstration NLL. The last checkpoint (fixed compute) is reported too.
 * Metrics per checkpoint: mean true reward of one sample (temperature 1) per held-out prompt, its
   KL to the base model (Monte-Carlo, nats per sequence), held-out preference accuracy and
-  demonstration NLL; wall-clock of each run (training + own-sample generation).
+  demonstration NLL. Wall-clock per run: the whole trainer call (model loading, training, own-sample
+  generation and the evaluations), with ``workers`` runs sharing the machine; ``wall_pipeline`` adds
+  the sft run to ``sft_then_dpo``, which starts from the sft run's last step (not its selected one).
 * Statistics: mean over seeds, 95% t-intervals; differences between methods are paired by seed.
   Verdict (the issue's goal): ``aihf`` >= the best baseline within noise (upper end of the paired
   95% interval >= 0) at every budget and design, and > every baseline by >= 20% of the base->expert
@@ -313,7 +315,7 @@ def job_run(job, prof, work):
                group=job.get("group", "main"), seed=seed, design=design, method=method, budget=budget,
                num_demos=nd, options={k: opts.get(k) for k in ("method", "w_P", "w_D", "nll_weight", "reference")},
                evals=summary["evals"], wall_seconds=wall, train_seconds=summary["train_seconds"],
-               generation_seconds=summary["generation_seconds"])
+               generation_seconds=summary["generation_seconds"], eval_seconds=summary.get("eval_seconds"))
     if job["kind"] == "sft":
         prompts = [r["prompt"] for r in _read_jsonl(os.path.join(p["dir"], "task_A", "prefs.jsonl"))]
         n_pairs = max(prof["budgets"])
@@ -344,12 +346,15 @@ def execute(jobs, prof, work, workers, threads, log=print):
     done, records = set(), {}
     for j in jobs:
         f = os.path.join(rec_dir, j["key"] + ".json")
-        if os.path.isfile(f):
-            done.add(j["key"])
+        try:
             with open(f) as fh:
-                records[j["key"]] = json.load(fh)
-            if j["kind"] == "sft":  # the sft job's run is a result too
-                records[records[j["key"]]["key"]] = records[j["key"]]
+                rec = json.load(fh)
+        except (OSError, ValueError):  # missing, or cut short: run it (again)
+            continue
+        done.add(j["key"])
+        records[j["key"]] = rec
+        if j["kind"] == "sft":  # the sft job's run is a result too
+            records[rec["key"]] = rec
     todo = [j for j in jobs if j["key"] not in done]
     log(f"[bench] {len(jobs)} jobs, {len(done)} cached, {len(todo)} to run on {workers} worker(s) x {threads} thread(s)")
     t0, submitted, running = time.time(), set(), {}
@@ -363,16 +368,26 @@ def execute(jobs, prof, work, workers, threads, log=print):
             if not running:
                 raise RuntimeError("unsatisfiable job dependencies")
             fin, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            failed = []
             for fut in fin:
                 j = running.pop(fut)
-                rec = fut.result()  # a failed run stops the benchmark; finished records stay cached
+                if fut.exception() is not None:
+                    failed.append((j, fut.exception()))
+                    continue
+                rec = fut.result()
                 records[j["key"]] = rec
-                with open(os.path.join(rec_dir, j["key"] + ".json"), "w") as f:
+                tmp = os.path.join(rec_dir, j["key"] + ".json.tmp")
+                with open(tmp, "w") as f:
                     json.dump(rec, f)
+                os.replace(tmp, os.path.join(rec_dir, j["key"] + ".json"))  # never a half-written record
                 if j["kind"] == "sft":  # the sft job's run is a result too
                     records[rec["key"]] = rec
                 done.add(j["key"])
                 log(f"[bench] {len(done)}/{len(jobs)} {j['key']} ({time.time() - t0:.0f}s)")
+            if failed:  # stop now: queued runs are cancelled, finished records stay cached for a rerun
+                ex.shutdown(wait=True, cancel_futures=True)
+                j, e = failed[0]
+                raise RuntimeError(f"{len(failed)} run(s) failed, first {j['key']}: {e!r}; rerun to continue") from e
     return records
 
 
@@ -411,18 +426,24 @@ def analyse(records: dict, prof: dict, meta: dict) -> dict:
         for b in budgets:
             k = (r["group"], r["design"], r["method"], b, r["num_demos"])
             cells.setdefault(k, {})[r["seed"]] = _point(r)
-    if any(r["group"] == "main" and r["method"] == "sft" for r in runs):  # sft at the main size is also a ratio point
-        for r in runs:
-            if r["group"] == "main" and r["method"] in RATIO and r["seed"] in prof["sweep_seeds"] and \
-                    r["design"] in prof["sweep_designs"] and r["budget"] in (0, prof["ratio_budget"]):
-                if r["method"] == "sft" or r["budget"] == prof["ratio_budget"]:
-                    cells.setdefault(("ratio", r["design"], r["method"], prof["ratio_budget"], r["num_demos"]),
-                                     {})[r["seed"]] = _point(r)
+    # ratio sweep cells, all keyed at ratio_budget; the main grid's runs give its num_demos point
+    for k in [k for k in cells if k[0] == "ratio"]:
+        cells[("ratio", k[1], k[2], prof["ratio_budget"], k[4])] = cells.pop(k)
+    for r in runs:
+        if r["group"] == "main" and r["method"] in RATIO and r["seed"] in prof["sweep_seeds"] and \
+                r["design"] in prof["sweep_designs"] and r["budget"] == (0 if r["method"] in NO_PAIRS else prof["ratio_budget"]):
+            cells.setdefault(("ratio", r["design"], r["method"], prof["ratio_budget"], r["num_demos"]),
+                             {})[r["seed"]] = _point(r)
+    sft_wall = {(r["seed"], r["design"]): r["wall_seconds"] for r in runs
+                if r["group"] == "main" and r["method"] == "sft"}
+    for (g, d, m, b, n), per in cells.items():  # the whole pipeline's time: sft_then_dpo includes its sft run
+        for seed, pt in per.items():
+            pt["wall_pipeline"] = pt["wall"] + (sft_wall.get((seed, d), float("nan")) if m == "sft_then_dpo" else 0.0)
     table = []
     for (g, d, m, b, n), per in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][4], kv[0][3], kv[0][2])):
         seeds = sorted(per)
         row = dict(group=g, design=d, method=m, budget=b, num_demos=n, seeds=seeds, per_seed=[per[s] for s in seeds])
-        for f in ("reward", "kl", "reward_last", "kl_last", "pref_accuracy", "demo_nll", "wall", "gen"):
+        for f in ("reward", "kl", "reward_last", "kl_last", "pref_accuracy", "demo_nll", "wall", "gen", "wall_pipeline"):
             v = [per[s][f] for s in seeds]
             row[f] = float(np.mean(v))
             row[f + "_ci95"] = ci95(v)
@@ -433,7 +454,7 @@ def analyse(records: dict, prof: dict, meta: dict) -> dict:
 
 def _verdict(table, prof, meta):
     main = {(r["design"], r["method"], r["budget"]): r for r in table if r["group"] == "main"}
-    out = []
+    out, missing = [], []
     smallest = min([b for b in prof["budgets"] if b > 0], default=None)
     for d in prof["designs"]:
         base = main.get((d, "base", 0))
@@ -445,6 +466,7 @@ def _verdict(table, prof, meta):
                 a = main.get((d, aihf, b))
                 rivals = [main[(d, m, b)] for m in BASELINES if (d, m, b) in main]
                 if a is None or not rivals:
+                    missing.append(f"{d}/{aihf}/{b}")
                     continue
                 best = max(rivals, key=lambda r: r["reward"])
                 diffs = {}
@@ -466,7 +488,7 @@ def _verdict(table, prof, meta):
         if rows:
             goal[aihf] = dict(at_least_as_good_everywhere=all(r["at_least_as_good"] for r in rows),
                               beats_all_by_20pct_at_smallest=all(r.get("beats_all_by_20pct_gap", True) for r in rows))
-    return dict(rows=out, goal=goal)
+    return dict(rows=out, goal=goal, missing_cells=missing)
 
 
 def markdown(result: dict, prof: dict) -> str:

@@ -140,6 +140,7 @@ def _run(task, tmp_path, capsys, **kw):
     (dict(w_D=0, w_P=0), "aihf needs w_D > 0 or w_P > 0"),
     (dict(w_D=0, preferences=None), "aihf with w_D = 0"),
     (dict(sample_temperature=0), "sample_temperature must be > 0"),
+    (dict(eval_reference="/some/model"), "eval_reference is used by eval_kl and eval_preferences"),
     (dict(eval_reward="aihf_fast.data.synthetic:true_reward"), "eval_reward and eval_prompts go together"),
     (dict(steps="abc"), "argument --steps: invalid int value"),
 ])

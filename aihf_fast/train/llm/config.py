@@ -273,6 +273,8 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError(f"sample_temperature must be > 0, got {cfg.sample_temperature}")
     if not 0 < cfg.sample_top_p <= 1:
         raise ConfigError(f"sample_top_p must be in (0, 1], got {cfg.sample_top_p}")
+    if cfg.eval_reference and not (cfg.eval_kl or cfg.eval_preferences):
+        raise ConfigError("eval_reference is used by eval_kl and eval_preferences: give one of them too")
     if bool(cfg.eval_reward) != bool(cfg.eval_prompts):
         raise ConfigError("eval_reward and eval_prompts go together: give both (or neither)")
     if not 0 <= cfg.label_smoothing < 0.5:

@@ -131,12 +131,14 @@ class Trainer:
         self.ref = self._build_reference() if need_ref or (need_eval_ref and not cfg.eval_reference) else None
         self.eval_ref = None  # scores eval/kl and eval/pref_accuracy: the initial model or eval_reference
         if need_eval_ref:
-            self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
+            same = not cfg.eval_reference or (self.ref is not None and cfg.model is not None and
+                                              os.path.realpath(cfg.eval_reference) == os.path.realpath(cfg.model))
+            self.eval_ref = self.ref if same else self._build_reference(cfg.eval_reference)
         nP, nD = len(self.prefs), len(self.demos)
         self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
         self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
         self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
-        self._gen_time = 0.0
+        self._gen_time = self._eval_time = 0.0
 
     # ------------------------------------------------------------------ set-up
     def _agree(self, value):
@@ -361,6 +363,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict | None:
         """Evaluation records: sampled true reward (and KL) on eval_prompts, held-out demonstration
         NLL, held-out preference accuracy; None when nothing to evaluate is configured."""
+        t0 = time.time()
         res = {"step": step}
         if self.eval_prompts and self.eval_reward:
             res.update(self._evaluate_samples(step))
@@ -374,6 +377,7 @@ class Trainer:
             h = rho[0] - rho[1]
             res["eval/pref_accuracy"] = float(((h > 0).double() + 0.5 * (h == 0).double()).mean())
             res["eval/pref_margin"] = float(h.mean())
+        self._eval_time += time.time() - t0
         return res if len(res) > 1 else None
 
     def _evaluate_samples(self, step: int) -> dict:
@@ -536,6 +540,7 @@ class Trainer:
         wall = time.time() - t_start
         summary = dict(steps=cfg.steps, method=cfg.method, last=last, evals=evals, model_dir=model_dir,
                        train_seconds=wall, tokens=tok_total, generation_seconds=self._gen_time,
+                       eval_seconds=self._eval_time,
                        world_size=self.world, zero_stage=cfg.zero_stage, packed=self.packed)
         if self.rank == 0:
             with open(summary_path, "w") as f:
