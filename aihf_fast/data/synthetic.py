@@ -49,6 +49,8 @@ import sys
 
 import numpy as np
 
+from .preferences import bradley_terry_labels
+
 CONTENT_TOKENS = 16
 PROMPT_LEN = 6
 RESPONSE_LEN = 8
@@ -313,10 +315,6 @@ def true_reward(prompts, completions):
 # Preferences
 
 
-def _sigmoid(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
 def label_pairs(prompts, responses_1, responses_2, rng, temperature=1.0, label_noise=0.0):
     """Label response pairs with a noisy Bradley-Terry oracle on the true reward.
 
@@ -343,15 +341,7 @@ def label_pairs(prompts, responses_1, responses_2, rng, temperature=1.0, label_n
         r1, r2 = true_reward_tokens(prompts, responses_1), true_reward_tokens(prompts, responses_2)
     else:
         r1, r2 = true_reward(prompts, responses_1), true_reward(prompts, responses_2)
-    r1, r2 = np.atleast_1d(r1), np.atleast_1d(r2)
-    diff = r1 - r2
-    if temperature == 0:
-        p_bt = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
-    else:
-        p_bt = _sigmoid(diff / temperature)
-    u = rng.random((len(diff), 2))
-    first = (u[:, 0] < p_bt) ^ (u[:, 1] < label_noise)
-    p_first = (1 - label_noise) * p_bt + label_noise * (1 - p_bt)
+    first, p_first = bradley_terry_labels(r1, r2, rng, temperature, label_noise)
     if tokens:
         a, b = np.atleast_2d(responses_1), np.atleast_2d(responses_2)
         chosen = np.where(first[:, None], a, b).astype(np.int64)

@@ -1,0 +1,122 @@
+"""The learned reward r_theta(s, a) of the control methods and its reward step.
+
+    r(s, a[, s']) = clip * tanh(mlp(normalise(s), a[, normalise(s')]) / clip)     (clip=None: no clip)
+
+Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every method:
+
+    L(theta) = w_D * (mean_{(s,a) ~ policy samples} r(s, a) - mean_{(s,a) ~ demonstrations} r(s, a))
+             + w_P * mean_k -log sigmoid(R(seg_w_k) - R(seg_l_k))          R(seg) = sum_t r(s_t, a_t)
+             + l2 * mean r^2 over the demonstration and sample state-actions
+
+    irl   w_P = 0   maximum-likelihood IRL: demonstrations up, current-policy samples down
+    rlhf  w_D = 0   a Bradley-Terry reward model on the segment preferences
+    aihf  both      the paper's joint reward step on fresh policy samples
+
+The demonstration term is linear in r, so without a bound it runs off: the output clip and the
+small l2 term keep the scale (the policy only sees r through RL, where the scale sets the
+effective entropy temperature).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...ops.reference import comparison_losses
+
+METHOD_WEIGHTS = {"irl": (1.0, 0.0), "rlhf": (0.0, 1.0), "aihf": (1.0, 1.0)}
+
+
+class RewardModel(nn.Module):
+    """r_theta(s, a) (or (s, a, s')) as an MLP. Inputs (..., obs_dim), (..., act_dim) float32;
+    output (...,). Observations are normalised by stored mean/std (``fit_normalizer``)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple = (256, 256), use_next_obs: bool = False,
+                 clip: float | None = 10.0, activation: str = "relu"):
+        super().__init__()
+        if obs_dim < 1 or act_dim < 1:
+            raise ValueError(f"obs_dim and act_dim must be >= 1, got {obs_dim}, {act_dim}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or None, got {clip}")
+        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        self.obs_dim, self.act_dim, self.use_next_obs, self.clip = obs_dim, act_dim, use_next_obs, clip
+        dims = [obs_dim * (2 if use_next_obs else 1) + act_dim, *hidden, 1]
+        layers = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(acts[activation]())
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    @torch.no_grad()
+    def fit_normalizer(self, obs: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the observation mean/std from data (N, obs_dim) (e.g. demonstrations + samples)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32).reshape(-1, self.obs_dim)
+        self.obs_mean.copy_(obs.mean(0))
+        self.obs_std.copy_(obs.std(0, unbiased=False).clamp_min(eps) if len(obs) > 1 else torch.ones(self.obs_dim))
+
+    def forward(self, obs, act, next_obs=None) -> torch.Tensor:
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        act = torch.as_tensor(act, dtype=torch.float32)
+        if obs.shape[-1] != self.obs_dim or act.shape[-1] != self.act_dim or obs.shape[:-1] != act.shape[:-1]:
+            raise ValueError(f"obs must be (..., {self.obs_dim}) and act (..., {self.act_dim}) with the same leading "
+                             f"shape, got {tuple(obs.shape)} and {tuple(act.shape)}")
+        x = [(obs - self.obs_mean) / self.obs_std, act]
+        if self.use_next_obs:
+            if next_obs is None:
+                raise ValueError("this reward model uses next_obs: pass it")
+            next_obs = torch.as_tensor(next_obs, dtype=torch.float32)
+            if next_obs.shape != obs.shape:
+                raise ValueError(f"next_obs must have obs's shape {tuple(obs.shape)}, got {tuple(next_obs.shape)}")
+            x.append((next_obs - self.obs_mean) / self.obs_std)
+        r = self.net(torch.cat(x, -1)).squeeze(-1)
+        return r if self.clip is None else self.clip * torch.tanh(r / self.clip)
+
+
+def segment_returns(model: RewardModel, pairs) -> torch.Tensor:
+    """R(seg) = sum_t r(s_t, a_t) of ``pairs`` (a ``SegmentPairs``: obs (K, 2, L, D), act
+    (K, 2, L, A), next_obs) -> (K, 2)."""
+    return model(pairs.obs, pairs.act, pairs.next_obs if model.use_next_obs else None).sum(-1)
+
+
+def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: tuple | None = None,
+                     pairs=None, w_D: float = 1.0, w_P: float = 1.0, l2: float = 0.0):
+    """The reward step's loss (module docstring) -> (loss, metrics dict of floats).
+
+    demo / samples: (obs (N, obs_dim), act (N, act_dim)[, next_obs]) state-action batches of the
+    demonstrations and of the current policy; pairs: a ``SegmentPairs`` (or any object with obs,
+    act, next_obs, first_preferred of its shapes), e.g. a minibatch ``pairs.take(idx)``. A term whose weight is
+    0 needs no data; a term with weight > 0 must have it.
+    """
+    if w_D < 0 or w_P < 0 or l2 < 0:
+        raise ValueError(f"w_D, w_P and l2 must be >= 0, got {w_D}, {w_P}, {l2}")
+    if w_D > 0 and (demo is None or samples is None):
+        raise ValueError("w_D > 0 needs demo and samples state-action batches")
+    if w_P > 0 and (pairs is None or len(pairs.first_preferred) == 0):
+        raise ValueError("w_P > 0 needs preference pairs")
+    if w_D == 0 and w_P == 0:
+        raise ValueError("w_D and w_P are both 0: the reward step has nothing to fit")
+    loss = torch.zeros(())
+    metrics = {}
+    rs = []
+    if w_D > 0:
+        r_demo, r_samp = model(*demo), model(*samples)
+        term = r_samp.mean() - r_demo.mean()
+        loss = loss + w_D * term
+        rs += [r_demo, r_samp]
+        metrics.update({"reward/demo": r_demo.mean().item(), "reward/samples": r_samp.mean().item(),
+                        "loss/demo": term.item()})
+    if w_P > 0:
+        R = segment_returns(model, pairs)
+        first = torch.as_tensor(pairs.first_preferred, dtype=torch.bool)
+        h = torch.where(first, R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])  # R(preferred) - R(other)
+        term = comparison_losses(h, 1.0, "sigmoid").mean()
+        loss = loss + w_P * term
+        metrics.update({"loss/preference": term.item(), "preference/accuracy": (h > 0).float().mean().item()})
+    if l2 > 0 and rs:
+        loss = loss + l2 * torch.cat([r.reshape(-1) for r in rs]).pow(2).mean()
+    metrics["loss"] = loss.item()
+    return loss, metrics
