@@ -9,19 +9,17 @@ sees exactly the same global batch as ``world`` processes with ``grad_accum = k`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+
+from .. import options
+from ..options import ConfigError  # noqa: F401 - re-exported: the trainer's errors
 
 METHODS = ("sft", "dpo", "ipo", "rpo", "sft_then_dpo", "spin", "aihf")
 NEEDS_DEMOS = ("sft", "sft_then_dpo", "spin", "aihf")
 NEEDS_PREFS = ("dpo", "ipo", "rpo", "sft_then_dpo")
 USES_SAMPLES = ("spin", "aihf")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with the option and what was expected."""
 
 
 @dataclass
@@ -90,116 +88,22 @@ class LLMTrainConfig:
         return self.method in USES_SAMPLES and (self.method == "spin" or self.w_D > 0)
 
 
-def _parse_bool(s):
-    if isinstance(s, bool):
-        return s
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _load_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, with line numbers
-        raise ConfigError(f"--config {path!r}: cannot parse: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path!r}: expected a mapping of options, got {type(data).__name__}")
-    return data
-
-
 def from_dict(data: dict) -> LLMTrainConfig:
-    names = {f.name for f in dataclasses.fields(LLMTrainConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
-    data = dict(data)
-    types = {f.name: f.type for f in dataclasses.fields(LLMTrainConfig)}
-    for k, v in list(data.items()):
-        data[k] = _coerce(k, types[k], v)
-    return LLMTrainConfig(**data)
-
-
-def _coerce(name, typ, v):
-    """A config value as its option's type (YAML reads 1e-5 as a string), or ConfigError."""
-    if v is None:
-        if "None" in typ:
-            return None
-        raise ConfigError(f"{name} must not be null")
-    try:
-        if typ == "bool":
-            return _parse_bool(v) if isinstance(v, (str, bool)) else bool({0: False, 1: True}[v])
-        if typ == "int":
-            if isinstance(v, bool) or float(v) != int(float(v)):
-                raise ValueError
-            return int(float(v))
-        if typ == "float":
-            if isinstance(v, bool):
-                raise ValueError
-            return float(v)
-        if typ == "tuple":
-            t = tuple(float(x) for x in v)
-            if len(t) != 2:
-                raise ValueError
-            return t
-        if typ.startswith("str"):
-            if not isinstance(v, str):
-                raise ValueError
-            return v
-        return v  # dict | str | None: checked where used
-    except (ValueError, TypeError, KeyError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{name} must be of type {typ}, got {v!r}") from None
+    return options.from_dict(LLMTrainConfig, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aihf_fast.train.llm", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    p = options.build_parser(LLMTrainConfig, "python -m aihf_fast.train.llm", __doc__.split("\n")[0])
     p.add_argument("--synthetic", action="store_true",
                    help="the embedded default job: generate the known-reward task, pretrain a tiny Llama base on "
                         "mediocre answers, train it with the chosen method, report the true reward before/after")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    for f in dataclasses.fields(LLMTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if t == "bool":
-            kw.update(type=_parse_bool, nargs="?", const=True)
-        elif t == "int":
-            kw.update(type=int)
-        elif t == "float":
-            kw.update(type=float)
-        elif t == "tuple":
-            kw.update(type=float, nargs=2)
-        elif f.name in ("model_config", "deepspeed_config"):
-            kw.update(type=str)
-        else:
-            kw.update(type=str)
-        p.add_argument(flag, dest=f.name, **kw)
     return p
 
 
 def parse_args(argv=None, preset: dict | None = None) -> tuple[LLMTrainConfig, argparse.Namespace]:
     """Flags over the --config file over ``preset`` -> (config, namespace with --synthetic)."""
-    ns = build_parser().parse_args(argv)
-    data = dict(preset or {})
-    data.update(_load_file(ns.config) if ns.config else {})
-    names = {f.name for f in dataclasses.fields(LLMTrainConfig)}
-    for k, v in vars(ns).items():
-        if k in names:
-            data[k] = v
-    return from_dict(data), ns
+    return options.parse_args(LLMTrainConfig, build_parser(), argv, preset)
 
 
 def load_mapping(name: str, value) -> dict | None:
