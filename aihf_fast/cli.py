@@ -1,4 +1,4 @@
-"""``aihf-fast`` console command: ``demo``, ``train-llm`` and ``info``."""
+"""``aihf-fast`` console command: ``demo``, ``train-llm``, ``train-control`` and ``info``."""
 from __future__ import annotations
 
 import sys
@@ -17,16 +17,18 @@ def _info(argv):
     print(f"auto backend for {dev} tensors: {resolve_backend('auto', torch.empty(0, device=dev))}")
 
 
-COMMANDS = {"demo": "aihf_fast.demo", "info": None, "train-llm": "aihf_fast.train.llm"}
+COMMANDS = {"demo": "aihf_fast.demo", "info": None, "train-llm": "aihf_fast.train.llm",
+            "train-control": "aihf_fast.train.control"}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: aihf-fast {demo,train-llm,info} [options]\n"
-              "  demo       train a tiny policy with the AIHF loss on a toy task with a known reward\n"
-              "  train-llm  the LLM trainer (= python -m aihf_fast.train.llm; --help for its options)\n"
-              "  info       versions and the backend the ops will use")
+        print("usage: aihf-fast {demo,train-llm,train-control,info} [options]\n"
+              "  demo           train a tiny policy with the AIHF loss on a toy task with a known reward\n"
+              "  train-llm      the LLM trainer (= python -m aihf_fast.train.llm; --help for its options)\n"
+              "  train-control  the MuJoCo control trainer (= python -m aihf_fast.train.control)\n"
+              "  info           versions and the backend the ops will use")
         return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
     if argv[0] == "info":
         return _info(argv[1:])
@@ -34,6 +36,10 @@ def main(argv=None):
         from .train.llm.cli import main as llm_main
 
         return llm_main(argv[1:])
+    if argv[0] == "train-control":
+        from .train.control.cli import main as control_main
+
+        return control_main(argv[1:])
     from .demo import main as demo_main
 
     return demo_main(argv[1:])

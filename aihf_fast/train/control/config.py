@@ -1,0 +1,100 @@
+"""Options of the control trainer (``python -m aihf_fast.train.control``): one dataclass, read from
+YAML/JSON and overridden by flags (``aihf_fast.train.options``)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..options import ConfigError
+
+METHODS = ("expert", "bc", "irl", "rlhf", "aihf")
+NEEDS_DEMOS = ("bc", "irl", "aihf")
+NEEDS_PREFS = ("rlhf",)
+
+
+@dataclass
+class ControlConfig:
+    task: str = field(default="InvertedPendulum-v5", metadata={"help": "gymnasium MuJoCo id (aihf_fast.envs.task_ids())"})
+    method: str = field(default="aihf", metadata={"help": "|".join(METHODS) + " (expert: PPO on the true reward)"})
+    seed: int = 0
+    output_dir: str = "runs/control"
+    demonstrations: str | None = field(default=None, metadata={"help": "demonstrations .npz (Trajectories)"})
+    preferences: str | None = field(default=None, metadata={"help": "segment preferences .npz (SegmentPairs)"})
+    num_pairs: int | None = field(default=None, metadata={"help": "use the first N preference pairs (default: all)"})
+    env_steps: int = field(default=100_000, metadata={"help": "environment steps of RL in all"})
+    # PPO (the RL solver of every method)
+    num_envs: int = 16
+    rollout_steps: int = field(default=128, metadata={"help": "PPO steps per env per iteration"})
+    ppo_epochs: int = 10
+    minibatch_size: int = 256
+    ppo_lr: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.0
+    hidden: int = field(default=64, metadata={"help": "width of the actor/critic's 2 hidden layers"})
+    log_std_init: float = -0.5
+    # reward model and reward step
+    w_D: float = field(default=1.0, metadata={"help": "aihf: weight of demonstrations vs policy samples"})
+    w_P: float = field(default=1.0, metadata={"help": "aihf: weight of the segment preferences"})
+    reward_hidden: int = field(default=64, metadata={"help": "width of the reward MLP's 2 hidden layers"})
+    reward_lr: float = 3e-4
+    reward_steps: int = field(default=5, metadata={"help": "irl/aihf: reward steps per PPO iteration"})
+    reward_batch: int = field(default=256, metadata={"help": "state-actions per term per reward step"})
+    pair_batch: int = field(default=64, metadata={"help": "preference pairs per reward step"})
+    reward_l2: float = 1e-3
+    reward_clip: float = 10.0
+    reward_next_obs: bool = field(default=False, metadata={"help": "r(s, a, s') instead of r(s, a)"})
+    rl_reward: str = field(default="sigmoid", metadata={"help": "what PPO maximises of r_theta: sigmoid (positive, so "
+                           "that ending an episode early never pays; the usual fix for IRL's termination bias) | raw"})
+    rlhf_reward_steps: int = field(default=2000, metadata={"help": "rlhf: reward-model steps before RL"})
+    bc_steps: int = field(default=2000, metadata={"help": "bc, and bc_init: behaviour-cloning steps"})
+    bc_init: bool = field(default=False, metadata={"help": "rlhf/irl/aihf: start the actor from BC on the demonstrations"})
+    # evaluation, logging, checkpoints
+    eval_every: int = field(default=5, metadata={"help": "PPO iterations between evaluations"})
+    eval_episodes: int = 10
+    save_every: int = field(default=10, metadata={"help": "PPO iterations between checkpoints (expert: policy snapshots)"})
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.method in ("irl", "rlhf", "aihf")
+
+
+def validate(cfg: ControlConfig) -> None:
+    """Fail early, naming the option."""
+    from ...envs import task_ids
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.task not in task_ids():
+        raise ConfigError(f"task: unknown {cfg.task!r}; supported: {sorted(task_ids())}")
+    for name in ("w_D", "w_P", "reward_l2", "ent_coef", "rlhf_reward_steps", "bc_steps", "env_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    needs_d = cfg.method in NEEDS_DEMOS or cfg.bc_init
+    needs_p = cfg.method in NEEDS_PREFS or (cfg.method == "aihf" and cfg.w_P > 0)
+    if cfg.method == "aihf" and cfg.w_D == 0:
+        needs_d = cfg.bc_init
+    for name, need in (("demonstrations", needs_d), ("preferences", needs_p)):
+        path = getattr(cfg, name)
+        if need and not path:
+            raise ConfigError(f"method {cfg.method!r} needs {name} (a .npz file)")
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name}: file not found: {path!r}")
+    if cfg.method == "aihf" and cfg.w_D == 0 and cfg.w_P == 0:
+        raise ConfigError("aihf needs w_D > 0 or w_P > 0")
+    for name in ("num_envs", "rollout_steps", "ppo_epochs", "minibatch_size", "hidden", "reward_hidden",
+                 "reward_steps", "reward_batch", "pair_batch", "eval_every", "eval_episodes", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("ppo_lr", "reward_lr", "reward_clip"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
+        raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
+    if cfg.rl_reward not in ("sigmoid", "raw"):
+        raise ConfigError(f"rl_reward must be 'sigmoid' or 'raw', got {cfg.rl_reward!r}")
+    if cfg.num_pairs is not None and cfg.num_pairs < 0:
+        raise ConfigError(f"num_pairs must be >= 0, got {cfg.num_pairs}")

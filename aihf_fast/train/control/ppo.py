@@ -1,0 +1,254 @@
+"""PPO on the batched C++ rollouts: the RL solver every control method shares.
+
+Why PPO: one SAC update (batch 256, two 256-unit layers, actor + twin critics) runs ~140/s on a
+2-core CPU, ~12 minutes per 100k env steps at one update per step, while PPO collects whole
+batches in C++ (``envs.rollout(MLPPolicy)``, no Python per step) and updates on them at a small
+fraction of that (measured in ``benchmarks/bench_alignment_control.py``).
+
+    actor:  obs -> tanh MLP -> mean (nu);  log_std a free vector;  u ~ N(mean, exp(log_std))
+            the env gets u (MuJoCo clamps it to ctrlrange; gymnasium's control costs see u)
+    critic: obs -> tanh MLP -> V
+    update: GAE(gamma, lambda) on the rewards given (the true reward for experts, r_theta for the
+            learned-reward methods), bootstrapping V(s') on time-limit truncation; clipped
+            surrogate + value loss, minibatch Adam, advantages normalised per batch.
+
+Observations are normalised by running statistics, frozen during each rollout and folded into
+the first layer of the exported ``MLPPolicy`` (so the C++ rollouts see raw observations).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...envs import MLPPolicy
+
+
+@dataclass
+class PPOConfig:
+    num_envs: int = 16
+    rollout_steps: int = 128           # per env per iteration
+    epochs: int = 10
+    minibatch_size: int = 256
+    lr: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    max_grad_norm: float = 0.5
+    hidden: tuple = (64, 64)
+    log_std_init: float = -0.5
+    normalize_obs: bool = True
+    normalize_reward: bool = True      # divide rewards by a running std of the discounted return
+
+    def validate(self):
+        for k in ("num_envs", "rollout_steps", "epochs", "minibatch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"ppo {k} must be >= 1, got {getattr(self, k)}")
+        for k in ("lr", "clip", "max_grad_norm"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"ppo {k} must be > 0, got {getattr(self, k)}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ValueError(f"ppo gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
+
+
+class RunningMeanStd:
+    """Running mean / variance of a stream of (n, dim) batches (parallel-variance update)."""
+
+    def __init__(self, dim: int):
+        self.mean, self.var, self.count = np.zeros(dim), np.ones(dim), 1e-4
+
+    def update(self, x: np.ndarray):
+        x = np.asarray(x, np.float64).reshape(-1, len(self.mean))
+        m, v, n = x.mean(0), x.var(0), len(x)
+        d, tot = m - self.mean, self.count + n
+        self.mean = self.mean + d * n / tot
+        self.var = (self.var * self.count + v * n + d ** 2 * self.count * n / tot) / tot
+        self.count = tot
+
+    def state_dict(self):
+        return dict(mean=self.mean.copy(), var=self.var.copy(), count=self.count)
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = np.asarray(d["mean"]), np.asarray(d["var"]), float(d["count"])
+
+
+def _mlp(inp, hidden, out):
+    dims, layers = [inp, *hidden], []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    layers.append(nn.Linear(dims[-1], out))
+    return nn.Sequential(*layers)
+
+
+class PPO:
+    """PPO agent for one task. ``collect`` runs the stochastic policy in the batched envs;
+    ``update(batch, rewards)`` takes one PPO iteration on it; ``policy(deterministic)`` is the
+    C++ ``MLPPolicy`` for rollouts and evaluation."""
+
+    def __init__(self, obs_dim: int, act_dim: int, low, high, cfg: PPOConfig | None = None, seed: int = 0):
+        self.cfg = cfg or PPOConfig()
+        self.cfg.validate()
+        torch.manual_seed(seed)
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+        self.actor = _mlp(obs_dim, self.cfg.hidden, act_dim)
+        self.critic = _mlp(obs_dim, self.cfg.hidden, 1)
+        with torch.no_grad():  # small initial actions, as in the usual PPO initialisation
+            self.actor[-1].weight.mul_(0.01)
+            self.actor[-1].bias.zero_()
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(self.cfg.log_std_init)))
+        self.opt = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters(), self.log_std],
+                                    lr=self.cfg.lr, eps=1e-5)
+        self.obs_rms = RunningMeanStd(obs_dim)
+        self.ret_rms = RunningMeanStd(1)
+        self._ret = None  # running discounted return per env (reward normalisation)
+        self.env_steps = 0
+
+    # ------------------------------------------------------------------ normalisation / export
+    def _norm(self):
+        if not self.cfg.normalize_obs:
+            return np.zeros(self.obs_dim), np.ones(self.obs_dim)
+        return self.obs_rms.mean, np.sqrt(self.obs_rms.var + 1e-8)
+
+    def normalize(self, obs) -> torch.Tensor:
+        m, s = self._norm()
+        return torch.as_tensor((np.asarray(obs, np.float64) - m) / s, dtype=torch.float32).clamp(-10, 10)
+
+    def policy(self, deterministic: bool = False) -> MLPPolicy:
+        """The actor for the C++ rollouts: observation normalisation folded into layer 1
+        (W' = W / std, b' = b - W' mean; the [-10, 10] clamp of training is dropped)."""
+        m, s = self._norm()
+        lin = [x for x in self.actor if isinstance(x, nn.Linear)]
+        w = [x.weight.detach().double().numpy().copy() for x in lin]
+        b = [x.bias.detach().double().numpy().copy() for x in lin]
+        w[0] = w[0] / s[None, :]
+        b[0] = b[0] - w[0] @ m
+        if deterministic:
+            return MLPPolicy(w, b, activation="tanh", squash="clip")
+        return MLPPolicy(w, b, activation="tanh", squash="none", gaussian=True,
+                         log_std=self.log_std.detach().numpy())
+
+    # ------------------------------------------------------------------ data
+    def collect(self, envs, steps: int | None = None, seed: int | None = None) -> dict:
+        """One rollout of the stochastic policy: arrays [t, env] (see ``envs.rollout``)."""
+        out = envs.rollout(self.policy(), int(steps or self.cfg.rollout_steps), seed=seed)
+        self.env_steps += out["rewards"].size
+        return out
+
+    def _scaled(self, rewards, done):
+        """Rewards divided by the running std of the discounted return (per env)."""
+        if not self.cfg.normalize_reward:
+            return rewards
+        T, N = rewards.shape
+        if self._ret is None or len(self._ret) != N:
+            self._ret = np.zeros(N)
+        rets = np.empty((T, N))
+        for t in range(T):
+            self._ret = self._ret * self.cfg.gamma + rewards[t]
+            rets[t] = self._ret
+            self._ret = np.where(done[t], 0.0, self._ret)
+        self.ret_rms.update(rets.reshape(-1, 1))
+        return rewards / math.sqrt(float(self.ret_rms.var[0]) + 1e-8)
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: dict, rewards: np.ndarray | None = None) -> dict:
+        """One PPO iteration on a ``collect`` batch; ``rewards`` (T, N) replaces the env's."""
+        cfg = self.cfg
+        r = np.asarray(batch["rewards"] if rewards is None else rewards, np.float64)
+        T, N = r.shape
+        term, trunc = batch["terminated"], batch["truncated"]
+        r = self._scaled(r, term | trunc)
+        obs = self.normalize(batch["obs"].reshape(T * N, -1))
+        nxt = self.normalize(batch["next_obs"].reshape(T * N, -1))
+        act = torch.as_tensor(batch["actions"].reshape(T * N, -1))
+        with torch.no_grad():
+            v = self.critic(obs).view(T, N).double().numpy()
+            v_next = self.critic(nxt).view(T, N).double().numpy()
+            old_logp = self._logp(obs, act)
+        # GAE: the episode continues from next_obs unless terminated; a done step cuts the trace
+        adv = np.zeros((T, N))
+        last = np.zeros(N)
+        for t in reversed(range(T)):
+            boot = np.where(term[t], 0.0, v_next[t])
+            delta = r[t] + cfg.gamma * boot - v[t]
+            cont = ~(term[t] | trunc[t])
+            last = delta + cfg.gamma * cfg.gae_lambda * cont * last
+            adv[t] = last
+        ret = torch.as_tensor((adv + v).reshape(-1), dtype=torch.float32)
+        adv_t = torch.as_tensor(adv.reshape(-1), dtype=torch.float32)
+        stats = dict(pg_loss=0.0, v_loss=0.0, approx_kl=0.0, clip_frac=0.0)
+        n_mb = 0
+        M = T * N
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(M)
+            for i in range(0, M, cfg.minibatch_size):
+                idx = perm[i:i + cfg.minibatch_size]
+                a = adv_t[idx]
+                a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
+                logp = self._logp(obs[idx], act[idx])
+                ratio = (logp - old_logp[idx]).exp()
+                pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
+                vl = 0.5 * (self.critic(obs[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
+                ent = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum()
+                loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent
+                self.opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_([*self.actor.parameters(), *self.critic.parameters(), self.log_std],
+                                         cfg.max_grad_norm)
+                self.opt.step()
+                with torch.no_grad():
+                    stats["pg_loss"] += pg.item()
+                    stats["v_loss"] += vl.item()
+                    stats["approx_kl"] += ((ratio - 1) - ratio.log()).mean().item()
+                    stats["clip_frac"] += ((ratio - 1).abs() > cfg.clip).float().mean().item()
+                n_mb += 1
+        # statistics for the next rollout's normalisation (after this batch's update: the
+        # update used the same frozen statistics as the rollout)
+        self.obs_rms.update(batch["obs"].reshape(T * N, -1))
+        return {k: v / max(n_mb, 1) for k, v in stats.items()}
+
+    def _logp(self, obs, act):
+        mean = self.actor(obs)
+        std = self.log_std.exp()
+        return (-0.5 * ((act - mean) / std) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return dict(actor=self.actor.state_dict(), critic=self.critic.state_dict(), log_std=self.log_std.detach().clone(),
+                    opt=self.opt.state_dict(), obs_rms=self.obs_rms.state_dict(), ret_rms=self.ret_rms.state_dict(),
+                    ret=None if self._ret is None else self._ret.copy(), env_steps=self.env_steps, cfg=asdict(self.cfg))
+
+    def load_state_dict(self, d: dict):
+        self.actor.load_state_dict(d["actor"])
+        self.critic.load_state_dict(d["critic"])
+        with torch.no_grad():
+            self.log_std.copy_(d["log_std"])
+        self.opt.load_state_dict(d["opt"])
+        self.obs_rms.load_state_dict(d["obs_rms"])
+        self.ret_rms.load_state_dict(d["ret_rms"])
+        self._ret = None if d["ret"] is None else np.asarray(d["ret"])
+        self.env_steps = int(d["env_steps"])
+
+
+def evaluate(envs, policy: MLPPolicy, episodes: int, max_steps: int, seed: int = 0) -> np.ndarray:
+    """True returns of ``episodes`` episodes of ``policy`` (deterministic: the rollouts' noise is
+    unused) in the batched envs: each round resets every env (seeds ``seed + round * num_envs``,
+    ...) and keeps each env's first episode, which ends within ``max_steps`` (the time limit)."""
+    rets: list = []
+    N, k = envs.num_envs, 0
+    while len(rets) < episodes:
+        envs.reset(seed=seed + k * N)
+        k += 1
+        out = envs.rollout(policy, max_steps)
+        done = out["terminated"] | out["truncated"]
+        for n in range(N):
+            d = np.flatnonzero(done[:, n])
+            if not len(d):
+                raise RuntimeError(f"an episode ran past max_steps={max_steps}: give the task's time limit")
+            rets.append(float(out["rewards"][: d[0] + 1, n].sum()))
+    return np.asarray(rets[:episodes])

@@ -1,0 +1,310 @@
+"""The control trainer: one PPO (``ppo.py``), one reward model and reward step (``reward.py``),
+five methods.
+
+    expert  PPO on the true reward; policy snapshots kept along training (policies/iterK.pt),
+            the pool that demonstrations and preferences are drawn from (``datagen.py``)
+    bc      behaviour cloning: max sum log pi(a|s) over the demonstrations (no env interaction)
+    irl     each iteration: PPO batch -> ``reward_steps`` reward steps with w_P = 0 (demonstration
+            state-actions up, the batch's down) -> PPO update on r_theta
+    rlhf    a Bradley-Terry reward model fit on the preferences first (``rlhf_reward_steps``),
+            then PPO on it, frozen (actor optionally from BC: ``bc_init``)
+    aihf    as irl with w_D * (demonstrations vs the fresh batch) + w_P * Bradley-Terry on the
+            preference pairs in every reward step: the paper's single loop
+
+Every evaluation runs the deterministic policy for ``eval_episodes`` episodes in the C++ rollouts
+and logs the true return; every iteration logs the Pearson correlation of r_theta with the true
+reward on the batch, and the wall-clock split between simulation (rollouts) and learning.
+Outputs in output_dir: log.jsonl, checkpoint.pt (--resume continues it), summary.json, curves.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from ...envs import make_vec
+from ..options import ConfigError
+from .config import ControlConfig, validate
+from .data import SegmentPairs, Trajectories
+from .ppo import PPO, PPOConfig, evaluate
+from .reward import RewardModel, reward_step_loss
+
+
+def behaviour_clone(agent: PPO, demos: Trajectories, steps: int, batch: int = 256, lr: float = 1e-3,
+                    seed: int = 0) -> float:
+    """Fit the actor's Gaussian (mean and log_std) to the demonstrations' actions by maximum
+    likelihood; the observation normaliser is set from the demonstrations. Returns the final NLL."""
+    if len(demos) == 0:
+        raise ConfigError("demonstrations are empty: behaviour cloning needs at least one transition")
+    agent.obs_rms.update(demos.obs)
+    obs, act = agent.normalize(demos.obs), torch.as_tensor(demos.act)
+    opt = torch.optim.Adam([*agent.actor.parameters(), agent.log_std], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    nll = float("nan")
+    for _ in range(steps):
+        idx = torch.randint(len(obs), (min(batch, len(obs)),), generator=g)
+        loss = -agent._logp(obs[idx], act[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nll = loss.item()
+    return nll
+
+
+class Trainer:
+    def __init__(self, cfg: ControlConfig):
+        validate(cfg)
+        self.cfg = cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.ckpt = os.path.join(cfg.output_dir, "checkpoint.pt")
+        if os.path.isfile(self.ckpt) and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"output_dir {cfg.output_dir!r} holds a checkpoint: pass --resume to continue it or "
+                              "--overwrite to start over")
+        if cfg.overwrite and not cfg.resume:
+            import shutil
+
+            shutil.rmtree(os.path.join(cfg.output_dir, "policies"), ignore_errors=True)
+            if os.path.isfile(self.ckpt):
+                os.remove(self.ckpt)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.envs = make_vec(cfg.task, num_envs=cfg.num_envs, num_threads=min(cfg.num_envs, os.cpu_count() or 1))
+        self.eval_envs = make_vec(cfg.task, num_envs=min(cfg.eval_episodes, 16), num_threads=1)
+        self.max_steps = self.envs.spec.max_episode_steps or 1000
+        D, A = self.envs.single_observation_space.shape[0], self.envs.single_action_space.shape[0]
+        sp = self.envs.single_action_space
+        ppo = PPOConfig(num_envs=cfg.num_envs, rollout_steps=cfg.rollout_steps, epochs=cfg.ppo_epochs,
+                        minibatch_size=cfg.minibatch_size, lr=cfg.ppo_lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+                        ent_coef=cfg.ent_coef, hidden=(cfg.hidden, cfg.hidden), log_std_init=cfg.log_std_init)
+        self.agent = PPO(D, A, sp.low, sp.high, ppo, seed=cfg.seed)
+        self.demos = self._load(Trajectories, cfg.demonstrations, D, A, "demonstrations")
+        self.prefs = self._load(SegmentPairs, cfg.preferences, D, A, "preferences")
+        if self.prefs is not None and cfg.num_pairs is not None:
+            if cfg.num_pairs > len(self.prefs):
+                raise ConfigError(f"num_pairs={cfg.num_pairs} but {cfg.preferences!r} holds {len(self.prefs)} pairs")
+            self.prefs = self.prefs.subset(cfg.num_pairs)
+        if cfg.method in ("rlhf",) and len(self.prefs) == 0:
+            raise ConfigError("rlhf needs at least one preference pair (num_pairs > 0)")
+        self.w_D, self.w_P = {"irl": (1.0, 0.0), "rlhf": (0.0, 1.0)}.get(cfg.method, (cfg.w_D, cfg.w_P))
+        if cfg.method == "aihf" and (self.prefs is None or len(self.prefs) == 0):
+            self.w_P = 0.0  # no pairs at this budget: the demonstration term alone (= irl)
+        self.reward = None
+        if cfg.uses_reward_model:
+            self.reward = RewardModel(D, A, hidden=(cfg.reward_hidden, cfg.reward_hidden),
+                                      use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip)
+            ref = self.demos.obs if self.demos is not None and len(self.demos) else self.prefs.obs.reshape(-1, D)
+            self.reward.fit_normalizer(ref)
+            self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
+        self.rng = np.random.default_rng(cfg.seed + 1)
+        self.it = 0
+        self.iterations = cfg.env_steps // (cfg.num_envs * cfg.rollout_steps) if cfg.method != "bc" else 0
+        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+        self.sim_s = self.learn_s = 0.0
+
+    def _load(self, cls, path, D, A, name):
+        if not path:
+            return None
+        data = cls.load(path)
+        obs_dim, act_dim = data.obs.shape[-1], data.act.shape[-1]
+        if (obs_dim, act_dim) != (D, A):
+            raise ConfigError(f"{name} {path!r}: obs/act dims ({obs_dim}, {act_dim}) do not match {self.cfg.task} ({D}, {A})")
+        if len(data) == 0 and (name == "demonstrations"):
+            raise ConfigError(f"{name} {path!r} is empty")
+        return data
+
+    # ------------------------------------------------------------------ pieces
+    def _reward_step(self, batch=None):
+        cfg = self.cfg
+        demo = samples = pairs = None
+        if self.w_D > 0:
+            i = self.rng.integers(len(self.demos), size=cfg.reward_batch)
+            T, N = batch["rewards"].shape
+            j = self.rng.integers(T * N, size=cfg.reward_batch)
+            flat = lambda k: batch[k].reshape(T * N, -1)[j]  # noqa: E731
+            demo = (self.demos.obs[i], self.demos.act[i]) + ((self.demos.next_obs[i],) if cfg.reward_next_obs else ())
+            samples = (flat("obs"), flat("actions")) + ((flat("next_obs"),) if cfg.reward_next_obs else ())
+        if self.w_P > 0:
+            pairs = self.prefs.take(self.rng.integers(len(self.prefs), size=min(cfg.pair_batch, len(self.prefs))))
+        loss, m = reward_step_loss(self.reward, demo=demo, samples=samples, pairs=pairs, w_D=self.w_D, w_P=self.w_P,
+                                   l2=cfg.reward_l2)
+        self.ropt.zero_grad()
+        loss.backward()
+        self.ropt.step()
+        return m
+
+    @torch.no_grad()
+    def _learned_rewards(self, batch):
+        T, N = batch["rewards"].shape
+        nxt = batch["next_obs"].reshape(T * N, -1) if self.cfg.reward_next_obs else None
+        r = self.reward(batch["obs"].reshape(T * N, -1), batch["actions"].reshape(T * N, -1), nxt)
+        return r.double().numpy().reshape(T, N)
+
+    def _rl_rewards(self, learned):
+        return 1.0 / (1.0 + np.exp(-learned)) if self.cfg.rl_reward == "sigmoid" else learned
+
+    def evaluate(self) -> dict:
+        ret = evaluate(self.eval_envs, self.agent.policy(deterministic=True), self.cfg.eval_episodes, self.max_steps,
+                       seed=10_000 + self.cfg.seed)
+        return {"iter": self.it, "env_steps": self.agent.env_steps, "eval/return": float(ret.mean()),
+                "eval/return_std": float(ret.std()), "eval/episodes": len(ret)}
+
+    def _log(self, rec):
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self):
+        st = dict(it=self.it, agent=self.agent.state_dict(), sim_s=self.sim_s, learn_s=self.learn_s,
+                  rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(), np_rng=np.random.get_state(),
+                  reward=self.reward.state_dict() if self.reward is not None else None,
+                  ropt=self.ropt.state_dict() if self.reward is not None else None,
+                  run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
+                                                         "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P")})
+        tmp = self.ckpt + ".tmp"
+        torch.save(st, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def load(self) -> bool:
+        if not os.path.isfile(self.ckpt):
+            return False
+        st = torch.load(self.ckpt, weights_only=False)
+        now = {k: getattr(self.cfg, k) for k in st["run"]}
+        diff = sorted(k for k in now if now[k] != st["run"][k])
+        if diff:
+            raise ConfigError("--resume: options differ from the checkpointed run: " +
+                              ", ".join(f"{k} (checkpoint {st['run'][k]!r}, now {now[k]!r})" for k in diff))
+        self.it, self.sim_s, self.learn_s = st["it"], st["sim_s"], st["learn_s"]
+        self.agent.load_state_dict(st["agent"])
+        self.rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        np.random.set_state(st["np_rng"])
+        if self.reward is not None:
+            self.reward.load_state_dict(st["reward"])
+            self.ropt.load_state_dict(st["ropt"])
+        return True
+
+    def _snapshot(self, ev):
+        """expert: keep the policy (deterministic and stochastic) and its evaluation."""
+        d = os.path.join(self.cfg.output_dir, "policies")
+        os.makedirs(d, exist_ok=True)
+        torch.save(dict(iter=self.it, env_steps=self.agent.env_steps, eval_return=ev["eval/return"],
+                        policy=self.agent.policy(deterministic=True).__dict__,
+                        stochastic=self.agent.policy(deterministic=False).__dict__),
+                   os.path.join(d, f"iter{self.it}.pt"))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        resumed = cfg.resume and self.load()
+        if resumed:  # keep the log up to the checkpoint
+            lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
+            open(self.log_path, "w").write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
+        else:
+            open(self.log_path, "w").close()
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(vars(cfg), f, indent=1)
+            t0 = time.time()
+            pre = {}
+            if cfg.method == "bc" or cfg.bc_init:
+                pre["bc/nll"] = behaviour_clone(self.agent, self.demos, cfg.bc_steps, seed=cfg.seed)
+            if cfg.method == "rlhf":
+                for _ in range(cfg.rlhf_reward_steps):
+                    m = self._reward_step()
+                pre.update({f"rlhf/{k}": v for k, v in m.items()} if cfg.rlhf_reward_steps else {})
+            self.learn_s += time.time() - t0
+            ev = self.evaluate()
+            self._log({**ev, **pre})
+            if cfg.method == "expert":
+                self._snapshot(ev)
+        self.envs.reset(seed=cfg.seed + 1000 * self.it)
+        bar = None
+        if cfg.progress and self.iterations > self.it:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.iterations, initial=self.it, desc=f"{cfg.method} {cfg.task}", dynamic_ncols=True)
+        last_eval = None
+        while self.it < self.iterations:
+            t0 = time.time()
+            batch = self.agent.collect(self.envs, seed=cfg.seed * 1_000_003 + self.it)
+            t1 = time.time()
+            rec = {"iter": self.it + 1, "env_steps": self.agent.env_steps}
+            if cfg.method in ("irl", "aihf"):
+                for _ in range(cfg.reward_steps):
+                    m = self._reward_step(batch)
+                rec.update({f"reward_step/{k}": v for k, v in m.items()})
+            if self.reward is not None:
+                rewards = self._learned_rewards(batch)
+                true = batch["rewards"].reshape(-1)
+                rec["reward/corr_true"] = float(np.corrcoef(rewards.reshape(-1), true)[0, 1]) if true.std() > 0 else None
+                rewards = self._rl_rewards(rewards)
+            else:
+                rewards = None
+            rec.update({f"ppo/{k}": v for k, v in self.agent.update(batch, rewards).items()})
+            self.it += 1
+            self.sim_s += t1 - t0
+            self.learn_s += time.time() - t1
+            rec.update(sim_s=self.sim_s, learn_s=self.learn_s, train_return=float(batch["rewards"].sum(0).mean()))
+            self._log(rec)
+            if self.it % cfg.eval_every == 0 or self.it == self.iterations:
+                last_eval = self.evaluate()
+                self._log(last_eval)
+                if cfg.method == "expert" and (self.it % cfg.save_every == 0 or self.it == self.iterations):
+                    self._snapshot(last_eval)
+                self.envs.reset(seed=cfg.seed + 1000 * self.it)  # the eval used other envs; keep runs reproducible
+            if self.it % cfg.save_every == 0 or self.it == self.iterations:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+                if last_eval:
+                    bar.set_postfix(ret=f"{last_eval['eval/return']:.0f}")
+        if bar is not None:
+            bar.close()
+        if cfg.method == "bc":
+            self.save()
+        evals = [r for r in map(json.loads, open(self.log_path)) if "eval/return" in r]
+        summary = dict(task=cfg.task, method=cfg.method, seed=cfg.seed, iterations=self.it, env_steps=self.agent.env_steps,
+                       evals=evals, final_return=evals[-1]["eval/return"], sim_seconds=self.sim_s,
+                       learn_seconds=self.learn_s,
+                       num_pairs=len(self.prefs) if self.prefs is not None else 0,
+                       num_demo_transitions=len(self.demos) if self.demos is not None else 0)
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        _plot(self.log_path, os.path.join(cfg.output_dir, "curves.png"), f"{cfg.method} on {cfg.task}")
+        self.envs.close()
+        self.eval_envs.close()
+        return summary
+
+
+def _plot(log_path, out, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [json.loads(x) for x in open(log_path)]
+    ev = [r for r in recs if "eval/return" in r]
+    co = [r for r in recs if r.get("reward/corr_true") is not None]
+    fig, ax = plt.subplots(1, 2 if co else 1, figsize=(10 if co else 5, 3.5), squeeze=False)
+    ax[0][0].plot([r["env_steps"] for r in ev], [r["eval/return"] for r in ev], marker="o")
+    ax[0][0].set_xlabel("env steps")
+    ax[0][0].set_ylabel("true return (deterministic)")
+    ax[0][0].set_title(title)
+    if co:
+        ax[0][1].plot([r["env_steps"] for r in co], [r["reward/corr_true"] for r in co])
+        ax[0][1].set_xlabel("env steps")
+        ax[0][1].set_ylabel("corr(r_theta, true reward)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def train(cfg: ControlConfig) -> dict:
+    """Run one control job; returns its summary (also output_dir/summary.json)."""
+    return Trainer(cfg).train()

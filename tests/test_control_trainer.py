@@ -1,0 +1,137 @@
+"""The control trainer end to end on InvertedPendulum: an expert by PPO with snapshots, data drawn
+from it, every method, exact --resume, bad configs, and a learning test (RL solver and aihf far
+above a random policy)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("aihf_fast._C")
+
+from aihf_fast.train.control.cli import main  # noqa: E402
+from aihf_fast.train.control.config import ControlConfig  # noqa: E402
+from aihf_fast.train.control.datagen import make_data  # noqa: E402
+from aihf_fast.train.control.trainer import train  # noqa: E402
+from aihf_fast.train.options import ConfigError  # noqa: E402
+
+TASK = "InvertedPendulum-v5"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def expert(tmp_path_factory):
+    """A PPO expert on the true reward (solves the task in ~20k steps), with snapshots."""
+    out = str(tmp_path_factory.mktemp("ctl") / "expert")
+    s = train(ControlConfig(task=TASK, method="expert", env_steps=16 * 128 * 16, eval_every=2, save_every=2,
+                            output_dir=out, progress=False))
+    return out, s
+
+
+@pytest.fixture(scope="module")
+def data(expert, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ctl_data"))
+    meta = make_data(expert[0], out, num_demos=4, demo_quality=0.5, num_pairs=60, segment_len=10, pool_episodes=4)
+    return out, meta
+
+
+def test_expert_learns_and_keeps_snapshots(expert):
+    out, s = expert
+    rets = [e["eval/return"] for e in s["evals"]]
+    assert rets[0] < 100 and s["final_return"] >= 900          # random-ish start, max is 1000
+    snaps = sorted(os.listdir(os.path.join(out, "policies")))
+    assert len(snaps) == 9 and s["sim_seconds"] > 0 and s["learn_seconds"] > 0
+
+
+def test_data_files(data):
+    out, meta = data
+    from aihf_fast.train.control import SegmentPairs, Trajectories
+
+    demos, prefs = Trajectories.load(os.path.join(out, "demos.npz")), SegmentPairs.load(os.path.join(out, "prefs.npz"))
+    assert demos.num_episodes == 4 and len(prefs) == 60 and prefs.obs.shape[2] == 10
+    assert meta["random_return"] < meta["demo_mean_return"] < meta["expert_best_return"]
+    assert demos.meta["snapshot_iter"] == meta["demo_snapshot_iter"]
+    # the demonstrations are imperfect: their return is near the chosen snapshot's, below the expert's
+    assert meta["demo_mean_return"] < 0.9 * meta["expert_best_return"]
+
+
+@pytest.mark.parametrize("method,kw", [("bc", {}), ("irl", {}), ("rlhf", {}), ("aihf", {}), ("aihf", dict(num_pairs=0)),
+                                       ("aihf", dict(reward_next_obs=True, bc_init=True))])
+def test_each_method_runs(data, tmp_path, method, kw):
+    d = data[0]
+    cfg = ControlConfig(task=TASK, method=method, demonstrations=os.path.join(d, "demos.npz"),
+                        preferences=os.path.join(d, "prefs.npz"), env_steps=2 * 8 * 32, num_envs=8, rollout_steps=32,
+                        rlhf_reward_steps=20, bc_steps=20, eval_episodes=2, eval_every=1, output_dir=str(tmp_path / "o"),
+                        progress=False, **kw)
+    s = train(cfg)
+    assert len(s["evals"]) == (1 if method == "bc" else 3)
+    assert os.path.isfile(tmp_path / "o" / "curves.png") and os.path.isfile(tmp_path / "o" / "summary.json")
+    log = [json.loads(x) for x in open(tmp_path / "o" / "log.jsonl")]
+    if method in ("irl", "rlhf", "aihf"):
+        assert all(r["reward/corr_true"] is None or -1 <= r["reward/corr_true"] <= 1 for r in log if "ppo/pg_loss" in r)
+    if method == "aihf" and not kw:
+        assert any("reward_step/loss/preference" in r and "reward_step/loss/demo" in r for r in log)
+    if kw.get("num_pairs") == 0:  # no pairs: the demonstration term alone
+        assert not any("reward_step/loss/preference" in r for r in log)
+
+
+def test_resume_is_exact(data, tmp_path):
+    d = data[0]
+    base = dict(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),
+                preferences=os.path.join(d, "prefs.npz"), num_envs=4, rollout_steps=32, eval_every=2, save_every=2,
+                eval_episodes=2, progress=False)
+    full = train(ControlConfig(**base, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "full")))
+    train(ControlConfig(**base, env_steps=2 * 4 * 32, output_dir=str(tmp_path / "part")))
+    resumed = train(ControlConfig(**base, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "part"), resume=True))
+    a = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "part" / "log.jsonl")]
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert full["final_return"] == resumed["final_return"]
+    with pytest.raises(ConfigError, match="holds a checkpoint"):
+        train(ControlConfig(**base, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "part")))
+    with pytest.raises(ConfigError, match="options differ"):
+        train(ControlConfig(**{**base, "w_P": 0.5}, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "part"), resume=True))
+
+
+def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
+    """aihf from imperfect demonstrations (about half the expert's return) and 60 pairs learns the
+    task: far above the random policy (under a minute here)."""
+    d, meta = data
+    s = train(ControlConfig(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),
+                            preferences=os.path.join(d, "prefs.npz"), env_steps=20 * 16 * 128, eval_every=5,
+                            output_dir=str(tmp_path / "a"), progress=False))
+    assert s["final_return"] >= max(500.0, 10 * meta["random_return"])
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--task", "Nope-v5"], "task: unknown 'Nope-v5'"),
+    (["--method", "gail"], "method must be one of"),
+    (["--method", "irl"], "method 'irl' needs demonstrations"),
+    (["--method", "rlhf", "--preferences", "/no/file.npz"], "preferences: file not found"),
+    (["--method", "aihf", "--w-D", "-1"], "w_D must be >= 0"),
+    (["--method", "bc", "--demonstrations", "DEMOS", "--num-envs", "0"], "num_envs must be >= 1"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--num-pairs", "0"], "rlhf needs at least one preference pair"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--num-pairs", "1000"], "num_pairs=1000 but"),
+])
+def test_bad_config_fails_early(data, tmp_path, capsys, flags, msg):
+    d = data[0]
+    flags = [f.replace("DEMOS", os.path.join(d, "demos.npz")).replace("PREFS", os.path.join(d, "prefs.npz")) for f in flags]
+    rc = main([*flags, "--output-dir", str(tmp_path / "o"), "--progress", "false"])
+    assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_data_for_another_task_is_refused(data, tmp_path, capsys):
+    d = data[0]
+    rc = main(["--task", "Hopper-v5", "--method", "bc", "--demonstrations", os.path.join(d, "demos.npz"),
+               "--output-dir", str(tmp_path / "o"), "--progress", "false"])
+    assert rc == 2 and "do not match Hopper-v5" in capsys.readouterr().err
