@@ -61,10 +61,8 @@ versions and commit. Runs are cached under ``--work`` (one record per run): reru
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -77,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import commit, device_name, versions  # noqa: E402
+from common import commit, device_name, run_jobs, versions  # noqa: E402
 
 TINY_MODEL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
 FULL_MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
@@ -338,59 +336,6 @@ def run_job(job, prof, work):
     return job_run(job, prof, work)
 
 
-def execute(jobs, prof, work, workers, threads, log=print):
-    """Run the jobs (dependencies first, expensive first) on a process pool; a job whose record
-    exists under work/records is skipped, so an interrupted benchmark continues."""
-    rec_dir = os.path.join(work, "records")
-    os.makedirs(rec_dir, exist_ok=True)
-    done, records = set(), {}
-    for j in jobs:
-        f = os.path.join(rec_dir, j["key"] + ".json")
-        try:
-            with open(f) as fh:
-                rec = json.load(fh)
-        except (OSError, ValueError):  # missing, or cut short: run it (again)
-            continue
-        done.add(j["key"])
-        records[j["key"]] = rec
-        if j["kind"] == "sft":  # the sft job's run is a result too
-            records[rec["key"]] = rec
-    todo = [j for j in jobs if j["key"] not in done]
-    log(f"[bench] {len(jobs)} jobs, {len(done)} cached, {len(todo)} to run on {workers} worker(s) x {threads} thread(s)")
-    t0, submitted, running = time.time(), set(), {}
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-        while len(done) < len(jobs):
-            ready = [j for j in todo if j["key"] not in submitted and all(d in done for d in j["deps"])]
-            for j in sorted(ready, key=lambda j: -j["cost"]):
-                submitted.add(j["key"])
-                running[ex.submit(run_job, j, prof, work)] = j
-            if not running:
-                raise RuntimeError("unsatisfiable job dependencies")
-            fin, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
-            failed = []
-            for fut in fin:
-                j = running.pop(fut)
-                if fut.exception() is not None:
-                    failed.append((j, fut.exception()))
-                    continue
-                rec = fut.result()
-                records[j["key"]] = rec
-                tmp = os.path.join(rec_dir, j["key"] + ".json.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(rec, f)
-                os.replace(tmp, os.path.join(rec_dir, j["key"] + ".json"))  # never a half-written record
-                if j["kind"] == "sft":  # the sft job's run is a result too
-                    records[rec["key"]] = rec
-                done.add(j["key"])
-                log(f"[bench] {len(done)}/{len(jobs)} {j['key']} ({time.time() - t0:.0f}s)")
-            if failed:  # stop now: queued runs are cancelled, finished records stay cached for a rerun
-                ex.shutdown(wait=True, cancel_futures=True)
-                j, e = failed[0]
-                raise RuntimeError(f"{len(failed)} run(s) failed, first {j['key']}: {e!r}; rerun to continue") from e
-    return records
-
-
 # ---------------------------------------------------------------------------------------------- analysis
 def select(evals: list, uses_pairs: bool) -> dict:
     """The reported checkpoint, chosen without r*: best held-out preference accuracy for runs
@@ -610,7 +555,7 @@ def main(argv=None) -> dict:
     head = commit()
     jobs = [dict(j, commit=head) for j in plan(prof, a.posthoc)]
     t0 = time.time()
-    records = execute(jobs, prof, work, workers, a.threads)
+    records = run_jobs(jobs, run_job, (prof, work), os.path.join(work, "records"), workers, _init_worker, (a.threads,))
     wall = time.time() - t0
     meta = {str(r["seed"]): r["meta"] for r in records.values() if r.get("kind") == "prepare"}
     runs = [r for k, r in sorted(records.items()) if "evals" in r and k == r["key"]]

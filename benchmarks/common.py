@@ -1,8 +1,13 @@
 """What every benchmark records next to its numbers: the commit, library versions, the device."""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +43,59 @@ def device_name():
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
+    """Run ``fn(job, *fn_args) -> record`` for every job (dicts with ``key``, ``deps``: keys that
+    must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is
+    written atomically to rec_dir/KEY.json as it finishes, and a job whose record is there is
+    skipped, so an interrupted benchmark continues where it stopped. A failure cancels the queue
+    and raises. Returns {key: record}; a record whose own "key" differs is also indexed by it."""
+    os.makedirs(rec_dir, exist_ok=True)
+    done, records = set(), {}
+
+    def keep(j, rec):
+        records[j["key"]] = rec
+        if isinstance(rec, dict) and rec.get("key", j["key"]) != j["key"]:
+            records[rec["key"]] = rec
+
+    for j in jobs:
+        try:
+            with open(os.path.join(rec_dir, j["key"] + ".json")) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):  # missing, or cut short: run it (again)
+            continue
+        done.add(j["key"])
+        keep(j, rec)
+    todo = [j for j in jobs if j["key"] not in done]
+    log(f"[bench] {len(jobs)} jobs, {len(done)} cached, {len(todo)} to run on {workers} worker(s)")
+    t0, submitted, running = time.time(), set(), {}
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                                initargs=initargs) as ex:
+        while len(done) < len(jobs):
+            ready = [j for j in todo if j["key"] not in submitted and all(d in done for d in j["deps"])]
+            for j in sorted(ready, key=lambda j: -j.get("cost", 1)):
+                submitted.add(j["key"])
+                running[ex.submit(fn, j, *fn_args)] = j
+            if not running:
+                raise RuntimeError("unsatisfiable job dependencies")
+            fin, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            failed = []
+            for fut in fin:
+                j = running.pop(fut)
+                if fut.exception() is not None:
+                    failed.append((j, fut.exception()))
+                    continue
+                rec = fut.result()
+                tmp = os.path.join(rec_dir, j["key"] + ".json.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(rec, f)
+                os.replace(tmp, os.path.join(rec_dir, j["key"] + ".json"))  # never a half-written record
+                keep(j, rec)
+                done.add(j["key"])
+                log(f"[bench] {len(done)}/{len(jobs)} {j['key']} ({time.time() - t0:.0f}s)")
+            if failed:
+                ex.shutdown(wait=True, cancel_futures=True)
+                j, e = failed[0]
+                raise RuntimeError(f"{len(failed)} job(s) failed, first {j['key']}: {e!r}; rerun to continue") from e
+    return records
