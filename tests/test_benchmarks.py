@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,20 @@ def test_alignment_selection_rule():
     assert bench.rule_weights(25, 2000) == pytest.approx((50 / 2025, 4000 / 2025))
     assert bench.rule_weights(0, 2000) == (0.0, 2.0)
     assert bench.ci95([1.0, 3.0]) == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
+
+
+def test_bench_alignment_control_tiny(tmp_path):
+    """The control alignment benchmark end to end on its tiny profile (expert, data, every method)."""
+    pytest.importorskip("aihf_fast._C")
+    import bench_alignment_control as bench
+
+    out = tmp_path / "ctl.json"
+    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--threads", "1"])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "ctl.png").stat().st_size > 0 and data["commit"] and data["device"]
+    cells = {(r["method"], r["budget"]) for r in data["analysis"]["table"]}
+    assert {("aihf", 0), ("aihf", 8), ("rlhf", 8), ("irl", 0), ("bc", 0)} <= cells and ("rlhf", 0) not in cells
+    assert [v["budget"] for v in data["analysis"]["verdict"]] == [8]
+    assert res["analysis"]["wall_clock"]["sim_seconds_per_100k"] > 0
+    runs = [r for r in data["records"] if r.get("kind") == "run"]
+    assert all(len(r["evals"]) >= 1 and np.isfinite(r["final"]) for r in runs)

@@ -1,0 +1,226 @@
+"""The paper's control claim, measured: AIHF against RLHF (and BC, IRL) on MuJoCo as the number of
+preference pairs grows, demonstrations fixed. Every run is ``aihf_fast.train.control``.
+
+    python benchmarks/bench_alignment_control.py --profile small    # Hopper + HalfCheetah, 3 seeds (2-core CPU)
+    python benchmarks/bench_alignment_control.py --profile full     # + Walker2d, Ant; 5 seeds; bigger budgets
+
+Protocol (fixed before any result was seen; profiles change sizes only)
+---------------------------------------------------------------------
+Per task and seed: an expert by PPO on the true reward (``expert_steps``), its snapshots the pool;
+``num_demos`` demonstration episodes from the snapshot closest to random + ``demo_quality`` x
+(best - random); ``max(budgets)`` preference pairs of ``segment_len``-step segments from all
+snapshots plus a random policy, Bradley-Terry labels (temperature 1), nested budgets. Methods, each
+``method_steps`` env steps of the same PPO, reward model and reward-step settings (trainer defaults):
+bc (no env steps), irl (= aihf at 0 pairs), rlhf (budgets > 0), aihf (w_D = w_P = 1). Reported per
+run: the mean true return of the deterministic policy over the last 3 evaluations (10 episodes
+each; fixed compute, no selection). Seeds are paired (same expert, data and evaluation resets).
+Target (the issue's): aihf >= rlhf at every budget, and >= 1.2 x rlhf at the smallest non-zero
+budget. Wall-clock per 100k env steps is split into simulation (C++ rollouts) and learning.
+Outputs: benchmarks/results/bench_alignment_control_<profile>.json + .png (device, versions, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import commit, device_name, run_jobs, versions  # noqa: E402
+
+PROFILES = {
+    "tiny": dict(tasks=["InvertedPendulum-v5"], seeds=[0], budgets=[0, 8], expert_steps=8 * 8 * 64,
+                 method_steps=2 * 8 * 32, num_envs=8, rollout_steps=32, num_demos=2, segment_len=10, pool_episodes=2,
+                 eval_episodes=2, eval_every=1, workers=1),
+    "small": dict(tasks=["Hopper-v5", "HalfCheetah-v5"], seeds=[0, 1, 2], budgets=[0, 10, 50, 200, 1000],
+                  expert_steps=1_000_000, method_steps=300_000, num_envs=16, rollout_steps=128, num_demos=10,
+                  segment_len=50, pool_episodes=8, eval_episodes=10, eval_every=10, workers=2),
+    "full": dict(tasks=["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2, 3, 4],
+                 budgets=[0, 10, 50, 200, 1000, 5000], expert_steps=3_000_000, method_steps=1_000_000, num_envs=32,
+                 rollout_steps=128, num_demos=10, segment_len=50, pool_episodes=16, eval_episodes=10, eval_every=10,
+                 workers=16),
+}
+METHODS = ("bc", "irl", "rlhf", "aihf")
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def plan(prof):
+    jobs = []
+    for task in prof["tasks"]:
+        for s in prof["seeds"]:
+            e, d = f"expert-{task}-s{s}", f"data-{task}-s{s}"
+            jobs.append(dict(kind="expert", key=e, deps=[], task=task, seed=s, cost=100))
+            jobs.append(dict(kind="data", key=d, deps=[e], task=task, seed=s, cost=50))
+            for m in METHODS:
+                for b in prof["budgets"]:
+                    if (m == "rlhf" and b == 0) or (m in ("bc", "irl") and b != 0):
+                        continue
+                    jobs.append(dict(kind="run", key=f"{m}-{task}-s{s}-p{b}", deps=[d], task=task, seed=s,
+                                     method=m, budget=b, cost=1 if m == "bc" else 10))
+    return jobs
+
+
+def _init_worker(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_job(job, prof, work):
+    from aihf_fast.train.control.config import ControlConfig
+    from aihf_fast.train.control.datagen import make_data
+    from aihf_fast.train.control.trainer import train
+
+    task, s = job["task"], job["seed"]
+    root = os.path.join(work, f"{task}-s{s}")
+    common = dict(task=task, seed=s, num_envs=prof["num_envs"], rollout_steps=prof["rollout_steps"],
+                  eval_episodes=prof["eval_episodes"], eval_every=prof["eval_every"], progress=False, overwrite=True)
+    if job["kind"] == "expert":
+        summ = train(ControlConfig(method="expert", env_steps=prof["expert_steps"], save_every=prof["eval_every"],
+                                   output_dir=os.path.join(root, "expert"), **common))
+        return dict(kind="expert", task=task, seed=s, evals=summ["evals"], sim_seconds=summ["sim_seconds"],
+                    learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"])
+    if job["kind"] == "data":
+        meta = make_data(os.path.join(root, "expert"), os.path.join(root, "data"), num_demos=prof["num_demos"],
+                         demo_quality=0.7, num_pairs=max(prof["budgets"]), segment_len=prof["segment_len"],
+                         pool_episodes=prof["pool_episodes"], seed=s)
+        return dict(kind="data", task=task, seed=s, meta=meta)
+    out = os.path.join(work, "runs", job["key"])
+    m, b = job["method"], job["budget"]
+    uses_pairs = m in ("rlhf", "aihf")
+    summ = train(ControlConfig(method=m, env_steps=prof["method_steps"],
+                               demonstrations=os.path.join(root, "data", "demos.npz"),
+                               preferences=os.path.join(root, "data", "prefs.npz") if uses_pairs else None,
+                               num_pairs=b if uses_pairs else None, output_dir=out, **common))
+    shutil.rmtree(out, ignore_errors=True)
+    ev = summ["evals"]
+    return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, evals=ev,
+                final=float(np.mean([e["eval/return"] for e in ev[-3:]])), sim_seconds=summ["sim_seconds"],
+                learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"])
+
+
+def ci95(x):
+    x = np.asarray(x, float)
+    return float(T95[min(len(x) - 2, len(T95) - 1)] * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def analyse(records, prof):
+    runs = [r for r in records.values() if r.get("kind") == "run"]
+    data = {(r["task"], r["seed"]): r["meta"] for r in records.values() if r.get("kind") == "data"}
+    table, verdict = [], []
+    for task in prof["tasks"]:
+        for m in METHODS:
+            for b in prof["budgets"]:
+                per = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == m and
+                       (r["budget"] == b or (m in ("bc", "irl") and r["budget"] == 0))}
+                if not per:
+                    continue
+                v = [per[s]["final"] for s in sorted(per)]
+                table.append(dict(task=task, method=m, budget=b, seeds=sorted(per), returns=v, mean=float(np.mean(v)),
+                                  ci95=ci95(v)))
+        smallest = min([b for b in prof["budgets"] if b > 0], default=None)
+        for b in prof["budgets"]:
+            a = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "aihf" and r["budget"] == b}
+            h = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "rlhf" and r["budget"] == b}
+            common_seeds = sorted(set(a) & set(h))
+            if not common_seeds:
+                continue
+            d = [a[s] - h[s] for s in common_seeds]
+            row = dict(task=task, budget=b, aihf=float(np.mean([a[s] for s in common_seeds])),
+                       rlhf=float(np.mean([h[s] for s in common_seeds])), diff=float(np.mean(d)), diff_ci95=ci95(d))
+            row["aihf_ge_rlhf"] = row["diff"] >= 0
+            if b == smallest:
+                row["aihf_ge_1.2x_rlhf"] = row["aihf"] >= 1.2 * row["rlhf"]
+            verdict.append(row)
+    sim = sum(r["sim_seconds"] for r in runs)
+    learn = sum(r["learn_seconds"] for r in runs)
+    steps = sum(r["env_steps"] for r in runs)
+    wall = dict(sim_seconds_per_100k=1e5 * sim / steps if steps else None,
+                learn_seconds_per_100k=1e5 * learn / steps if steps else None)
+    refs = {task: dict(expert=float(np.mean([data[k]["expert_best_return"] for k in data if k[0] == task] or [np.nan])),
+                       demos=float(np.mean([data[k]["demo_mean_return"] for k in data if k[0] == task] or [np.nan])),
+                       random=float(np.mean([data[k]["random_return"] for k in data if k[0] == task] or [np.nan])))
+            for task in prof["tasks"]}
+    return dict(table=table, verdict=verdict, wall_clock=wall, references=refs)
+
+
+def plot(result, prof, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = prof["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    xs = list(range(len(prof["budgets"])))
+    for ax, task in zip(axes[0], tasks):
+        for m in METHODS:
+            rows = {r["budget"]: r for r in result["analysis"]["table"] if r["task"] == task and r["method"] == m}
+            pts = [(x, rows[b]) for x, b in zip(xs, prof["budgets"]) if b in rows]
+            if pts:
+                x = [p[0] for p in pts]
+                y = np.array([p[1]["mean"] for p in pts])
+                c = np.nan_to_num(np.array([p[1]["ci95"] for p in pts]))
+                ax.plot(x, y, marker="o", label=m, lw=2.5 if m == "aihf" else 1.2)
+                ax.fill_between(x, y - c, y + c, alpha=0.15)
+        ref = result["analysis"]["references"][task]
+        for k, ls in (("expert", "-"), ("demos", "--"), ("random", ":")):
+            ax.axhline(ref[k], color="k", ls=ls, lw=0.8, label=k)
+        ax.set_xticks(xs, [str(b) for b in prof["budgets"]])
+        ax.set_xlabel("preference pairs")
+        ax.set_ylabel("true return (last 3 evaluations)")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device']} commit {str(result['commit'])[:10]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="small")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true")
+    a = ap.parse_args(argv)
+    prof = PROFILES[a.profile]
+    work = a.work or str(ROOT / "runs" / f"bench_alignment_control_{a.profile}")
+    out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_alignment_control_{a.profile}.json")
+    if a.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    head = commit()
+    t0 = time.time()
+    records = run_jobs(plan(prof), run_job, (prof, work), os.path.join(work, "records"), a.workers or prof["workers"],
+                       _init_worker, (a.threads,))
+    analysis = analyse(records, prof)
+    result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof, device=device_name(),
+                  versions=versions(), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
+                  records=list(records.values()),
+                  command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
+    for r in analysis["table"]:
+        print(f"{r['task']:<18} {r['method']:<5} {r['budget']:>5} pairs: {r['mean']:8.1f} +- {r['ci95']:.1f}")
+    for v in analysis["verdict"]:
+        print(f"verdict {v['task']} {v['budget']:>5} pairs: aihf {v['aihf']:.1f} vs rlhf {v['rlhf']:.1f} "
+              f"(diff {v['diff']:+.1f} +- {v['diff_ci95']:.1f})")
+    print(f"wall-clock per 100k env steps: {analysis['wall_clock']}")
+    print(f"[bench] wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
