@@ -393,11 +393,13 @@ def analyse(records: dict, prof: dict, meta: dict) -> dict:
             row[f] = float(np.mean(v))
             row[f + "_ci95"] = ci95(v)
         table.append(row)
-    verdict = _verdict(table, prof, meta)
-    return dict(table=table, verdict=verdict)
+    verdict = _verdict(table, prof, meta, "reward")
+    # secondary, also fixed in advance: the same comparison at the last checkpoint (fixed compute)
+    verdict_last = _verdict(table, prof, meta, "reward_last")
+    return dict(table=table, verdict=verdict, verdict_last_checkpoint=verdict_last)
 
 
-def _verdict(table, prof, meta):
+def _verdict(table, prof, meta, field="reward"):
     main = {(r["design"], r["method"], r["budget"]): r for r in table if r["group"] == "main"}
     out, missing = [], []
     smallest = min([b for b in prof["budgets"] if b > 0], default=None)
@@ -405,7 +407,7 @@ def _verdict(table, prof, meta):
         base = main.get((d, "base", 0))
         if base is None:
             continue
-        gap = float(np.mean([meta[s][d]["expert_data_reward"] for s in base["seeds"]])) - base["reward"]
+        gap = float(np.mean([meta[s][d]["expert_data_reward"] for s in base["seeds"]])) - base[field]
         for aihf in ("aihf", "aihf_moving"):
             for b in prof["budgets"]:
                 a = main.get((d, aihf, b))
@@ -413,15 +415,15 @@ def _verdict(table, prof, meta):
                 if a is None or not rivals:
                     missing.append(f"{d}/{aihf}/{b}")
                     continue
-                best = max(rivals, key=lambda r: r["reward"])
+                best = max(rivals, key=lambda r: r[field])
                 diffs = {}
                 for r in rivals:
                     common = [s for s in a["seeds"] if s in r["seeds"]]
-                    x = [a["per_seed"][a["seeds"].index(s)]["reward"] - r["per_seed"][r["seeds"].index(s)]["reward"] for s in common]
+                    x = [a["per_seed"][a["seeds"].index(s)][field] - r["per_seed"][r["seeds"].index(s)][field] for s in common]
                     diffs[r["method"]] = (float(np.mean(x)), ci95(x))
                 dm, dc = diffs[best["method"]]
-                row = dict(design=d, method=aihf, budget=b, best_baseline=best["method"], best_reward=best["reward"],
-                           aihf_reward=a["reward"], diff=dm, diff_ci95=dc, gap=gap,
+                row = dict(design=d, method=aihf, budget=b, best_baseline=best["method"], best_reward=best[field],
+                           aihf_reward=a[field], diff=dm, diff_ci95=dc, gap=gap,
                            at_least_as_good=bool(dm + (dc if np.isfinite(dc) else 0.0) >= 0),
                            diffs=diffs)
                 if b == smallest:
@@ -436,12 +438,15 @@ def _verdict(table, prof, meta):
     return dict(rows=out, goal=goal, missing_cells=missing)
 
 
-def markdown(result: dict, prof: dict) -> str:
-    """The README tables: selected-checkpoint true reward (mean +- 95% CI) per method and budget."""
+def markdown(result: dict, prof: dict, field: str = "reward") -> str:
+    """The README tables: true reward (mean +- 95% CI) per method and budget at the selected
+    checkpoint (field "reward") or the last one ("reward_last")."""
     lines = []
     t = result["analysis"]["table"]
+    kl = {"reward": "kl", "reward_last": "kl_last"}[field]
+    where = {"reward": "the selected checkpoint", "reward_last": "the last checkpoint"}[field]
     for d in prof["designs"]:
-        lines.append(f"\nDesign {d}: true reward at the selected checkpoint, mean +- 95% CI over seeds [KL to base]\n")
+        lines.append(f"\nDesign {d}: true reward at {where}, mean +- 95% CI over seeds [KL to base]\n")
         lines.append("| method | " + " | ".join(f"{b} pairs" for b in prof["budgets"]) + " |")
         lines.append("|---|" + "---|" * len(prof["budgets"]))
         for g, methods in (("main", MAIN), ("sweep", SWEEP), ("posthoc", POSTHOC)):
@@ -450,7 +455,7 @@ def markdown(result: dict, prof: dict) -> str:
                 for b in prof["budgets"]:
                     r = next((r for r in t if r["group"] == g and r["design"] == d and r["method"] == m and r["budget"] == b
                               and r["num_demos"] == prof["num_demos"]), None)
-                    cells.append("-" if r is None else f"{r['reward']:.2f}+-{r['reward_ci95']:.2f} [{r['kl']:.1f}]")
+                    cells.append("-" if r is None else f"{r[field]:.2f}+-{r[field + '_ci95']:.2f} [{r[kl]:.1f}]")
                 if any(c != "-" for c in cells):
                     tag = {"main": "", "sweep": " (sweep)", "posthoc": " (post hoc)"}[g]
                     lines.append(f"| {m}{tag} | " + " | ".join(cells) + " |")
@@ -568,13 +573,14 @@ def main(argv=None) -> dict:
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    print(markdown(result, prof))
-    print("\nverdict (aihf vs the best baseline, paired over seeds):")
-    for v in analysis["verdict"]["rows"]:
-        extra = f", beats all by >= 20% gap: {v['beats_all_by_20pct_gap']}" if "beats_all_by_20pct_gap" in v else ""
-        print(f"  design {v['design']} {v['budget']:>5} pairs {v['method']:<12} {v['aihf_reward']:.2f} vs "
-              f"{v['best_baseline']} {v['best_reward']:.2f}: diff {v['diff']:+.2f} +- {v['diff_ci95']:.2f}{extra}")
-    print(f"goal: {json.dumps(analysis['verdict']['goal'])}")
+    for field, key in (("reward", "verdict"), ("reward_last", "verdict_last_checkpoint")):
+        print(markdown(result, prof, field))
+        print(f"\n{key} (aihf vs the best baseline, paired over seeds):")
+        for v in analysis[key]["rows"]:
+            extra = f", beats all by >= 20% gap: {v['beats_all_by_20pct_gap']}" if "beats_all_by_20pct_gap" in v else ""
+            print(f"  design {v['design']} {v['budget']:>5} pairs {v['method']:<12} {v['aihf_reward']:.2f} vs "
+                  f"{v['best_baseline']} {v['best_reward']:.2f}: diff {v['diff']:+.2f} +- {v['diff_ci95']:.2f}{extra}")
+        print(f"goal: {json.dumps(analysis[key]['goal'])}")
     print(f"[bench] wrote {out} ({wall:.0f}s)")
     return result
 
