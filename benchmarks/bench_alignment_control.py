@@ -21,6 +21,7 @@ Outputs: benchmarks/results/bench_alignment_control_<profile>.json + .png (devic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
+    sys.path.insert(0, str(ROOT))  # (else the installed package, with its built C++ extension)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import commit, device_name, run_jobs, versions  # noqa: E402

@@ -61,6 +61,7 @@ versions and commit. Runs are cached under ``--work`` (one record per run): reru
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -72,7 +73,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
+    sys.path.insert(0, str(ROOT))  # (else the installed package, with its built C++ extension)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import commit, device_name, run_jobs, versions  # noqa: E402

@@ -18,6 +18,7 @@ Writes JSON (device, versions, commit, every measurement) after each measurement
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

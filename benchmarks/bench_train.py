@@ -22,6 +22,7 @@ machines); peak memory is that round's.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -34,7 +35,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
+    sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     # CPU: small model, vocabulary of a real tokenizer, 2k tokens per micro-batch
