@@ -113,6 +113,34 @@ class Trajectories:
             raise ControlDataError(f"{path}: {e}") from None
 
 
+def first_episodes(envs, policy, n: int, max_steps: int, seed: int = 0) -> Trajectories:
+    """``n`` whole episodes in the batched ``envs``: each round resets every env (seeds ``seed +
+    round * num_envs``, ...) and keeps each env's first episode, which must end within
+    ``max_steps`` (the time limit). ``policy``: an ``MLPPolicy`` (its noise seeded ``seed +
+    round``), or None for uniformly random actions."""
+    N, parts, k = envs.num_envs, [], 0
+    rng = np.random.default_rng(seed)
+    while len(parts) < n:
+        envs.reset(seed=seed + k * N)
+        if policy is None:
+            sp = envs.single_action_space
+            acts = rng.uniform(sp.low, sp.high, size=(max_steps, N, sp.shape[0])).astype(np.float32)
+            out = envs.rollout(actions=acts, num_steps=max_steps)
+        else:
+            out = envs.rollout(policy, max_steps, seed=seed + k)
+        k += 1
+        done = out["terminated"] | out["truncated"]
+        for e in range(N):
+            d = np.flatnonzero(done[:, e])
+            if not len(d):
+                raise RuntimeError(f"an episode ran past max_steps={max_steps}: give the task's time limit")
+            if len(parts) < n:
+                sl = slice(0, d[0] + 1)
+                parts.append(Trajectories(out["obs"][sl, e], out["actions"][sl, e], out["next_obs"][sl, e],
+                                          out["rewards"][sl, e], np.zeros(d[0] + 1, np.int64)))
+    return Trajectories.concatenate(parts)
+
+
 @dataclass
 class SegmentPairs:
     obs: np.ndarray

@@ -22,7 +22,7 @@ import torch
 
 from ...envs import MLPPolicy, make_vec
 from ..options import ConfigError
-from .data import Trajectories, sample_segment_pairs
+from .data import Trajectories, first_episodes, sample_segment_pairs
 
 
 def load_snapshots(expert_dir: str) -> list[dict]:
@@ -35,29 +35,12 @@ def load_snapshots(expert_dir: str) -> list[dict]:
 
 
 def _episodes(task: str, policy: MLPPolicy | None, n: int, seed: int, max_steps: int) -> Trajectories:
-    """n complete episodes (each env's first after a reset) of policy (None: uniform random actions)."""
+    """n complete episodes of policy (None: uniform random actions) in fresh envs of task."""
     envs = make_vec(task, num_envs=min(n, 64), num_threads=min(n, 64, os.cpu_count() or 1))
-    parts, got, k = [], 0, 0
-    rng = np.random.default_rng(seed)
-    while got < n:
-        envs.reset(seed=seed + k * envs.num_envs)
-        if policy is None:
-            sp = envs.single_action_space
-            acts = rng.uniform(sp.low, sp.high, size=(max_steps, envs.num_envs, sp.shape[0])).astype(np.float32)
-            out = envs.rollout(actions=acts, num_steps=max_steps)
-        else:
-            out = envs.rollout(policy, max_steps, seed=seed + k)
-        k += 1
-        done = out["terminated"] | out["truncated"]
-        first = np.argmax(done, axis=0)  # each env's first episode end
-        for e in range(envs.num_envs):
-            if got < n and done[first[e], e]:
-                sl = slice(0, first[e] + 1)
-                parts.append(Trajectories(out["obs"][sl, e], out["actions"][sl, e], out["next_obs"][sl, e],
-                                          out["rewards"][sl, e], np.zeros(first[e] + 1, np.int64)))
-                got += 1
-    envs.close()
-    return Trajectories.concatenate(parts)
+    try:
+        return first_episodes(envs, policy, n, max_steps, seed)
+    finally:
+        envs.close()
 
 
 def make_data(expert_dir: str, out_dir: str, *, num_demos: int = 10, demo_quality: float = 0.7,

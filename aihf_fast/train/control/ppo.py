@@ -236,19 +236,8 @@ class PPO:
 
 
 def evaluate(envs, policy: MLPPolicy, episodes: int, max_steps: int, seed: int = 0) -> np.ndarray:
-    """True returns of ``episodes`` episodes of ``policy`` (deterministic: the rollouts' noise is
-    unused) in the batched envs: each round resets every env (seeds ``seed + round * num_envs``,
-    ...) and keeps each env's first episode, which ends within ``max_steps`` (the time limit)."""
-    rets: list = []
-    N, k = envs.num_envs, 0
-    while len(rets) < episodes:
-        envs.reset(seed=seed + k * N)
-        k += 1
-        out = envs.rollout(policy, max_steps)
-        done = out["terminated"] | out["truncated"]
-        for n in range(N):
-            d = np.flatnonzero(done[:, n])
-            if not len(d):
-                raise RuntimeError(f"an episode ran past max_steps={max_steps}: give the task's time limit")
-            rets.append(float(out["rewards"][: d[0] + 1, n].sum()))
-    return np.asarray(rets[:episodes])
+    """True returns (episodes,) of ``policy`` (deterministic: the rollouts' noise is unused) in the
+    batched envs, one episode per env per reset round (``data.first_episodes``)."""
+    from .data import first_episodes
+
+    return first_episodes(envs, policy, episodes, max_steps, seed).episode_returns()
