@@ -36,7 +36,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))  # (else the installed package, with its built C++ extension)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import commit, device_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, device_name, run_jobs, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tasks=["InvertedPendulum-v5"], seeds=[0], budgets=[0, 8], expert_steps=8 * 8 * 64,
@@ -51,7 +51,6 @@ PROFILES = {
                  workers=16),
 }
 METHODS = ("bc", "irl", "rlhf", "aihf")
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 def plan(prof):
@@ -107,11 +106,6 @@ def run_job(job, prof, work):
     return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, evals=ev,
                 final=float(np.mean([e["eval/return"] for e in ev[-3:]])), sim_seconds=summ["sim_seconds"],
                 learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"])
-
-
-def ci95(x):
-    x = np.asarray(x, float)
-    return float(T95[min(len(x) - 2, len(T95) - 1)] * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def analyse(records, prof):

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import sys
@@ -77,7 +76,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))  # (else the installed package, with its built C++ extension)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import commit, device_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, device_name, run_jobs, versions  # noqa: E402
 
 TINY_MODEL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
 FULL_MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
@@ -106,7 +105,6 @@ BASELINES = ("base", "sft", "spin", "dpo", "rpo", "dpo_nll", "sft_then_dpo")
 NEEDS_PAIRS = ("dpo", "rpo", "dpo_nll", "sft_then_dpo")       # not run at 0 pairs
 NO_PAIRS = ("base", "sft", "spin")                            # the same run at every budget
 COST = {"base": 1, "sft": 2, "dpo": 2, "rpo": 2, "dpo_nll": 2, "sft_then_dpo": 2, "spin": 5}  # for job order
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -345,14 +343,6 @@ def select(evals: list, uses_pairs: bool) -> dict:
     if uses_pairs:
         return max(evals, key=lambda e: (e["eval/pref_accuracy"], -e["step"]))
     return min(evals, key=lambda e: (e["eval/demo_nll"], e["step"]))
-
-
-def ci95(x) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    if len(x) < 2:
-        return float("nan")
-    t = T95[min(len(x) - 2, len(T95) - 1)] if len(x) - 1 <= len(T95) else 1.96
-    return float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 def _point(rec):

@@ -37,6 +37,20 @@ def versions():
     return out
 
 
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+def ci95(x) -> float:
+    """Half-width of the 95% t-interval of the mean of x (nan for fewer than 2 values)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return float("nan")
+    t = T95[len(x) - 2] if len(x) - 1 <= len(T95) else 1.96
+    return float(t * x.std(ddof=1) / np.sqrt(len(x)))
+
+
 def device_name():
     import torch
 
