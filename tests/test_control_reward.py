@@ -94,6 +94,9 @@ def test_loss_is_the_formula_and_methods_are_weights():
     h = torch.where(torch.as_tensor(seg.first_preferred), R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])
     want = w_D * (rs.mean() - rd.mean()) + w_P * (-F.logsigmoid(h)).mean() + l2 * torch.cat([rd, rs]).pow(2).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    params = list(m.parameters())  # gradients too, against autograd of the hand formula
+    for got, ref in zip(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert metrics["preference/accuracy"] == pytest.approx(float((h > 0).float().mean()))
 
     def grads(**kw):
