@@ -266,7 +266,8 @@ class Trainer:
             bar.close()
         if cfg.method == "bc":
             self.save()
-        evals = [r for r in map(json.loads, open(self.log_path)) if "eval/return" in r]
+        with open(self.log_path, encoding="utf-8") as f:
+            evals = [r for r in map(json.loads, f) if "eval/return" in r]
         summary = dict(task=cfg.task, method=cfg.method, seed=cfg.seed, iterations=self.it, env_steps=self.agent.env_steps,
                        evals=evals, final_return=evals[-1]["eval/return"], sim_seconds=self.sim_s,
                        learn_seconds=self.learn_s,
