@@ -101,9 +101,11 @@ def run_job(job, prof, work):
                                demonstrations=os.path.join(root, "data", "demos.npz"),
                                preferences=os.path.join(root, "data", "prefs.npz") if uses_pairs else None,
                                num_pairs=b if uses_pairs else None, output_dir=out, **common))
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:  # corr(r_theta, r) on each PPO batch
+        corr = [[r["env_steps"], r["reward/corr_true"]] for r in map(json.loads, f) if r.get("reward/corr_true") is not None]
     shutil.rmtree(out, ignore_errors=True)
     ev = summ["evals"]
-    return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, evals=ev,
+    return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, evals=ev, reward_corr=corr,
                 final=float(np.mean([e["eval/return"] for e in ev[-3:]])), sim_seconds=summ["sim_seconds"],
                 learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"])
 
