@@ -150,16 +150,32 @@ def analyse(records, prof):
     return dict(table=table, verdict=verdict, wall_clock=wall, references=refs)
 
 
+def _mean_curve(curves):
+    """Average curves [[x, y], ...] over seeds, truncated to the shortest (same schedule in every seed)."""
+    curves = [np.asarray(c, dtype=float) for c in curves if len(c)]
+    if not curves:
+        return None
+    n = min(len(c) for c in curves)
+    return np.mean([c[:n] for c in curves], axis=0)
+
+
 def plot(result, prof, path):
+    """Row 1: true return vs preference pairs (mean +- 95% CI over seeds) with expert / demonstration /
+    random lines. Rows 2-3: learning curves (true return, and corr(r_theta, r) on each PPO batch) vs env
+    steps, mean over seeds, for irl and for rlhf/aihf at the smallest and largest non-zero budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = prof["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(3, len(tasks), figsize=(5.5 * len(tasks), 11), squeeze=False)
     xs = list(range(len(prof["budgets"])))
-    for ax, task in zip(axes[0], tasks):
+    runs = [r for r in result["records"] if r.get("kind") == "run"]
+    nonzero = [b for b in prof["budgets"] if b > 0]
+    curve_sets = [("irl", 0)] + [(m, b) for b in sorted({nonzero[0], nonzero[-1]}) for m in ("rlhf", "aihf")] if nonzero else []
+    for col, task in enumerate(tasks):
+        ax = axes[0][col]
         for m in METHODS:
             rows = {r["budget"]: r for r in result["analysis"]["table"] if r["task"] == task and r["method"] == m}
             pts = [(x, rows[b]) for x, b in zip(xs, prof["budgets"]) if b in rows]
@@ -171,12 +187,31 @@ def plot(result, prof, path):
                 ax.fill_between(x, y - c, y + c, alpha=0.15)
         ref = result["analysis"]["references"][task]
         for k, ls in (("expert", "-"), ("demos", "--"), ("random", ":")):
-            ax.axhline(ref[k], color="k", ls=ls, lw=0.8, label=k)
+            for a in (ax, axes[1][col]):
+                a.axhline(ref[k], color="k", ls=ls, lw=0.8, label=k if a is ax else None)
         ax.set_xticks(xs, [str(b) for b in prof["budgets"]])
         ax.set_xlabel("preference pairs")
         ax.set_ylabel("true return (last 3 evaluations)")
         ax.set_title(task)
         ax.legend(fontsize=7)
+        w = max(1, prof["eval_every"])
+        for m, b in curve_sets:
+            sel = [r for r in runs if r["task"] == task and r["method"] == m and r["budget"] == b]
+            label = f"{m} {b} pairs" if m != "irl" else "irl"
+            ret = _mean_curve([[[e["env_steps"], e["eval/return"]] for e in r["evals"]] for r in sel])
+            if ret is not None:
+                axes[1][col].plot(ret[:, 0], ret[:, 1], label=label)
+            cor = _mean_curve([r.get("reward_corr", []) for r in sel])
+            if cor is not None:  # smooth per-batch correlations over evaluation windows
+                k = len(cor) // w * w
+                if k:
+                    cw = cor[:k].reshape(-1, w, 2).mean(1)
+                    axes[2][col].plot(cw[:, 0], cw[:, 1], label=label)
+        axes[1][col].set_ylabel("true return (deterministic policy)")
+        axes[2][col].set_ylabel("corr(learned reward, true reward)")
+        for a in (axes[1][col], axes[2][col]):
+            a.set_xlabel("env steps")
+            a.legend(fontsize=7)
     fig.suptitle(f"{result['device']} commit {str(result['commit'])[:10]}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
