@@ -238,7 +238,7 @@ def main(argv=None):
                        _init_worker, (a.threads,))
     analysis = analyse(records, prof)
     result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof, device=device_name(),
-                  versions=versions(), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
+                  versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
                   records=list(records.values()),
                   command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     os.makedirs(os.path.dirname(out), exist_ok=True)

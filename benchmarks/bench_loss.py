@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,39 +33,9 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
 from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit, versions  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
-
-def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "liger_kernel", "cut_cross_entropy", "transformers"):
-        try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", None) or _dist_version(mod)
-        except ImportError:
-            out[mod] = None
-    return out
-
-
-def _dist_version(mod):
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in (mod, mod.replace("_", "-")):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def commit():
-    if os.environ.get("AIHF_FAST_COMMIT"):
-        return os.environ["AIHF_FAST_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------- providers
@@ -172,7 +140,7 @@ def run(args):
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in dev_name), None) if device.type == "cuda" else None
     report = {
         "benchmark": "bench_loss", "device": dev_name, "device_type": device.type, "dtype": args.dtype,
-        "versions": versions(), "commit": commit(), "argv": sys.argv[1:],
+        "versions": versions("liger_kernel", "cut_cross_entropy"), "commit": commit(), "argv": sys.argv[1:],
         "peak_bf16_tflops_spec": peak, "cublas_bf16_tflops_measured": measure_cublas_peak(device, dtype),
         "config": {"hidden": args.hidden, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
                    "alpha": args.alpha, "beta": args.beta, "backend": args.backend},

@@ -28,26 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def versions():
-    out = {"python": platform.python_version()}
-    for mod in ("numpy", "mujoco", "gymnasium", "torch", "envpool"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod)
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return os.environ.get("AIHF_FAST_COMMIT")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit, versions  # noqa: E402
 
 
 def random_actions(space, n, T, seed=0):
@@ -271,7 +253,7 @@ def main(argv=None):
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
     report = {"benchmark": "bench_rollout", "device": f"{platform.processor() or 'cpu'}, {len(os.sched_getaffinity(0))} CPUs",
-              "versions": versions(), "commit": commit(), "argv": sys.argv[1:], "results": []}
+              "versions": versions("mujoco", "gymnasium", "envpool"), "commit": commit(), "argv": sys.argv[1:], "results": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in a.tasks:

@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit, versions  # noqa: E402
 
 PRESETS = {
     # CPU: small model, vocabulary of a real tokenizer, 2k tokens per micro-batch
@@ -47,27 +49,6 @@ PRESETS = {
                    prompt=128, pairs=4, demos=4, dtype="bfloat16"),
 }
 PROVIDERS = ("aihf_fast", "full_logit")
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def versions():
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 def _rss_bytes():

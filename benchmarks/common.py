@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit():
-    """HEAD of this checkout (None outside git), with "+dirty" when tracked files differ from it."""
+    """HEAD of this checkout (None outside git), with "+dirty" when tracked files differ from it.
+    AIHF_FAST_COMMIT overrides it (a copy whose git reports a stale HEAD, e.g. the device machine's)."""
+    if os.environ.get("AIHF_FAST_COMMIT"):
+        return os.environ["AIHF_FAST_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
@@ -25,15 +28,20 @@ def commit():
         return None
 
 
-def versions():
-    import torch
+def versions(*extra: str) -> dict:
+    """Python and installed versions of torch, numpy, triton, transformers, deepspeed and ``extra``
+    distributions (None where not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "deepspeed", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "triton", "transformers", "deepspeed", *extra):
+        out[name] = None
+        for dist in (name, name.replace("_", "-")):
+            try:
+                out[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     return out
 
 
