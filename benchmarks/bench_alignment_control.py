@@ -2,6 +2,7 @@
 preference pairs grows, demonstrations fixed. Every run is ``aihf_fast.train.control``.
 
     python benchmarks/bench_alignment_control.py --profile small    # Hopper + HalfCheetah, 3 seeds (2-core CPU)
+    python benchmarks/bench_alignment_control.py --profile walker_ant  # Walker2d + Ant, 10 pairs (16 cores, ~10 min)
     python benchmarks/bench_alignment_control.py --profile full     # + Walker2d, Ant; 5 seeds; bigger budgets
 
 Protocol (fixed before any result was seen; profiles change sizes only)
@@ -11,9 +12,9 @@ Per task and seed: an expert by PPO on the true reward (``expert_steps``), its s
 (best - random); ``max(budgets)`` preference pairs of ``segment_len``-step segments from all
 snapshots plus a random policy, Bradley-Terry labels (temperature 1), nested budgets. Methods, each
 ``method_steps`` env steps of the same PPO, reward model and reward-step settings (trainer defaults):
-bc (no env steps), irl (= aihf at 0 pairs), rlhf (budgets > 0), aihf (w_D = w_P = 1). Reported per
-run: the mean true return of the deterministic policy over the last 3 evaluations (10 episodes
-each; fixed compute, no selection). Seeds are paired (same expert, data and evaluation resets).
+bc (no env steps), irl (= aihf at 0 pairs: the same run, so it is run once), rlhf and aihf (w_D = w_P = 1)
+at budgets > 0. Reported per run: the mean true return of the deterministic policy over the last 3
+evaluations (10 episodes each; fixed compute, no selection). Seeds are paired (same expert, data and evaluation resets).
 Target (the issue's): aihf >= rlhf at every budget, and >= 1.2 x rlhf at the smallest non-zero
 budget. Wall-clock per 100k env steps is split into simulation (C++ rollouts) and learning.
 Outputs: benchmarks/results/bench_alignment_control_<profile>.json + .png (device, versions, commit).
@@ -36,7 +37,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))  # (else the installed package, with its built C++ extension)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import ci95, commit, device_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, cpu_name, run_jobs, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tasks=["InvertedPendulum-v5"], seeds=[0], budgets=[0, 8], expert_steps=8 * 8 * 64,
@@ -45,10 +46,14 @@ PROFILES = {
     "small": dict(tasks=["Hopper-v5", "HalfCheetah-v5"], seeds=[0, 1, 2], budgets=[0, 10, 50, 200, 1000],
                   expert_steps=1_000_000, method_steps=300_000, num_envs=16, rollout_steps=128, num_demos=10,
                   segment_len=50, pool_episodes=8, eval_episodes=10, eval_every=10, workers=2),
+    # what fits one 10-minute call of a 16-core machine: two more tasks at the smallest budget, 500k-step experts
+    "walker_ant": dict(tasks=["Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2], budgets=[0, 10], expert_steps=500_000,
+                       method_steps=300_000, num_envs=16, rollout_steps=128, num_demos=10, segment_len=50,
+                       pool_episodes=8, eval_episodes=10, eval_every=10, workers=16, sim_threads=1),
     "full": dict(tasks=["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2, 3, 4],
                  budgets=[0, 10, 50, 200, 1000, 5000], expert_steps=3_000_000, method_steps=1_000_000, num_envs=32,
                  rollout_steps=128, num_demos=10, segment_len=50, pool_episodes=16, eval_episodes=10, eval_every=10,
-                 workers=16),
+                 workers=16, sim_threads=1),
 }
 METHODS = ("bc", "irl", "rlhf", "aihf")
 
@@ -62,8 +67,8 @@ def plan(prof):
             jobs.append(dict(kind="data", key=d, deps=[e], task=task, seed=s, cost=50))
             for m in METHODS:
                 for b in prof["budgets"]:
-                    if (m == "rlhf" and b == 0) or (m in ("bc", "irl") and b != 0):
-                        continue
+                    if (m in ("rlhf", "aihf") and b == 0) or (m in ("bc", "irl") and b != 0):
+                        continue  # aihf at 0 pairs runs exactly irl (w_P = 0, same seed): irl stands for it
                     jobs.append(dict(kind="run", key=f"{m}-{task}-s{s}-p{b}", deps=[d], task=task, seed=s,
                                      method=m, budget=b, cost=1 if m == "bc" else 10))
     return jobs
@@ -83,7 +88,8 @@ def run_job(job, prof, work):
     task, s = job["task"], job["seed"]
     root = os.path.join(work, f"{task}-s{s}")
     common = dict(task=task, seed=s, num_envs=prof["num_envs"], rollout_steps=prof["rollout_steps"],
-                  eval_episodes=prof["eval_episodes"], eval_every=prof["eval_every"], progress=False, overwrite=True)
+                  eval_episodes=prof["eval_episodes"], eval_every=prof["eval_every"], progress=False, overwrite=True,
+                  sim_threads=prof.get("sim_threads"))
     if job["kind"] == "expert":
         summ = train(ControlConfig(method="expert", env_steps=prof["expert_steps"], save_every=prof["eval_every"],
                                    output_dir=os.path.join(root, "expert"), **common))
@@ -117,8 +123,9 @@ def analyse(records, prof):
     for task in prof["tasks"]:
         for m in METHODS:
             for b in prof["budgets"]:
-                per = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == m and
-                       (r["budget"] == b or (m in ("bc", "irl") and r["budget"] == 0))}
+                src = "irl" if (m == "aihf" and b == 0) else m  # see plan()
+                per = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == src and
+                       (r["budget"] == b or (src in ("bc", "irl") and r["budget"] == 0))}
                 if not per:
                     continue
                 v = [per[s]["final"] for s in sorted(per)]
@@ -237,7 +244,7 @@ def main(argv=None):
     records = run_jobs(plan(prof), run_job, (prof, work), os.path.join(work, "records"), a.workers or prof["workers"],
                        _init_worker, (a.threads,))
     analysis = analyse(records, prof)
-    result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof, device=device_name(),
+    result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof, device=cpu_name(),
                   versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
                   records=list(records.values()),
                   command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))

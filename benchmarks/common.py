@@ -67,6 +67,18 @@ def device_name():
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def cpu_name() -> str:
+    """The processor's model name and how many cores this process may use (for CPU-only benchmarks)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu ({model}, {cores} cores)"
+
+
 def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
     """Run ``fn(job, *fn_args) -> record`` for every job (dicts with ``key``, ``deps``: keys that
     must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is

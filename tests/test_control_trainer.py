@@ -103,6 +103,19 @@ def test_resume_is_exact(data, tmp_path):
         train(ControlConfig(**{**base, "w_P": 0.5}, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "part"), resume=True))
 
 
+def test_sim_threads_do_not_change_the_run(data, tmp_path):
+    d = data[0]
+    base = dict(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),
+                preferences=os.path.join(d, "prefs.npz"), num_envs=4, rollout_steps=32, eval_every=2,
+                eval_episodes=2, env_steps=2 * 4 * 32, progress=False)
+    logs = []
+    for threads in (1, 4):
+        train(ControlConfig(**base, sim_threads=threads, output_dir=str(tmp_path / f"t{threads}")))
+        strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
+        logs.append([strip(json.loads(x)) for x in open(tmp_path / f"t{threads}" / "log.jsonl")])
+    assert logs[0] == logs[1] and len(logs[0]) > 2
+
+
 def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     """aihf from imperfect demonstrations (about half the expert's return) and 60 pairs learns the
     task: far above the random policy (under a minute here)."""
@@ -122,6 +135,7 @@ def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     (["--method", "bc", "--demonstrations", "DEMOS", "--num-envs", "0"], "num_envs must be >= 1"),
     (["--method", "rlhf", "--preferences", "PREFS", "--num-pairs", "0"], "rlhf needs at least one preference pair"),
     (["--method", "rlhf", "--preferences", "PREFS", "--num-pairs", "1000"], "num_pairs=1000 but"),
+    (["--method", "bc", "--demonstrations", "DEMOS", "--sim-threads", "0"], "sim_threads must be >= 1"),
 ])
 def test_bad_config_fails_early(data, tmp_path, capsys, flags, msg):
     d = data[0]

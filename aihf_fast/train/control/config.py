@@ -24,6 +24,8 @@ class ControlConfig:
     env_steps: int = field(default=100_000, metadata={"help": "environment steps of RL in all"})
     # PPO (the RL solver of every method)
     num_envs: int = 16
+    sim_threads: int | None = field(default=None, metadata={
+        "help": "C++ threads stepping the envs (default: min(num_envs, CPUs)); 1 when many runs share the CPUs"})
     rollout_steps: int = field(default=128, metadata={"help": "PPO steps per env per iteration"})
     ppo_epochs: int = 10
     minibatch_size: int = 256
@@ -96,5 +98,7 @@ def validate(cfg: ControlConfig) -> None:
         raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
     if cfg.rl_reward not in ("sigmoid", "raw"):
         raise ConfigError(f"rl_reward must be 'sigmoid' or 'raw', got {cfg.rl_reward!r}")
+    if cfg.sim_threads is not None and cfg.sim_threads < 1:
+        raise ConfigError(f"sim_threads must be >= 1 or unset, got {cfg.sim_threads}")
     if cfg.num_pairs is not None and cfg.num_pairs < 0:
         raise ConfigError(f"num_pairs must be >= 0, got {cfg.num_pairs}")

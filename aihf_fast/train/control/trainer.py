@@ -73,7 +73,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.envs = make_vec(cfg.task, num_envs=cfg.num_envs, num_threads=min(cfg.num_envs, os.cpu_count() or 1))
+        self.envs = make_vec(cfg.task, num_envs=cfg.num_envs, num_threads=cfg.sim_threads or min(cfg.num_envs, os.cpu_count() or 1))
         self.eval_envs = make_vec(cfg.task, num_envs=min(cfg.eval_episodes, 16), num_threads=1)
         self.max_steps = self.envs.spec.max_episode_steps or 1000
         D, A = self.envs.single_observation_space.shape[0], self.envs.single_action_space.shape[0]
