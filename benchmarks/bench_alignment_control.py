@@ -46,10 +46,11 @@ PROFILES = {
     "small": dict(tasks=["Hopper-v5", "HalfCheetah-v5"], seeds=[0, 1, 2], budgets=[0, 10, 50, 200, 1000],
                   expert_steps=1_000_000, method_steps=300_000, num_envs=16, rollout_steps=128, num_demos=10,
                   segment_len=50, pool_episodes=8, eval_episodes=10, eval_every=10, workers=2),
-    # what fits one 10-minute call of a 16-core machine: two more tasks at the smallest budget, 500k-step experts
-    "walker_ant": dict(tasks=["Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2], budgets=[0, 10], expert_steps=500_000,
+    # what fits one 10-minute call of a 16-core machine: two more tasks at the smallest budget, 400k-step
+    # experts, one worker per run (18 RL runs at once)
+    "walker_ant": dict(tasks=["Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2], budgets=[0, 10], expert_steps=400_000,
                        method_steps=300_000, num_envs=16, rollout_steps=128, num_demos=10, segment_len=50,
-                       pool_episodes=8, eval_episodes=10, eval_every=10, workers=16, sim_threads=1),
+                       pool_episodes=4, eval_episodes=10, eval_every=15, workers=18, sim_threads=1),
     "full": dict(tasks=["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"], seeds=[0, 1, 2, 3, 4],
                  budgets=[0, 10, 50, 200, 1000, 5000], expert_steps=3_000_000, method_steps=1_000_000, num_envs=32,
                  rollout_steps=128, num_demos=10, segment_len=50, pool_episodes=16, eval_episodes=10, eval_every=10,
