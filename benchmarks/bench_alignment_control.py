@@ -112,7 +112,7 @@ def run_job(job, prof, work):
         corr = [[r["env_steps"], r["reward/corr_true"]] for r in map(json.loads, f) if r.get("reward/corr_true") is not None]
     shutil.rmtree(out, ignore_errors=True)
     ev = summ["evals"]
-    return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, evals=ev, reward_corr=corr,
+    return dict(kind="run", key=job["key"], task=task, seed=s, method=m, budget=b, device=cpu_name(), evals=ev, reward_corr=corr,
                 final=float(np.mean([e["eval/return"] for e in ev[-3:]])), sim_seconds=summ["sim_seconds"],
                 learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"])
 
@@ -233,9 +233,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
-    prof = PROFILES[a.profile]
+    prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}))
     work = a.work or str(ROOT / "runs" / f"bench_alignment_control_{a.profile}")
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_alignment_control_{a.profile}.json")
     if a.fresh:
