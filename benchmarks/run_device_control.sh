@@ -7,6 +7,8 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 PROFILE=${PROFILE:-walker_ant}
+SEEDS=${SEEDS:-}  # e.g. "3 4 5": other seeds than the profile's
+TAG=${PROFILE}${SEEDS:+_s${SEEDS// /}}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_ctl/*.whl \
   || { echo "wheel install failed"; exit 1; }
@@ -18,7 +20,7 @@ export PYTHONPATH=$PWD:/tmp/site
 python3 -c "import aihf_fast._C, mujoco, gymnasium; print('mujoco', mujoco.__version__, 'gymnasium', gymnasium.__version__)" || exit 1
 nproc; grep -m1 "model name" /proc/cpuinfo
 timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/bench_alignment_control.py --profile "$PROFILE" --work /tmp/bac \
-  --out "$OUT/bench_alignment_control_${PROFILE}.json" 2>&1 | grep -v "settotalmass\|^$"
+  ${SEEDS:+--seeds $SEEDS} --out "$OUT/bench_alignment_control_${TAG}.json" 2>&1 | grep -v "settotalmass\|^$"
 echo "bench exit: ${PIPESTATUS[0]}"
-tar czf "$OUT/records_${PROFILE}.tgz" -C /tmp/bac records 2>/dev/null
+tar czf "$OUT/records_${TAG}.tgz" -C /tmp/bac records 2>/dev/null
 ls -la "$OUT"
