@@ -57,6 +57,7 @@ PROFILES = {
                  workers=16, sim_threads=1),
 }
 METHODS = ("bc", "irl", "rlhf", "aihf")
+POSTHOC = ("irl+bc", "rlhf+bc", "aihf+bc")  # --posthoc: the actor initialised by BC (chosen after the main results)
 
 
 def plan(prof):
@@ -72,6 +73,11 @@ def plan(prof):
                         continue  # aihf at 0 pairs runs exactly irl (w_P = 0, same seed): irl stands for it
                     jobs.append(dict(kind="run", key=f"{m}-{task}-s{s}-p{b}", deps=[d], task=task, seed=s,
                                      method=m, budget=b, cost=1 if m == "bc" else 10))
+            if prof.get("posthoc"):  # added after the main results were seen: the actor starts from BC
+                smallest = min(b for b in prof["budgets"] if b > 0)
+                for m, b in (("irl+bc", 0), ("rlhf+bc", smallest), ("aihf+bc", smallest)):
+                    jobs.append(dict(kind="run", key=f"{m}-{task}-s{s}-p{b}", deps=[d], task=task, seed=s,
+                                     method=m, budget=b, cost=5))
     return jobs
 
 
@@ -103,8 +109,9 @@ def run_job(job, prof, work):
         return dict(kind="data", task=task, seed=s, meta=meta)
     out = os.path.join(work, "runs", job["key"])
     m, b = job["method"], job["budget"]
-    uses_pairs = m in ("rlhf", "aihf")
-    summ = train(ControlConfig(method=m, env_steps=prof["method_steps"],
+    base = m.removesuffix("+bc")
+    uses_pairs = base in ("rlhf", "aihf")
+    summ = train(ControlConfig(method=base, bc_init=m.endswith("+bc"), env_steps=prof["method_steps"],
                                demonstrations=os.path.join(root, "data", "demos.npz"),
                                preferences=os.path.join(root, "data", "prefs.npz") if uses_pairs else None,
                                num_pairs=b if uses_pairs else None, output_dir=out, **common))
@@ -121,8 +128,9 @@ def analyse(records, prof):
     runs = [r for r in records.values() if r.get("kind") == "run"]
     data = {(r["task"], r["seed"]): r["meta"] for r in records.values() if r.get("kind") == "data"}
     table, verdict = [], []
+    methods = [*METHODS, *(m for m in POSTHOC if any(r["method"] == m for r in runs))]
     for task in prof["tasks"]:
-        for m in METHODS:
+        for m in methods:
             for b in prof["budgets"]:
                 src = "irl" if (m == "aihf" and b == 0) else m  # see plan()
                 per = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == src and
@@ -133,15 +141,16 @@ def analyse(records, prof):
                 table.append(dict(task=task, method=m, budget=b, seeds=sorted(per), returns=v, mean=float(np.mean(v)),
                                   ci95=ci95(v)))
         smallest = min([b for b in prof["budgets"] if b > 0], default=None)
-        for b in prof["budgets"]:
-            a = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "aihf" and r["budget"] == b}
-            h = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "rlhf" and r["budget"] == b}
+        for b, suffix in [(b, "") for b in prof["budgets"]] + [(smallest, "+bc")]:
+            a = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "aihf" + suffix and r["budget"] == b}
+            h = {r["seed"]: r["final"] for r in runs if r["task"] == task and r["method"] == "rlhf" + suffix and r["budget"] == b}
             common_seeds = sorted(set(a) & set(h))
             if not common_seeds:
                 continue
             d = [a[s] - h[s] for s in common_seeds]
             row = dict(task=task, budget=b, aihf=float(np.mean([a[s] for s in common_seeds])),
-                       rlhf=float(np.mean([h[s] for s in common_seeds])), diff=float(np.mean(d)), diff_ci95=ci95(d))
+                       rlhf=float(np.mean([h[s] for s in common_seeds])), diff=float(np.mean(d)), diff_ci95=ci95(d),
+                       variant="bc_init (post hoc)" if suffix else "main")
             row["aihf_ge_rlhf"] = row["diff"] >= 0
             if b == smallest:
                 row["aihf_ge_1.2x_rlhf"] = row["aihf"] >= 1.2 * row["rlhf"]
@@ -184,14 +193,15 @@ def plot(result, prof, path):
     curve_sets = [("irl", 0)] + [(m, b) for b in sorted({nonzero[0], nonzero[-1]}) for m in ("rlhf", "aihf")] if nonzero else []
     for col, task in enumerate(tasks):
         ax = axes[0][col]
-        for m in METHODS:
+        for m in [*METHODS, *POSTHOC]:
             rows = {r["budget"]: r for r in result["analysis"]["table"] if r["task"] == task and r["method"] == m}
             pts = [(x, rows[b]) for x, b in zip(xs, prof["budgets"]) if b in rows]
             if pts:
                 x = [p[0] for p in pts]
                 y = np.array([p[1]["mean"] for p in pts])
                 c = np.nan_to_num(np.array([p[1]["ci95"] for p in pts]))
-                ax.plot(x, y, marker="o", label=m, lw=2.5 if m == "aihf" else 1.2)
+                ax.plot(x, y, marker="s" if m in POSTHOC else "o", label=m + (" (post hoc)" if m in POSTHOC else ""),
+                        lw=2.5 if m == "aihf" else 1.2, ls=":" if m in POSTHOC else "-")
                 ax.fill_between(x, y - c, y + c, alpha=0.15)
         ref = result["analysis"]["references"][task]
         for k, ls in (("expert", "-"), ("demos", "--"), ("random", ":")):
@@ -234,19 +244,30 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds")
+    ap.add_argument("--posthoc", action="store_true", help="also irl/rlhf/aihf with a BC-initialised actor "
+                    "(smallest budget), chosen after the main results were seen and labelled so")
+    ap.add_argument("--analyse-only", action="store_true",
+                    help="run nothing: analyse the records in --work (e.g. made on another machine)")
+    ap.add_argument("--device", default=None, help="where the records were made (default: this CPU)")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
-    prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}))
+    prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}), posthoc=a.posthoc)
     work = a.work or str(ROOT / "runs" / f"bench_alignment_control_{a.profile}")
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_alignment_control_{a.profile}.json")
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
     head = commit()
     t0 = time.time()
-    records = run_jobs(plan(prof), run_job, (prof, work), os.path.join(work, "records"), a.workers or prof["workers"],
-                       _init_worker, (a.threads,))
+    rec_dir = os.path.join(work, "records")
+    if a.analyse_only:
+        missing = [j["key"] for j in plan(prof) if not os.path.isfile(os.path.join(rec_dir, j["key"] + ".json"))]
+        if missing:
+            raise SystemExit(f"--analyse-only: {len(missing)} records missing in {rec_dir}, e.g. {missing[:3]}")
+    records = run_jobs(plan(prof), run_job, (prof, work), rec_dir, a.workers or prof["workers"], _init_worker,
+                       (a.threads,))
     analysis = analyse(records, prof)
-    result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof, device=cpu_name(),
+    result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof,
+                  device=a.device or cpu_name(),
                   versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
                   records=list(records.values()),
                   command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -255,10 +276,10 @@ def main(argv=None):
         json.dump(result, f, indent=1)
     plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     for r in analysis["table"]:
-        print(f"{r['task']:<18} {r['method']:<5} {r['budget']:>5} pairs: {r['mean']:8.1f} +- {r['ci95']:.1f}")
+        print(f"{r['task']:<18} {r['method']:<7} {r['budget']:>5} pairs: {r['mean']:8.1f} +- {r['ci95']:.1f}")
     for v in analysis["verdict"]:
-        print(f"verdict {v['task']} {v['budget']:>5} pairs: aihf {v['aihf']:.1f} vs rlhf {v['rlhf']:.1f} "
-              f"(diff {v['diff']:+.1f} +- {v['diff_ci95']:.1f})")
+        print(f"verdict {v['task']} {v['budget']:>5} pairs ({v['variant']}): aihf {v['aihf']:.1f} vs rlhf "
+              f"{v['rlhf']:.1f} (diff {v['diff']:+.1f} +- {v['diff_ci95']:.1f})")
     print(f"wall-clock per 100k env steps: {analysis['wall_clock']}")
     print(f"[bench] wrote {out}")
     return result

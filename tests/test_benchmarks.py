@@ -103,12 +103,25 @@ def test_bench_alignment_control_tiny(tmp_path):
     import bench_alignment_control as bench
 
     out = tmp_path / "ctl.json"
-    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--threads", "1"])
+    res = bench.main(["--profile", "tiny", "--posthoc", "--work", str(tmp_path / "w"), "--out", str(out),
+                      "--threads", "1"])
     data = json.loads(out.read_text())
     assert (tmp_path / "ctl.png").stat().st_size > 0 and data["commit"] and data["device"]
     cells = {(r["method"], r["budget"]) for r in data["analysis"]["table"]}
-    assert {("aihf", 0), ("aihf", 8), ("rlhf", 8), ("irl", 0), ("bc", 0)} <= cells and ("rlhf", 0) not in cells
-    assert [v["budget"] for v in data["analysis"]["verdict"]] == [8]
+    assert {("aihf", 0), ("aihf", 8), ("rlhf", 8), ("irl", 0), ("bc", 0), ("irl+bc", 0), ("rlhf+bc", 8),
+            ("aihf+bc", 8)} <= cells and ("rlhf", 0) not in cells
+    table = {(r["method"], r["budget"]): r for r in data["analysis"]["table"]}
+    assert table[("aihf", 0)]["returns"] == table[("irl", 0)]["returns"]  # aihf at 0 pairs is irl's run
+    assert [(v["budget"], v["variant"]) for v in data["analysis"]["verdict"]] == [(8, "main"), (8, "bc_init (post hoc)")]
     assert res["analysis"]["wall_clock"]["sim_seconds_per_100k"] > 0
     runs = [r for r in data["records"] if r.get("kind") == "run"]
-    assert all(len(r["evals"]) >= 1 and np.isfinite(r["final"]) for r in runs)
+    assert all(len(r["evals"]) >= 1 and np.isfinite(r["final"]) and r["reward_corr"] is not None for r in runs)
+    assert any(len(r["reward_corr"]) > 0 for r in runs if r["method"] == "aihf")
+    # --analyse-only runs nothing: the same analysis from the records, or a clear error when some are missing
+    again = bench.main(["--profile", "tiny", "--posthoc", "--analyse-only", "--work", str(tmp_path / "w"),
+                        "--out", str(tmp_path / "again.json")])
+    key = lambda res: [(v["task"], v["budget"], v["variant"], v["aihf"], v["rlhf"]) for v in res["analysis"]["verdict"]]  # noqa: E731
+    assert key(again) == key(res)
+    with pytest.raises(SystemExit, match="records missing"):
+        bench.main(["--profile", "tiny", "--seeds", "7", "--analyse-only", "--work", str(tmp_path / "w"),
+                    "--out", str(tmp_path / "none.json")])
