@@ -230,7 +230,10 @@ def plot(result, prof, path):
         for a in (axes[1][col], axes[2][col]):
             a.set_xlabel("env steps")
             a.legend(fontsize=7)
-    fig.suptitle(f"{result['device']} commit {str(result['commit'])[:10]}", fontsize=8)
+    made = result.get("records_made_by")
+    commits = (f"runs by commits {', '.join(str(m['commit'])[:8] for m in made)}; analysis commit "
+               if made else "commit ") + str(result["commit"])[:10]
+    fig.suptitle(f"{result['device']} {commits}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -249,6 +252,9 @@ def main(argv=None):
     ap.add_argument("--analyse-only", action="store_true",
                     help="run nothing: analyse the records in --work (e.g. made on another machine)")
     ap.add_argument("--device", default=None, help="where the records were made (default: this CPU)")
+    ap.add_argument("--made-by", nargs="+", default=[], metavar="JSON",
+                    help="with --analyse-only: the result files of the invocations that made the records "
+                         "(their device, versions, commit and command are kept)")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}), posthoc=a.posthoc)
@@ -271,10 +277,14 @@ def main(argv=None):
                   versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
                   records=list(records.values()),
                   command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if a.made_by:
+        keep = ("device", "versions", "commit", "command", "wall_seconds_this_invocation", "profile_config")
+        result["records_made_by"] = [{k: json.load(open(f)).get(k) for k in keep} for f in a.made_by]
+        result["versions"] = dict(analysis=result["versions"], runs=[m["versions"] for m in result["records_made_by"]])
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     for r in analysis["table"]:
         print(f"{r['task']:<18} {r['method']:<7} {r['budget']:>5} pairs: {r['mean']:8.1f} +- {r['ci95']:.1f}")
     for v in analysis["verdict"]:
