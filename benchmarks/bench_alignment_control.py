@@ -160,7 +160,15 @@ def analyse(records, prof):
     steps = sum(r["env_steps"] for r in runs)
     wall = dict(sim_seconds_per_100k=1e5 * sim / steps if steps else None,
                 learn_seconds_per_100k=1e5 * learn / steps if steps else None)
+    experts = [r for r in records.values() if r.get("kind") == "expert"]
+
+    def true_reward_at_method_steps(task):  # PPO on the true reward, same steps and reporting rule as the methods
+        v = [np.mean([e["eval/return"] for e in r["evals"] if e["env_steps"] <= prof["method_steps"]][-3:])
+             for r in experts if r["task"] == task]
+        return float(np.mean(v)) if v else float("nan")
+
     refs = {task: dict(expert=float(np.mean([data[k]["expert_best_return"] for k in data if k[0] == task] or [np.nan])),
+                       ppo_true_reward_same_steps=true_reward_at_method_steps(task),
                        demos=float(np.mean([data[k]["demo_mean_return"] for k in data if k[0] == task] or [np.nan])),
                        random=float(np.mean([data[k]["random_return"] for k in data if k[0] == task] or [np.nan])))
             for task in prof["tasks"]}
@@ -204,9 +212,12 @@ def plot(result, prof, path):
                         lw=2.5 if m == "aihf" else 1.2, ls=":" if m in POSTHOC else "-")
                 ax.fill_between(x, y - c, y + c, alpha=0.15)
         ref = result["analysis"]["references"][task]
-        for k, ls in (("expert", "-"), ("demos", "--"), ("random", ":")):
+        for k, ls, label in (("expert", "-", "expert (best snapshot)"), ("demos", "--", "demonstrations"),
+                             ("ppo_true_reward_same_steps", "-.", "PPO on the true reward, same steps"),
+                             ("random", ":", "random")):
             for a in (ax, axes[1][col]):
-                a.axhline(ref[k], color="k", ls=ls, lw=0.8, label=k if a is ax else None)
+                if k in ref:
+                    a.axhline(ref[k], color="k", ls=ls, lw=0.8, label=label if a is ax else None)
         ax.set_xticks(xs, [str(b) for b in prof["budgets"]])
         ax.set_xlabel("preference pairs")
         ax.set_ylabel("true return (last 3 evaluations)")
