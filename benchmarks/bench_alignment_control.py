@@ -155,11 +155,15 @@ def analyse(records, prof):
             if b == smallest:
                 row["aihf_ge_1.2x_rlhf"] = row["aihf"] >= 1.2 * row["rlhf"]
             verdict.append(row)
-    sim = sum(r["sim_seconds"] for r in runs)
-    learn = sum(r["learn_seconds"] for r in runs)
-    steps = sum(r["env_steps"] for r in runs)
-    wall = dict(sim_seconds_per_100k=1e5 * sim / steps if steps else None,
-                learn_seconds_per_100k=1e5 * learn / steps if steps else None)
+    def per_100k(rs):  # simulation = collecting PPO batches in C++; learning = reward steps + PPO updates
+        sim, learn, steps = (sum(r[k] for r in rs) for k in ("sim_seconds", "learn_seconds", "env_steps"))
+        return dict(sim_seconds_per_100k=1e5 * sim / steps if steps else None,
+                    learn_seconds_per_100k=1e5 * learn / steps if steps else None)
+
+    wall = dict(per_100k(runs), by_task_method={f"{t}/{m}": per_100k([r for r in runs if r["task"] == t and r["method"] == m])
+                                                for t in prof["tasks"] for m in sorted({r["method"] for r in runs})
+                                                if m != "bc" and any(r["task"] == t and r["method"] == m for r in runs)},
+                note="evaluation episodes are not included")
     experts = [r for r in records.values() if r.get("kind") == "expert"]
 
     def true_reward_at_method_steps(task):  # PPO on the true reward, same steps and reporting rule as the methods
