@@ -152,8 +152,10 @@ def analyse(records, prof):
                        rlhf=float(np.mean([h[s] for s in common_seeds])), diff=float(np.mean(d)), diff_ci95=ci95(d),
                        variant="bc_init (post hoc)" if suffix else "main")
             row["aihf_ge_rlhf"] = row["diff"] >= 0
-            if b == smallest:
-                row["aihf_ge_1.2x_rlhf"] = row["aihf"] >= 1.2 * row["rlhf"]
+            if b == smallest:  # "20% higher" needs a positive rlhf return; the gain over random is reported too
+                rand = float(np.mean([m["random_return"] for (t, _), m in data.items() if t == task] or [np.nan]))
+                row["aihf_ge_1.2x_rlhf"] = bool(row["aihf"] >= 1.2 * row["rlhf"]) if row["rlhf"] > 0 else None
+                row["gain_over_random_ratio"] = (row["aihf"] - rand) / (row["rlhf"] - rand) if row["rlhf"] > rand else None
             verdict.append(row)
     def per_100k(rs):  # simulation = collecting PPO batches in C++; learning = reward steps + PPO updates
         sim, learn, steps = (sum(r[k] for r in rs) for k in ("sim_seconds", "learn_seconds", "env_steps"))
@@ -270,6 +272,9 @@ def main(argv=None):
     ap.add_argument("--made-by", nargs="+", default=[], metavar="JSON",
                     help="with --analyse-only: the result files of the invocations that made the records "
                          "(their device, versions, commit and command are kept)")
+    ap.add_argument("--reanalyse", metavar="JSON", default=None,
+                    help="run nothing: analyse again the records kept in an earlier result file (e.g. a committed "
+                         "one, after the analysis changed); its profile and makers are kept")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}), posthoc=a.posthoc)
@@ -280,21 +285,33 @@ def main(argv=None):
     head = commit()
     t0 = time.time()
     rec_dir = os.path.join(work, "records")
-    if a.analyse_only:
+    keep = ("device", "versions", "commit", "command", "wall_seconds_this_invocation", "profile_config")
+    made_by = [{k: json.load(open(f)).get(k) for k in keep} for f in a.made_by]
+    if a.reanalyse:
+        with open(a.reanalyse) as f:
+            old = json.load(f)
+        if old.get("benchmark") != "bench_alignment_control" or "records" not in old:
+            raise SystemExit(f"--reanalyse: {a.reanalyse} is not a bench_alignment_control result with records")
+        prof, made_by = old["profile_config"], old.get("records_made_by") or [{k: old.get(k) for k in keep}]
+        records = {i: r for i, r in enumerate(old["records"])}
+        a.device = a.device or old.get("device")
+    elif a.analyse_only:
         missing = [j["key"] for j in plan(prof) if not os.path.isfile(os.path.join(rec_dir, j["key"] + ".json"))]
         if missing:
             raise SystemExit(f"--analyse-only: {len(missing)} records missing in {rec_dir}, e.g. {missing[:3]}")
-    records = run_jobs(plan(prof), run_job, (prof, work), rec_dir, a.workers or prof["workers"], _init_worker,
-                       (a.threads,))
+    if not a.reanalyse:
+        records = run_jobs(plan(prof), run_job, (prof, work), rec_dir, a.workers or prof["workers"], _init_worker,
+                           (a.threads,))
     analysis = analyse(records, prof)
     result = dict(benchmark="bench_alignment_control", profile=a.profile, profile_config=prof,
                   device=a.device or cpu_name(),
                   versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0, analysis=analysis,
                   records=list(records.values()),
                   command="python benchmarks/bench_alignment_control.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if a.made_by:
-        keep = ("device", "versions", "commit", "command", "wall_seconds_this_invocation", "profile_config")
-        result["records_made_by"] = [{k: json.load(open(f)).get(k) for k in keep} for f in a.made_by]
+    if made_by and not (a.analyse_only or a.reanalyse):  # this invocation made records too
+        made_by = [*made_by, {k: result.get(k) for k in keep}]
+    if made_by:
+        result["records_made_by"] = made_by
         result["versions"] = dict(analysis=result["versions"], runs=[m["versions"] for m in result["records_made_by"]])
     os.makedirs(os.path.dirname(out), exist_ok=True)
     plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")

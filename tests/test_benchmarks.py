@@ -125,3 +125,16 @@ def test_bench_alignment_control_tiny(tmp_path):
     with pytest.raises(SystemExit, match="records missing"):
         bench.main(["--profile", "tiny", "--seeds", "7", "--analyse-only", "--work", str(tmp_path / "w"),
                     "--out", str(tmp_path / "none.json")])
+    # --reanalyse: the same analysis from the records kept in the result file alone (the work dir gone)
+    import shutil
+
+    shutil.rmtree(tmp_path / "w")
+    re = bench.main(["--reanalyse", str(out), "--out", str(tmp_path / "re.json")])
+    assert key(re) == key(res) and re["profile_config"] == data["profile_config"]
+    assert re["records_made_by"][0]["commit"] == data["commit"] and re["device"] == data["device"]
+    for v in re["analysis"]["verdict"]:  # the 1.2x rule is only defined for a positive rlhf return
+        assert ("aihf_ge_1.2x_rlhf" in v) == (v["budget"] == 8)
+        assert v.get("aihf_ge_1.2x_rlhf") in (None, True, False)
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "bench_loss"}))
+    with pytest.raises(SystemExit, match="not a bench_alignment_control result"):
+        bench.main(["--reanalyse", str(tmp_path / "other.json")])
