@@ -277,6 +277,13 @@ def main(argv=None):
                          "one, after the analysis changed); its profile and makers are kept")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
+    old = None
+    if a.reanalyse:
+        with open(a.reanalyse) as f:
+            old = json.load(f)
+        if old.get("benchmark") != "bench_alignment_control" or "records" not in old:
+            raise SystemExit(f"--reanalyse: {a.reanalyse} is not a bench_alignment_control result with records")
+        a.profile = old.get("profile", a.profile)  # names the output like the original
     prof = dict(PROFILES[a.profile], **({"seeds": a.seeds} if a.seeds else {}), posthoc=a.posthoc)
     work = a.work or str(ROOT / "runs" / f"bench_alignment_control_{a.profile}")
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_alignment_control_{a.profile}.json")
@@ -287,13 +294,9 @@ def main(argv=None):
     rec_dir = os.path.join(work, "records")
     keep = ("device", "versions", "commit", "command", "wall_seconds_this_invocation", "profile_config")
     made_by = [{k: json.load(open(f)).get(k) for k in keep} for f in a.made_by]
-    if a.reanalyse:
-        with open(a.reanalyse) as f:
-            old = json.load(f)
-        if old.get("benchmark") != "bench_alignment_control" or "records" not in old:
-            raise SystemExit(f"--reanalyse: {a.reanalyse} is not a bench_alignment_control result with records")
+    if old is not None:
         prof, made_by = old["profile_config"], old.get("records_made_by") or [{k: old.get(k) for k in keep}]
-        records = {i: r for i, r in enumerate(old["records"])}
+        records = dict(enumerate(old["records"]))
         a.device = a.device or old.get("device")
     elif a.analyse_only:
         missing = [j["key"] for j in plan(prof) if not os.path.isfile(os.path.join(rec_dir, j["key"] + ".json"))]

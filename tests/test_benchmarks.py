@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny grids (seconds) and write valid JSON and a plot."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,11 +127,9 @@ def test_bench_alignment_control_tiny(tmp_path):
         bench.main(["--profile", "tiny", "--seeds", "7", "--analyse-only", "--work", str(tmp_path / "w"),
                     "--out", str(tmp_path / "none.json")])
     # --reanalyse: the same analysis from the records kept in the result file alone (the work dir gone)
-    import shutil
-
     shutil.rmtree(tmp_path / "w")
     re = bench.main(["--reanalyse", str(out), "--out", str(tmp_path / "re.json")])
-    assert key(re) == key(res) and re["profile_config"] == data["profile_config"]
+    assert key(re) == key(res) and re["profile_config"] == data["profile_config"] and re["profile"] == "tiny"
     assert re["records_made_by"][0]["commit"] == data["commit"] and re["device"] == data["device"]
     for v in re["analysis"]["verdict"]:  # the 1.2x rule is only defined for a positive rlhf return
         assert ("aihf_ge_1.2x_rlhf" in v) == (v["budget"] == 8)
