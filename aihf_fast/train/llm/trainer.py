@@ -65,6 +65,20 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(get_accelerator().current_device_name())
 
 
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group cleanly: all ranks meet at a barrier (only after a run that
+    succeeded, as a failed rank may never arrive), then the group is destroyed.
+
+    Without it a rank can abort at interpreter exit (``terminate called without an active
+    exception``, launcher exit code 250) after all its outputs are written."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _lr_lambda(cfg):
     def f(step):
         if cfg.warmup_steps and step < cfg.warmup_steps:
