@@ -161,11 +161,9 @@ def p_envpool(task, n, threads, T):
 
 
 def _model(task):
-    import gymnasium
+    from aihf_fast.envs.reference import Reference
 
-    from aihf_fast.envs.vector import ASSETS, _XML
-
-    return os.path.join(ASSETS, gymnasium.spec(task).kwargs.get("xml_file") or _XML[task])
+    return Reference(task, {}).model_path
 
 
 def p_mujoco_batch(task, n, threads, T):

@@ -22,15 +22,16 @@ std::unique_lock<std::mutex> exclusive(std::mutex& mu) {
 
 }  // namespace
 
-BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path, int num_envs, int num_threads,
-                   int autoreset_mode, int max_episode_steps, int reset_queue)
+BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path,
+                   const std::map<std::string, double>& options, int num_envs, int num_threads, int autoreset_mode,
+                   int max_episode_steps, int reset_queue)
     : n_(num_envs), max_steps_(max_episode_steps), K_(reset_queue), mode_(static_cast<Autoreset>(autoreset_mode)),
       pool_(checked_threads(num_threads)) {
   if (num_envs < 1) throw std::invalid_argument("num_envs must be >= 1");
   if (reset_queue < 1) throw std::invalid_argument("reset_queue must be >= 1");
   if (autoreset_mode < 0 || autoreset_mode > 2) throw std::invalid_argument("autoreset_mode must be 0, 1 or 2");
-  task_ = make_task(task_id);
-  if (!task_) throw std::invalid_argument("unknown task " + task_id);
+  if (max_episode_steps < 0) throw std::invalid_argument("max_episode_steps must be >= 0 (0: no limit)");
+  task_ = make_task(task_id, Params(options));
   char err[1000] = "";
   model_ = mj_loadXML(xml_path.c_str(), nullptr, err, sizeof(err));
   if (!model_) throw std::runtime_error("mj_loadXML(" + xml_path + "): " + err);
@@ -133,16 +134,25 @@ void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
   needs_reset[i] = 0;
 }
 
+void BatchEnv::copy_data(int i, mjData* dest) {
+  auto lock = exclusive(busy_);
+  if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
+  const mjData* src = data_[i];
+  if (!dest || dest->nbuffer != src->nbuffer || dest->narena != src->narena)
+    throw std::invalid_argument("copy_data: the destination mjData was not made for this model (sizes differ)");
+  mj_copyData(dest, model_, src);
+}
+
 void BatchEnv::seed_policy_noise(uint64_t seed) {
   for (int i = 0; i < n_; ++i) noise_[i].seed(seed, uint64_t(i));
 }
 
 // gymnasium's MujocoEnv.step for one env, plus the TimeLimit wrapper's counter.
-void BatchEnv::physics_step(int i, const float* ai32, const double* ai64) {
+void BatchEnv::physics_step(int i, const Action& a) {
   mjData* d = data_[i];
   const int nu = model_->nu;
   PreStep pre = task_->before(d);
-  for (int k = 0; k < nu; ++k) d->ctrl[k] = ai32 ? double(ai32[k]) : ai64[k];
+  for (int k = 0; k < nu; ++k) d->ctrl[k] = a[k];
   auto bad = [d] {
     return d->warning[mjWARN_BADQPOS].number + d->warning[mjWARN_BADQVEL].number + d->warning[mjWARN_BADQACC].number;
   };
@@ -154,13 +164,13 @@ void BatchEnv::physics_step(int i, const float* ai32, const double* ai64) {
   diverged[i] = bad() != bad_before;
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   bool term = false;
-  rewards[i] = task_->reward(model_, d, pre, ai32, ai64, &term, &info[size_t(i) * std::max(n_info_, 1)]);
+  rewards[i] = task_->reward(model_, d, pre, a, &term, &info[size_t(i) * std::max(n_info_, 1)]);
   terminated[i] = term;
   elapsed[i] += 1;
   truncated[i] = max_steps_ > 0 && elapsed[i] >= max_steps_;
 }
 
-void BatchEnv::step_one(int i, const float* a32, const double* a64) {
+void BatchEnv::step_one(int i, const float* a32, const double* a64, bool half) {
   reset_consumed[i] = 0;
   final_valid[i] = 0;
   diverged[i] = 0;
@@ -172,7 +182,11 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64) {
     return;
   }
   const int nu = model_->nu;
-  physics_step(i, a32 ? a32 + size_t(i) * nu : nullptr, a64 ? a64 + size_t(i) * nu : nullptr);
+  Action a;
+  a.f32 = a32 ? a32 + size_t(i) * nu : nullptr;
+  a.f64 = a64 ? a64 + size_t(i) * nu : nullptr;
+  a.half = half;
+  physics_step(i, a);
   bool done = terminated[i] || truncated[i];
   if (mode_ == Autoreset::kNextStep) {
     needs_reset[i] = done;
@@ -185,10 +199,10 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64) {
   }
 }
 
-void BatchEnv::step(const float* a32, const double* a64) {
+void BatchEnv::step(const float* a32, const double* a64, bool half) {
   auto lock = exclusive(busy_);
   check_queues();
-  parallel([&](int i) { step_one(i, a32, a64); });
+  parallel([&](int i) { step_one(i, a32, a64, half); });
 }
 
 void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loop, const RolloutOut& out,
@@ -210,7 +224,9 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
     } else {
       std::memcpy(a, open_loop + ti * nu, sizeof(float) * nu);
     }
-    physics_step(i, a, nullptr);
+    Action act;
+    act.f32 = a;
+    physics_step(i, act);
     if (out.rewards) out.rewards[ti] = rewards[i];
     if (out.terminated) out.terminated[ti] = terminated[i];
     if (out.truncated) out.truncated[ti] = truncated[i];

@@ -4,6 +4,7 @@
 // gymnasium's reset_model does; an env consumes its prepared state when it (auto)resets.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -33,14 +34,15 @@ struct RolloutOut {
 
 class BatchEnv {
  public:
-  BatchEnv(const std::string& task_id, const std::string& xml_path, int num_envs, int num_threads,
-           int autoreset_mode, int max_episode_steps, int reset_queue);
+  BatchEnv(const std::string& task_id, const std::string& xml_path, const std::map<std::string, double>& options,
+           int num_envs, int num_threads, int autoreset_mode, int max_episode_steps, int reset_queue);
   ~BatchEnv();
 
   // Reset the envs whose mask is set, each from the next state in its reset queue.
   void reset(const bool* mask);
-  // One env step for all envs; actions (num_envs x nu) in float32 or float64 (one is null).
-  void step(const float* a32, const double* a64);
+  // One env step for all envs; actions (num_envs x nu) in float32 or float64 (one is null);
+  // half: the float32 values are float16 actions (the control cost is computed in half).
+  void step(const float* a32, const double* a64, bool half = false);
   // Advance every env i from progress[i] towards T steps, choosing actions with the policy
   // (or reading open_loop (T, N, nu)), resetting ended episodes at once (SAME_STEP semantics).
   // An env that needs a reset state while its queue is empty stops early; returns the number
@@ -48,6 +50,8 @@ class BatchEnv {
   int rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress);
   // Seed the per-env action-noise generators (env i gets stream i).
   void seed_policy_noise(uint64_t seed);
+  // Copy env i's whole mjData into dest, an mjData made for an identical model (mj_copyData).
+  void copy_data(int i, mjData* dest);
   // Set env i's joint state (then mj_forward and observe), e.g. to start from a recorded state.
   void set_state(int i, const double* qpos, const double* qvel);
 
@@ -77,8 +81,8 @@ class BatchEnv {
 
  private:
   bool reset_one(int i);
-  void physics_step(int i, const float* a32, const double* a64);
-  void step_one(int i, const float* a32, const double* a64);
+  void physics_step(int i, const Action& a);
+  void step_one(int i, const float* a32, const double* a64, bool half);
   void rollout_one(int i, const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress,
                    float* scratch);
   template <typename F>

@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/map.h>
 
 #include <algorithm>
 
@@ -58,14 +59,15 @@ void check_actions_shape(const BatchEnv& env, size_t ndim, size_t d0, size_t d1)
 }
 
 // One env step with float32 or float64 actions (numpy's control-cost dtype follows them).
+// half: the float32 actions hold float16 values (control cost in half precision, as numpy).
 template <typename T>
-void step_with(BatchEnv& e, nb::ndarray<const T, nb::c_contig, nb::device::cpu> a) {
+void step_with(BatchEnv& e, nb::ndarray<const T, nb::c_contig, nb::device::cpu> a, bool half) {
   check_actions_shape(e, a.ndim(), a.shape(0), a.ndim() > 1 ? a.shape(1) : 0);
   nb::gil_scoped_release release;
   if constexpr (std::is_same_v<T, float>)
-    e.step(a.data(), nullptr);
+    e.step(a.data(), nullptr, half);
   else
-    e.step(nullptr, a.data());
+    e.step(nullptr, a.data(), false);
 }
 
 }  // namespace
@@ -118,8 +120,9 @@ NB_MODULE(_C, m) {
       .def_prop_ro("out_features", [](const aihf::MLPPolicy& p) { return p.layers.back().out; });
 
   nb::class_<BatchEnv>(m, "BatchEnv")
-      .def(nb::init<const std::string&, const std::string&, int, int, int, int, int>(), "task_id"_a, "xml_path"_a,
-           "num_envs"_a, "num_threads"_a, "autoreset_mode"_a, "max_episode_steps"_a, "reset_queue"_a,
+      .def(nb::init<const std::string&, const std::string&, const std::map<std::string, double>&, int, int, int, int,
+                    int>(),
+           "task_id"_a, "xml_path"_a, "options"_a, "num_envs"_a, "num_threads"_a, "autoreset_mode"_a, "max_episode_steps"_a, "reset_queue"_a,
            nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("num_envs", &BatchEnv::num_envs)
       .def_prop_ro("num_threads", &BatchEnv::num_threads)
@@ -141,8 +144,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("rewards", [](BatchEnv& e) { return view(e, e.rewards, {size_t(e.num_envs())}); })
       .def_prop_ro("reset_queue", &BatchEnv::reset_queue)
       .def_prop_ro("info_keys", [](BatchEnv& e) {
-        std::vector<std::pair<std::string, int>> keys;
-        for (const auto& k : e.task().info_keys()) keys.emplace_back(k.name, int(k.type));
+        std::vector<std::string> keys;
+        for (const char* k : e.task().info_keys()) keys.emplace_back(k);
         return keys;
       })
       .def_prop_ro("reset_info_keys", [](BatchEnv& e) {
@@ -180,9 +183,17 @@ NB_MODULE(_C, m) {
             e.reset(mask.data());
           },
           "mask"_a)
-      .def("step", &step_with<float>, "actions"_a)
-      .def("step", &step_with<double>, "actions"_a)
+      .def("step", &step_with<float>, "actions"_a.noconvert(), "half"_a = false)
+      .def("step", &step_with<double>, "actions"_a.noconvert(), "half"_a = false)
       .def("seed_policy_noise", &BatchEnv::seed_policy_noise, "seed"_a)
+      .def(
+          "copy_data",
+          [](BatchEnv& e, int i, uintptr_t address) {
+            // address: mujoco.MjData._address of an MjData of the same model (same libmujoco)
+            nb::gil_scoped_release release;
+            e.copy_data(i, reinterpret_cast<mjData*>(address));
+          },
+          "env"_a, "address"_a)
       .def(
           "set_state",
           [](BatchEnv& e, int i, nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> qpos,

@@ -31,168 +31,217 @@ T pairwise_sum(const T* a, int n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-// weight * np.sum(np.square(action)) with numpy's dtype rules (NEP 50: the Python float
-// weight takes the action's dtype).
-template <typename T>
-double square_sum_times(const T* a, int n, double weight) {
-  T sq[64];
-  for (int i = 0; i < n; ++i) sq[i] = a[i] * a[i];
-  T s = pairwise_sum(sq, n);
-  return static_cast<double>(static_cast<T>(weight) * s);
+// numpy's float16 arithmetic: each operation in float, rounded to half (round to nearest even).
+float to_half(float x) { return float(static_cast<_Float16>(x)); }
+
+}  // namespace
+
+void Params::check_all_read(const std::string& task) const {
+  for (const auto& kv : values_)
+    if (!read_.count(kv.first)) throw std::invalid_argument(task + ": unknown option " + kv.first);
 }
 
-double ctrl_cost(const float* a32, const double* a64, int n, double weight) {
-  return a32 ? square_sum_times(a32, n, weight) : square_sum_times(a64, n, weight);
+CtrlCost CtrlCost::from(Params& p, const std::string& name, double dflt) {
+  CtrlCost c;
+  c.weight = p.get(name, dflt);
+  c.bits16 = int(p.get(name + "_bits16", 16));
+  c.bits32 = int(p.get(name + "_bits32", 32));
+  return c;
 }
+
+// weight * np.sum(np.square(action)) as numpy computes it for the action's dtype (NEP 50: a
+// Python float weight takes the action's dtype; a numpy float64 one makes the product float64).
+double CtrlCost::operator()(const Action& a, int n) const {
+  if (a.f64) {
+    double sq[64];
+    for (int i = 0; i < n; ++i) sq[i] = a.f64[i] * a.f64[i];
+    return weight * pairwise_sum(sq, n);
+  }
+  float sq[64];
+  if (a.half) {  // np.square in half; np.sum accumulates halves in float, then rounds to half
+    for (int i = 0; i < n; ++i) sq[i] = to_half(a.f32[i] * a.f32[i]);
+    float s = to_half(pairwise_sum(sq, n));
+    if (bits16 == 16) return to_half(float(static_cast<_Float16>(weight)) * s);
+    if (bits16 == 32) return float(weight) * s;
+    return weight * double(s);
+  }
+  for (int i = 0; i < n; ++i) sq[i] = a.f32[i] * a.f32[i];
+  float s = pairwise_sum(sq, n);
+  if (bits32 == 32) return float(weight) * s;
+  return weight * double(s);
+}
+
+namespace {
 
 double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), hi); }
 
 // np.linalg.norm of a 2-vector: sqrt(x.dot(x))
 double norm2(double x, double y) { return std::sqrt(x * x + y * y); }
 
-// Hopper-v5 / Walker2d-v5: planar walkers, obs = qpos[1:], clip(qvel, -10, 10).
-void require(bool ok, const char* task, const char* what) {
+void require(bool ok, const char* task, const std::string& what) {
   if (!ok) throw std::invalid_argument(std::string(task) + ": the model does not fit the task (" + what + ")");
 }
 
+// is_healthy * healthy_reward as numpy gives it (False * h is 0.0 * h: -0.0 for h < 0, nan for inf)
+double survive_reward(bool healthy, double h) { return healthy ? h : 0.0 * h; }
+
+// Hopper-v5 / Walker2d-v5: planar walkers, obs = qpos[1:] (or qpos), clip(qvel, -10, 10).
 class PlanarWalker : public Task {
  public:
-  void bind(const mjModel* m) override { require(m->nq >= 3 && m->nv >= 1, name(), "needs nq >= 3"); }
-  int obs_dim(const mjModel* m) const override { return m->nq - 1 + m->nv; }
-  int max_episode_steps() const override { return 1000; }
-  int frame_skip() const override { return 4; }
+  PlanarWalker(Params& p, double z_lo, double z_hi, double angle) {
+    frame_skip_ = int(p.get("frame_skip", 4));
+    forward_w_ = p.get("forward_reward_weight", 1.0);
+    ctrl_ = CtrlCost::from(p, "ctrl_cost_weight", 1e-3);
+    healthy_reward_ = p.get("healthy_reward", 1.0);
+    terminate_ = p.get("terminate_when_unhealthy", 1) != 0;
+    z_lo_ = p.get("healthy_z_range_min", z_lo);
+    z_hi_ = p.get("healthy_z_range_max", z_hi);
+    angle_lo_ = p.get("healthy_angle_range_min", -angle);
+    angle_hi_ = p.get("healthy_angle_range_max", angle);
+    skip_ = p.get("exclude_current_positions_from_observation", 1) != 0 ? 1 : 0;
+  }
+  void bind(const mjModel* m) override { require(m->nq >= 3 && m->nv >= 1, name(), "needs nq >= 3, nv >= 1"); }
+  int obs_dim(const mjModel* m) const override { return m->nq - skip_ + m->nv; }
   PreStep before(const mjData* d) const override { return {d->qpos[0], 0}; }
   void observe(const mjModel* m, const mjData* d, double* obs) const override {
-    for (int i = 1; i < m->nq; ++i) *obs++ = d->qpos[i];
+    for (int i = skip_; i < m->nq; ++i) *obs++ = d->qpos[i];
     for (int i = 0; i < m->nv; ++i) *obs++ = clip(d->qvel[i], -10, 10);
   }
-  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated, double* info) const override {
-    double dt = m->opt.timestep * frame_skip();
+  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const Action& a, bool* terminated,
+                double* info) const override {
+    double dt = m->opt.timestep * frame_skip_;
     double x_velocity = (d->qpos[0] - pre.x) / dt;
     bool healthy = is_healthy(m, d);
-    double forward = 1.0 * x_velocity;
-    double survive = healthy ? 1.0 : 0.0;
+    double forward = forward_w_ * x_velocity;
+    double survive = survive_reward(healthy, healthy_reward_);
     double rewards = forward + survive;
-    double costs = ctrl_cost(a32, a64, m->nu, 1e-3);
-    *terminated = !healthy;
+    double costs = ctrl_(a, m->nu);
+    *terminated = !healthy && terminate_;
     double v[] = {d->qpos[0], d->qpos[1] - m->qpos0[1], x_velocity, forward, -costs, survive};
     std::copy(v, v + 6, info);
     return rewards - costs;
   }
-  std::vector<InfoKey> info_keys() const override {
-    return {{"x_position", InfoType::kFloat64}, {"z_distance_from_origin", InfoType::kFloat64},
-            {"x_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
-            {"reward_ctrl", InfoType::kActionDtype}, {"reward_survive", InfoType::kFloat64}};
+  std::vector<const char*> info_keys() const override {
+    return {"x_position", "z_distance_from_origin", "x_velocity", "reward_forward", "reward_ctrl", "reward_survive"};
   }
   std::vector<const char*> reset_info_keys() const override { return {"x_position", "z_distance_from_origin"}; }
   void reset_info(const mjModel* m, const mjData* d, double* info) const override {
     info[0] = d->qpos[0];
     info[1] = d->qpos[1] - m->qpos0[1];
   }
+
+ protected:
+  bool z_and_angle_ok(const mjData* d) const {
+    double z = d->qpos[1], angle = d->qpos[2];
+    return z_lo_ < z && z < z_hi_ && angle_lo_ < angle && angle < angle_hi_;
+  }
   virtual bool is_healthy(const mjModel* m, const mjData* d) const = 0;
+
+ private:
+  double forward_w_, healthy_reward_, z_lo_, z_hi_, angle_lo_, angle_hi_;
+  CtrlCost ctrl_;
+  bool terminate_;
+  int skip_;
 };
 
 class Hopper : public PlanarWalker {
  public:
-  const char* name() const override { return "Hopper-v5"; }
-  const char* xml_file() const override { return "hopper.xml"; }
-  bool is_healthy(const mjModel* m, const mjData* d) const override {
-    double z = d->qpos[1], angle = d->qpos[2];
-    // state_vector()[2:] = qpos[2:], qvel strictly inside (-100, 100)
-    for (int i = 2; i < m->nq; ++i)
-      if (!(-100.0 < d->qpos[i] && d->qpos[i] < 100.0)) return false;
-    for (int i = 0; i < m->nv; ++i)
-      if (!(-100.0 < d->qvel[i] && d->qvel[i] < 100.0)) return false;
-    return 0.7 < z && z < INFINITY && -0.2 < angle && angle < 0.2;
+  explicit Hopper(Params& p) : PlanarWalker(p, 0.7, INFINITY, 0.2) {
+    state_lo_ = p.get("healthy_state_range_min", -100.0);
+    state_hi_ = p.get("healthy_state_range_max", 100.0);
   }
+  const char* name() const override { return "Hopper-v5"; }
+  bool is_healthy(const mjModel* m, const mjData* d) const override {
+    // state_vector()[2:] = qpos[2:], qvel strictly inside the state range
+    for (int i = 2; i < m->nq; ++i)
+      if (!(state_lo_ < d->qpos[i] && d->qpos[i] < state_hi_)) return false;
+    for (int i = 0; i < m->nv; ++i)
+      if (!(state_lo_ < d->qvel[i] && d->qvel[i] < state_hi_)) return false;
+    return z_and_angle_ok(d);
+  }
+
+ private:
+  double state_lo_, state_hi_;
 };
 
 class Walker2d : public PlanarWalker {
  public:
+  explicit Walker2d(Params& p) : PlanarWalker(p, 0.8, 2.0, 1.0) {}
   const char* name() const override { return "Walker2d-v5"; }
-  const char* xml_file() const override { return "walker2d_v5.xml"; }
-  bool is_healthy(const mjModel*, const mjData* d) const override {
-    double z = d->qpos[1], angle = d->qpos[2];
-    return 0.8 < z && z < 2.0 && -1.0 < angle && angle < 1.0;
-  }
+  bool is_healthy(const mjModel*, const mjData* d) const override { return z_and_angle_ok(d); }
 };
 
-// HalfCheetah-v5 (frame_skip 5, ctrl weight 0.1, never terminates) and Swimmer-v5
-// (frame_skip 4, ctrl weight 1e-4, obs drops qpos[0:2]).
+// HalfCheetah-v5 (frame_skip 5, ctrl weight 0.1, never terminates, obs drops qpos[0]) and
+// Swimmer-v5 (frame_skip 4, ctrl weight 1e-4, obs drops qpos[0:2]).
 class Runner : public Task {
  public:
-  Runner(const char* name, const char* xml, int frame_skip, double ctrl_w, int skip)
-      : name_(name), xml_(xml), frame_skip_(frame_skip), ctrl_w_(ctrl_w), skip_(skip) {}
-  void bind(const mjModel* m) override { require(m->nq >= 2 && m->nq > skip_, name_, "needs nq >= 2"); }
+  Runner(Params& p, const char* name, int frame_skip, double ctrl_w, int skip) : name_(name), swimmer_(skip == 2) {
+    frame_skip_ = int(p.get("frame_skip", frame_skip));
+    forward_w_ = p.get("forward_reward_weight", 1.0);
+    ctrl_ = CtrlCost::from(p, "ctrl_cost_weight", ctrl_w);
+    skip_ = p.get("exclude_current_positions_from_observation", 1) != 0 ? skip : 0;
+  }
+  void bind(const mjModel* m) override { require(m->nq >= 2 && m->nq >= skip_, name_, "needs nq >= 2"); }
   const char* name() const override { return name_; }
-  const char* xml_file() const override { return xml_; }
-  int frame_skip() const override { return frame_skip_; }
-  int max_episode_steps() const override { return 1000; }
   int obs_dim(const mjModel* m) const override { return m->nq - skip_ + m->nv; }
   PreStep before(const mjData* d) const override { return {d->qpos[0], d->qpos[1]}; }
   void observe(const mjModel* m, const mjData* d, double* obs) const override {
     for (int i = skip_; i < m->nq; ++i) *obs++ = d->qpos[i];
     for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
   }
-  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated, double* info) const override {
+  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const Action& a, bool* terminated,
+                double* info) const override {
     double dt = m->opt.timestep * frame_skip_;
     double x_velocity = (d->qpos[0] - pre.x) / dt;
-    double forward = 1.0 * x_velocity, ctrl = ctrl_cost(a32, a64, m->nu, ctrl_w_);
+    double forward = forward_w_ * x_velocity, ctrl = ctrl_(a, m->nu);
     *terminated = false;
-    if (skip_ == 1) {  // HalfCheetah
+    if (!swimmer_) {
       double v[] = {d->qpos[0], x_velocity, forward, -ctrl};
       std::copy(v, v + 4, info);
-    } else {  // Swimmer
+    } else {
       double y_velocity = (d->qpos[1] - pre.y) / dt;
       double v[] = {d->qpos[0], d->qpos[1], norm2(d->qpos[0], d->qpos[1]), x_velocity, y_velocity, forward, -ctrl};
       std::copy(v, v + 7, info);
     }
     return forward - ctrl;
   }
-  std::vector<InfoKey> info_keys() const override {
-    if (skip_ == 1)
-      return {{"x_position", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
-              {"reward_forward", InfoType::kFloat64}, {"reward_ctrl", InfoType::kActionDtype}};
-    return {{"x_position", InfoType::kFloat64}, {"y_position", InfoType::kFloat64},
-            {"distance_from_origin", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
-            {"y_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
-            {"reward_ctrl", InfoType::kActionDtype}};
+  std::vector<const char*> info_keys() const override {
+    if (!swimmer_) return {"x_position", "x_velocity", "reward_forward", "reward_ctrl"};
+    return {"x_position", "y_position", "distance_from_origin", "x_velocity", "y_velocity", "reward_forward",
+            "reward_ctrl"};
   }
   std::vector<const char*> reset_info_keys() const override {
-    if (skip_ == 1) return {"x_position"};
+    if (!swimmer_) return {"x_position"};
     return {"x_position", "y_position", "distance_from_origin"};
   }
   void reset_info(const mjModel*, const mjData* d, double* info) const override {
     info[0] = d->qpos[0];
-    if (skip_ == 2) {
+    if (swimmer_) {
       info[1] = d->qpos[1];
       info[2] = norm2(d->qpos[0], d->qpos[1]);
     }
   }
 
  private:
-  const char *name_, *xml_;
-  int frame_skip_;
-  double ctrl_w_;
+  const char* name_;
+  bool swimmer_;
+  double forward_w_;
+  CtrlCost ctrl_;
   int skip_;
 };
 
 class InvertedPendulum : public Task {
  public:
+  explicit InvertedPendulum(Params& p) { frame_skip_ = int(p.get("frame_skip", 2)); }
   void bind(const mjModel* m) override { require(m->nq >= 2, name(), "needs nq >= 2"); }
   const char* name() const override { return "InvertedPendulum-v5"; }
-  const char* xml_file() const override { return "inverted_pendulum.xml"; }
-  int frame_skip() const override { return 2; }
-  int max_episode_steps() const override { return 1000; }
   int obs_dim(const mjModel* m) const override { return m->nq + m->nv; }
   void observe(const mjModel* m, const mjData* d, double* obs) const override {
     for (int i = 0; i < m->nq; ++i) *obs++ = d->qpos[i];
     for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
   }
-  double reward(const mjModel* m, const mjData* d, const PreStep&, const float*, const double*,
-                bool* terminated, double* info) const override {
+  double reward(const mjModel* m, const mjData* d, const PreStep&, const Action&, bool* terminated,
+                double* info) const override {
     bool finite = true;
     for (int i = 0; i < m->nq; ++i) finite = finite && std::isfinite(d->qpos[i]);
     for (int i = 0; i < m->nv; ++i) finite = finite && std::isfinite(d->qvel[i]);
@@ -200,21 +249,23 @@ class InvertedPendulum : public Task {
     info[0] = *terminated ? 0.0 : 1.0;
     return info[0];
   }
-  std::vector<InfoKey> info_keys() const override { return {{"reward_survive", InfoType::kInt64}}; }
+  std::vector<const char*> info_keys() const override { return {"reward_survive"}; }
 };
 
 class Reacher : public Task {
  public:
+  explicit Reacher(Params& p) {
+    frame_skip_ = int(p.get("frame_skip", 2));
+    dist_w_ = p.get("reward_dist_weight", 1.0);
+    ctrl_ = CtrlCost::from(p, "reward_control_weight", 1.0);
+  }
   const char* name() const override { return "Reacher-v5"; }
-  const char* xml_file() const override { return "reacher.xml"; }
-  int frame_skip() const override { return 2; }
-  int max_episode_steps() const override { return 50; }
   int obs_dim(const mjModel* m) const override { return 2 + 2 + (m->nq - 2) + 2 + 2; }
   void bind(const mjModel* m) override {
     require(m->nq >= 2 && m->nv >= 2, name(), "needs nq, nv >= 2");
     fingertip_ = mj_name2id(m, mjOBJ_BODY, "fingertip");
     target_ = mj_name2id(m, mjOBJ_BODY, "target");
-    if (fingertip_ < 0 || target_ < 0) throw std::runtime_error("reacher.xml: missing fingertip/target body");
+    require(fingertip_ >= 0 && target_ >= 0, name(), "needs bodies named fingertip and target");
   }
   void observe(const mjModel* m, const mjData* d, double* obs) const override {
     for (int i = 0; i < 2; ++i) *obs++ = std::cos(d->qpos[i]);
@@ -223,70 +274,85 @@ class Reacher : public Task {
     for (int i = 0; i < 2; ++i) *obs++ = d->qvel[i];
     for (int i = 0; i < 2; ++i) *obs++ = d->xpos[3 * fingertip_ + i] - d->xpos[3 * target_ + i];
   }
-  double reward(const mjModel* m, const mjData* d, const PreStep&, const float* a32,
-                const double* a64, bool* terminated, double* info) const override {
+  double reward(const mjModel* m, const mjData* d, const PreStep&, const Action& a, bool* terminated,
+                double* info) const override {
     double v[3];
     for (int i = 0; i < 3; ++i) v[i] = d->xpos[3 * fingertip_ + i] - d->xpos[3 * target_ + i];
-    double reward_dist = -std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) * 1.0;
-    double reward_ctrl = -ctrl_cost(a32, a64, m->nu, 1.0);
+    double reward_dist = -std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) * dist_w_;
+    double reward_ctrl = -ctrl_(a, m->nu);  // -(s) * w: the same magnitude as -(w * s)
     *terminated = false;
     info[0] = reward_dist;
     info[1] = reward_ctrl;
     return reward_dist + reward_ctrl;
   }
-  std::vector<InfoKey> info_keys() const override {
-    return {{"reward_dist", InfoType::kFloat64}, {"reward_ctrl", InfoType::kActionDtype}};
-  }
+  std::vector<const char*> info_keys() const override { return {"reward_dist", "reward_ctrl"}; }
 
  private:
   int fingertip_ = -1, target_ = -1;
+  double dist_w_;
+  CtrlCost ctrl_;
 };
 
 class Ant : public Task {
  public:
-  void bind(const mjModel* m) override { require(m->nq >= 3 && m->nbody >= 2, name(), "needs nq >= 3, a torso body"); }
-  const char* name() const override { return "Ant-v5"; }
-  const char* xml_file() const override { return "ant.xml"; }
-  int frame_skip() const override { return 5; }
-  int max_episode_steps() const override { return 1000; }
-  int obs_dim(const mjModel* m) const override { return m->nq - 2 + m->nv + (m->nbody - 1) * 6; }
-  PreStep before(const mjData* d) const override { return {d->xpos[3 * 1 + 0], d->xpos[3 * 1 + 1]}; }
-  void observe(const mjModel* m, const mjData* d, double* obs) const override {
-    for (int i = 2; i < m->nq; ++i) *obs++ = d->qpos[i];
-    for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
-    for (int i = 6; i < 6 * m->nbody; ++i) *obs++ = clip(d->cfrc_ext[i], -1.0, 1.0);
+  explicit Ant(Params& p) {
+    frame_skip_ = int(p.get("frame_skip", 5));
+    forward_w_ = p.get("forward_reward_weight", 1.0);
+    ctrl_ = CtrlCost::from(p, "ctrl_cost_weight", 0.5);
+    contact_w_ = p.get("contact_cost_weight", 5e-4);
+    healthy_reward_ = p.get("healthy_reward", 1.0);
+    terminate_ = p.get("terminate_when_unhealthy", 1) != 0;
+    z_lo_ = p.get("healthy_z_range_min", 0.2);
+    z_hi_ = p.get("healthy_z_range_max", 1.0);
+    force_lo_ = p.get("contact_force_range_min", -1.0);
+    force_hi_ = p.get("contact_force_range_max", 1.0);
+    main_body_ = int(p.get("main_body", 1));
+    skip_ = p.get("exclude_current_positions_from_observation", 1) != 0 ? 2 : 0;
+    cfrc_ = p.get("include_cfrc_ext_in_observation", 1) != 0;
   }
-  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const float* a32,
-                const double* a64, bool* terminated, double* info) const override {
-    double dt = m->opt.timestep * frame_skip();
-    double x_velocity = (d->xpos[3 * 1 + 0] - pre.x) / dt;
-    double y_velocity = (d->xpos[3 * 1 + 1] - pre.y) / dt;
+  void bind(const mjModel* m) override {
+    require(m->nq >= 3, name(), "needs nq >= 3");
+    require(main_body_ >= 0 && main_body_ < m->nbody, name(), "main_body is not a body of the model");
+  }
+  const char* name() const override { return "Ant-v5"; }
+  int obs_dim(const mjModel* m) const override { return m->nq - skip_ + m->nv + (cfrc_ ? (m->nbody - 1) * 6 : 0); }
+  PreStep before(const mjData* d) const override { return {d->xpos[3 * main_body_ + 0], d->xpos[3 * main_body_ + 1]}; }
+  void observe(const mjModel* m, const mjData* d, double* obs) const override {
+    for (int i = skip_; i < m->nq; ++i) *obs++ = d->qpos[i];
+    for (int i = 0; i < m->nv; ++i) *obs++ = d->qvel[i];
+    if (cfrc_)
+      for (int i = 6; i < 6 * m->nbody; ++i) *obs++ = clip(d->cfrc_ext[i], force_lo_, force_hi_);
+  }
+  double reward(const mjModel* m, const mjData* d, const PreStep& pre, const Action& a, bool* terminated,
+                double* info) const override {
+    double dt = m->opt.timestep * frame_skip_;
+    double x_velocity = (d->xpos[3 * main_body_ + 0] - pre.x) / dt;
+    double y_velocity = (d->xpos[3 * main_body_ + 1] - pre.y) / dt;
     bool finite = true;
     for (int i = 0; i < m->nq; ++i) finite = finite && std::isfinite(d->qpos[i]);
     for (int i = 0; i < m->nv; ++i) finite = finite && std::isfinite(d->qvel[i]);
     double z = d->qpos[2];
-    bool healthy = finite && 0.2 <= z && z <= 1.0;
-    double rewards = x_velocity * 1.0 + (healthy ? 1.0 : 0.0);
+    bool healthy = finite && z_lo_ <= z && z <= z_hi_;
+    double forward = x_velocity * forward_w_;
+    double survive = survive_reward(healthy, healthy_reward_);
+    double rewards = forward + survive;
     std::vector<double> sq(6 * m->nbody);
     for (int i = 0; i < 6 * m->nbody; ++i) {
-      double c = clip(d->cfrc_ext[i], -1.0, 1.0);
+      double c = clip(d->cfrc_ext[i], force_lo_, force_hi_);
       sq[i] = c * c;
     }
-    double contact_cost = 5e-4 * pairwise_sum(sq.data(), 6 * m->nbody);
-    double ctrl = ctrl_cost(a32, a64, m->nu, 0.5);
+    double contact_cost = contact_w_ * pairwise_sum(sq.data(), 6 * m->nbody);
+    double ctrl = ctrl_(a, m->nu);
     double costs = ctrl + contact_cost;
-    *terminated = !healthy;
+    *terminated = !healthy && terminate_;
     double v[] = {d->qpos[0], d->qpos[1], norm2(d->qpos[0], d->qpos[1]), x_velocity, y_velocity,
-                  x_velocity * 1.0, -ctrl, -contact_cost, healthy ? 1.0 : 0.0};
+                  forward, -ctrl, -contact_cost, survive};
     std::copy(v, v + 9, info);
     return rewards - costs;
   }
-  std::vector<InfoKey> info_keys() const override {
-    return {{"x_position", InfoType::kFloat64}, {"y_position", InfoType::kFloat64},
-            {"distance_from_origin", InfoType::kFloat64}, {"x_velocity", InfoType::kFloat64},
-            {"y_velocity", InfoType::kFloat64}, {"reward_forward", InfoType::kFloat64},
-            {"reward_ctrl", InfoType::kActionDtype}, {"reward_contact", InfoType::kFloat64},
-            {"reward_survive", InfoType::kFloat64}};
+  std::vector<const char*> info_keys() const override {
+    return {"x_position", "y_position", "distance_from_origin", "x_velocity", "y_velocity", "reward_forward",
+            "reward_ctrl", "reward_contact", "reward_survive"};
   }
   std::vector<const char*> reset_info_keys() const override { return {"x_position", "y_position", "distance_from_origin"}; }
   void reset_info(const mjModel*, const mjData* d, double* info) const override {
@@ -294,6 +360,12 @@ class Ant : public Task {
     info[1] = d->qpos[1];
     info[2] = norm2(d->qpos[0], d->qpos[1]);
   }
+
+ private:
+  double forward_w_, contact_w_, healthy_reward_, z_lo_, z_hi_, force_lo_, force_hi_;
+  CtrlCost ctrl_;
+  bool terminate_, cfrc_;
+  int main_body_, skip_;
 };
 
 }  // namespace
@@ -302,15 +374,19 @@ std::vector<std::string> task_ids() {
   return {"Ant-v5", "HalfCheetah-v5", "Hopper-v5", "InvertedPendulum-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"};
 }
 
-std::unique_ptr<Task> make_task(const std::string& id) {
-  if (id == "Hopper-v5") return std::make_unique<Hopper>();
-  if (id == "Walker2d-v5") return std::make_unique<Walker2d>();
-  if (id == "HalfCheetah-v5") return std::make_unique<Runner>("HalfCheetah-v5", "half_cheetah.xml", 5, 0.1, 1);
-  if (id == "Swimmer-v5") return std::make_unique<Runner>("Swimmer-v5", "swimmer.xml", 4, 1e-4, 2);
-  if (id == "InvertedPendulum-v5") return std::make_unique<InvertedPendulum>();
-  if (id == "Reacher-v5") return std::make_unique<Reacher>();
-  if (id == "Ant-v5") return std::make_unique<Ant>();
-  return nullptr;
+std::unique_ptr<Task> make_task(const std::string& id, Params p) {
+  std::unique_ptr<Task> t;
+  if (id == "Hopper-v5") t = std::make_unique<Hopper>(p);
+  else if (id == "Walker2d-v5") t = std::make_unique<Walker2d>(p);
+  else if (id == "HalfCheetah-v5") t = std::make_unique<Runner>(p, "HalfCheetah-v5", 5, 0.1, 1);
+  else if (id == "Swimmer-v5") t = std::make_unique<Runner>(p, "Swimmer-v5", 4, 1e-4, 2);
+  else if (id == "InvertedPendulum-v5") t = std::make_unique<InvertedPendulum>(p);
+  else if (id == "Reacher-v5") t = std::make_unique<Reacher>(p);
+  else if (id == "Ant-v5") t = std::make_unique<Ant>(p);
+  else throw std::invalid_argument("unknown task " + id);
+  p.check_all_read(id);
+  if (t->frame_skip() < 1) throw std::invalid_argument(id + ": frame_skip must be >= 1");
+  return t;
 }
 
 }  // namespace aihf

@@ -1,4 +1,6 @@
 """The C++ batched MuJoCo envs against gymnasium 1.4, step for step."""
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from gymnasium.vector import AutoresetMode
 
 from aihf_fast.envs import MLPPolicy, make, make_vec, task_ids
 
+ASSETS = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets")
 TASKS = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "InvertedPendulum-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
 TOL = dict(rtol=1e-12, atol=1e-12)  # cos/sin/norm may round differently from numpy's; physics is bitwise
 
@@ -234,13 +237,14 @@ def test_core_rejects_what_could_crash_it():
     import threading
 
     from aihf_fast import _C
-    from aihf_fast.envs.vector import ASSETS
 
     xml = f"{ASSETS}/hopper.xml"
     with pytest.raises(ValueError, match="num_threads"):
-        _C.BatchEnv("Hopper-v5", xml, 2, 0, 0, 1000, 4)
+        _C.BatchEnv("Hopper-v5", xml, {}, 2, 0, 0, 1000, 4)
     with pytest.raises(ValueError, match="does not fit the task"):
-        _C.BatchEnv("Ant-v5", f"{ASSETS}/inverted_pendulum.xml", 2, 1, 0, 1000, 4)
+        _C.BatchEnv("Ant-v5", f"{ASSETS}/inverted_pendulum.xml", {}, 2, 1, 0, 1000, 4)
+    with pytest.raises(ValueError, match="unknown option bogus"):
+        _C.BatchEnv("Hopper-v5", xml, {"bogus": 1.0}, 2, 1, 0, 1000, 4)
     env = make_vec("Hopper-v5", 4, num_threads=2)
     env.reset(seed=0)
     core, T = env._core, 5

@@ -27,24 +27,28 @@ def _uniform_then_normal(scale):
     return draw
 
 
-def _reacher(rng: np.random.Generator, qpos0, qvel0):
-    qpos = rng.uniform(low=-0.1, high=0.1, size=qpos0.size) + qpos0
-    while True:
-        goal = rng.uniform(low=-0.2, high=0.2, size=2)
-        if np.linalg.norm(goal) < 0.2:
-            break
-    qpos[-2:] = goal
-    qvel = qvel0 + rng.uniform(low=-0.005, high=0.005, size=qvel0.size)
-    qvel[-2:] = 0
-    return qpos, qvel
+def _reacher(scale):
+    def draw(rng: np.random.Generator, qpos0, qvel0):
+        qpos = rng.uniform(low=-0.1, high=0.1, size=qpos0.size) + qpos0
+        while True:
+            goal = rng.uniform(low=-0.2, high=0.2, size=2)
+            if np.linalg.norm(goal) < 0.2:
+                break
+        qpos[-2:] = goal
+        qvel = qvel0 + rng.uniform(low=-0.005, high=0.005, size=qvel0.size)
+        qvel[-2:] = 0
+        return qpos, qvel
+
+    return draw
 
 
+# task -> (reset_noise_scale -> draw(rng, qpos0, qvel0)); Reacher has no noise option
 RESET_STATE = {
-    "Hopper-v5": _uniform_both(5e-3),
-    "Walker2d-v5": _uniform_both(5e-3),
-    "Swimmer-v5": _uniform_both(0.1),
-    "InvertedPendulum-v5": _uniform_both(0.01),
-    "HalfCheetah-v5": _uniform_then_normal(0.1),
-    "Ant-v5": _uniform_then_normal(0.1),
+    "Hopper-v5": _uniform_both,
+    "Walker2d-v5": _uniform_both,
+    "Swimmer-v5": _uniform_both,
+    "InvertedPendulum-v5": _uniform_both,
+    "HalfCheetah-v5": _uniform_then_normal,
+    "Ant-v5": _uniform_then_normal,
     "Reacher-v5": _reacher,
 }

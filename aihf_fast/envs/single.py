@@ -1,6 +1,8 @@
 """``BatchedMujocoEnv``: the single-env ``gymnasium.Env`` face of one C++ environment."""
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium
 import numpy as np
 
@@ -8,28 +10,53 @@ from .vector import BatchedMujocoVectorEnv
 
 
 class BatchedMujocoEnv(gymnasium.Env):
-    """gymnasium.make(task) semantics (TimeLimit included) on the C++ core; no autoreset."""
+    """``gymnasium.make(task, **options)`` semantics (TimeLimit included, no autoreset) on the
+    C++ core: the same observations, rewards, terminations, truncations and infos, with the types
+    gymnasium returns (``check_environments_match`` against ``gymnasium.make`` passes)."""
 
-    metadata = {"render_modes": []}
-
-    def __init__(self, task: str, max_episode_steps: int | None = None):
-        self._vec = BatchedMujocoVectorEnv(task, 1, 1, autoreset_mode="Disabled", max_episode_steps=max_episode_steps)
+    def __init__(self, task: str, max_episode_steps: int | None = None, **options: Any):
+        self._vec = BatchedMujocoVectorEnv(task, 1, 1, autoreset_mode="Disabled",
+                                           max_episode_steps=max_episode_steps, **options)
         self._vec._check_done = False  # like gymnasium.make: stepping on after the end is the caller's choice
+        self._ref = self._vec._ref
         self.spec = self._vec.spec
+        self.metadata = self._ref.env.metadata
+        self.render_mode = self._vec.render_mode
         self.observation_space = self._vec.single_observation_space
         self.action_space = self._vec.single_action_space
 
+    @property
+    def dt(self) -> float:
+        """Seconds of simulated time per step (timestep x frame_skip)."""
+        return self._vec.dt
+
+    @property
+    def model(self):
+        """The ``mujoco.MjModel`` of the task (see ``BatchedMujocoVectorEnv.model``)."""
+        return self._vec.model
+
+    @property
+    def data(self):
+        """A ``mujoco.MjData`` snapshot of the simulation (a copy made on each access)."""
+        return self._vec.get_data(0)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        obs, info = self._vec.reset(seed=seed)
-        return obs[0], _unbatch(info)
+        obs, info = self._vec.reset(seed=seed, options=options)
+        types = self._ref.reset_info_types
+        return obs[0], {k: types[k](v) for k, v in _unbatch(info).items()}
 
     def step(self, action):
         a = np.asarray(action)
         if a.shape != self.action_space.shape:
             raise ValueError(f"action must have shape {self.action_space.shape}, got {a.shape}")
         obs, rew, term, trunc, info = self._vec.step(a[None])
-        return obs[0], float(rew[0]), bool(term[0]), bool(trunc[0]), _unbatch(info)
+        types = self._ref.step_types(a.dtype)
+        info = {k: types.info[k](v) if k in types.info else v for k, v in _unbatch(info).items()}
+        return obs[0], types.reward(rew[0]), bool(term[0]), bool(trunc[0]), info
+
+    def render(self):
+        return self._vec.render(0)
 
     def close(self):
         self._vec.close()

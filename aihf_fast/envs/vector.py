@@ -10,7 +10,10 @@ observations, rewards and time limits run in C++ on a thread pool with the GIL r
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import threading
 from typing import Any
 
 import gymnasium
@@ -22,10 +25,12 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from .policy import MLPPolicy
+from .reference import Reference
 from .resets import RESET_STATE
 
 _MODES = {AutoresetMode.NEXT_STEP: 0, AutoresetMode.SAME_STEP: 1, AutoresetMode.DISABLED: 2}
-ASSETS = os.path.join(os.path.dirname(gymnasium.__file__), "envs", "mujoco", "assets")
+# Actions: float16/32/64 go to the core as they are (float16 through float32, exactly); signed
+# integers as float64 (numpy's control cost is the same while the squares sum exactly: |a| < 2**26).
 
 
 def _core():
@@ -53,7 +58,13 @@ class BatchedMujocoVectorEnv(VectorEnv):
     ``info`` is gymnasium's vector info: the task's step / reset info keys (``x_position``,
     ``reward_ctrl``, ...) with their ``_key`` masks, ``final_obs``/``final_info`` in SAME_STEP
     mode, plus ``diverged`` when MuJoCo's own checks reset an env's data during the step (NaN or
-    huge qpos/qvel/qacc, as happens under gymnasium too).
+    huge qpos/qvel/qacc, as happens under gymnasium too); each value has the dtype gymnasium's
+    vector env gives it.
+
+    ``**options`` are the keywords of gymnasium's constructor of ``task`` (``ctrl_cost_weight``,
+    ``healthy_z_range``, ``xml_file``, ``frame_skip``, ``render_mode``, ...), with gymnasium's
+    meaning and its own errors for bad values. One env object is used by one thread at a time: a
+    call while another thread is inside one raises ``RuntimeError`` and changes nothing.
     """
 
     def __init__(
@@ -65,39 +76,52 @@ class BatchedMujocoVectorEnv(VectorEnv):
         max_episode_steps: int | None = None,
         copy: bool = True,
         reset_queue: int = 32,
+        **options: Any,
     ):
+        self._lock = threading.Lock()
+        self._closed = True  # until built
         core = _core()
         if task not in core.task_ids():
             raise ValueError(f"unknown task {task!r}; supported: {sorted(core.task_ids())}")
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        if not _is_int(num_envs) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
         if num_threads is None:
             num_threads = min(int(num_envs), len(os.sched_getaffinity(0)))
-        if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-            raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
+        if not _is_int(num_threads) or not 1 <= num_threads <= 1024:
+            raise ValueError(f"num_threads must be an int in [1, 1024] or None, got {num_threads!r}")
+        if not _is_int(reset_queue) or reset_queue < 1:
+            raise ValueError(f"reset_queue must be an int >= 1, got {reset_queue!r}")
         autoreset_mode = AutoresetMode(autoreset_mode)
-        spec = gymnasium.spec(task)
+        if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
+            raise ValueError(f"max_episode_steps must be an int >= 1 or None (the task's own), got {max_episode_steps!r}")
+        self._ref = Reference(task, options)
+        spec = self._ref.spec
         if max_episode_steps is None:
             max_episode_steps = spec.max_episode_steps or 0
-        xml = os.path.join(ASSETS, spec.kwargs.get("xml_file") or _XML[task])
-        self._core = core.BatchEnv(task, xml, int(num_envs), int(num_threads), _MODES[autoreset_mode],
-                                   int(max_episode_steps), int(reset_queue))
+        self._core = core.BatchEnv(task, self._ref.model_path, self._ref.core_options(), int(num_envs),
+                                   int(num_threads), _MODES[autoreset_mode], int(max_episode_steps), int(reset_queue))
+        ref_env = self._ref.env
+        if self._core.obs_dim != ref_env.observation_space.shape[0] or self._core.nu != ref_env.action_space.shape[0]:
+            raise ValueError(
+                f"{self._ref.model_path} does not fit {task}: gymnasium builds observations of size "
+                f"{ref_env.observation_space.shape[0]} and {ref_env.action_space.shape[0]} actions from it, the "
+                f"C++ task {self._core.obs_dim} and {self._core.nu}")
         # NumPy views of the C++ buffers, made once: the buffers never move, and building a view
         # on every property access would cost the step loop a dozen allocations per call
         self._buf = _Buffers(self._core)
         self._info_keys = list(self._core.info_keys)
         self._reset_info_keys = list(self._core.reset_info_keys)
         self.task, self.num_envs, self.copy = task, int(num_envs), copy
-        self.spec = spec
-        self.metadata = {"autoreset_mode": autoreset_mode, "render_modes": []}
-        self.render_mode = None
-        lo, hi = np.asarray(self._core.ctrl_range, dtype=np.float64).reshape(-1, 2).astype(np.float32).T
-        self.single_action_space = spaces.Box(low=lo, high=hi, dtype=np.float32)
-        d = self._core.obs_dim
-        self.single_observation_space = spaces.Box(-np.inf, np.inf, shape=(d,), dtype=np.float64)
+        self._num_threads = int(num_threads)
+        self.spec = dataclasses.replace(spec, max_episode_steps=int(max_episode_steps) or None)
+        self.metadata = {**ref_env.metadata, "autoreset_mode": autoreset_mode}
+        self.render_mode = ref_env.render_mode
+        self.dt = float(self._core.dt)
+        self.single_action_space = ref_env.action_space
+        self.single_observation_space = ref_env.observation_space
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self._draw = RESET_STATE[task]
+        self._draw = RESET_STATE[task](self._ref.reset_noise_scale)
         self._qpos0 = np.asarray(self._core.qpos0, dtype=np.float64)
         self._qvel0 = np.zeros(self._core.nv)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
@@ -106,6 +130,18 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._was_reset = np.zeros(self.num_envs, dtype=bool)  # step() before reset() is an error
         self._check_done = True  # DISABLED: refuse to step ended envs (the single-env face allows it)
         self._closed = False
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """One call at a time: a second thread's call fails at once, before it changes anything."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"this env is busy: another thread is inside a call on it ({what} refused)")
+        try:
+            if self._closed:
+                raise RuntimeError(f"this {type(self).__name__} is closed")
+            yield
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ RNG and reset states
 
@@ -130,15 +166,25 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 count[i] += 1
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
-        self._check_open()
+        with self._exclusive("reset"):
+            return self._reset(seed, options)
+
+    def _reset(self, seed, options):
         if seed is None:
             seeds = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
+        elif _is_int(seed):
             seeds = [int(seed) + i for i in range(self.num_envs)]
         else:
+            if not isinstance(seed, (list, tuple)):
+                raise TypeError(f"seed must be an int, a list of num_envs ints/None, or None, got {seed!r}")
             seeds = list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"seed list must have num_envs={self.num_envs} entries, got {len(seeds)}")
+        for s in seeds:  # gymnasium's own check and error, before anything changes
+            if s is not None:
+                seeding.np_random(int(s) if _is_int(s) else s)
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
         mask = np.ones(self.num_envs, dtype=bool)
         if options and "reset_mask" in options:
             mask = options["reset_mask"]
@@ -161,12 +207,14 @@ class BatchedMujocoVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ step
 
     def step(self, actions):
-        self._check_open()
+        with self._exclusive("step"):
+            return self._step(actions)
+
+    def _step(self, actions):
         a = np.asarray(actions)
-        if a.dtype not in (np.float32, np.float64):
-            if not np.issubdtype(a.dtype, np.number):
-                raise TypeError(f"actions must be a float32/float64 array, got dtype {a.dtype}")
-            a = a.astype(np.float64)
+        given = a.dtype
+        if given.kind not in "fi" or given.itemsize > 8:  # no bool, unsigned, complex, longdouble
+            raise TypeError(f"actions must be a float16/float32/float64 or signed integer array, got dtype {given}")
         expected = (self.num_envs, self._core.nu)
         if a.shape != expected:
             raise ValueError(f"actions must have shape {expected}, got {a.shape}")
@@ -179,7 +227,12 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended or were never reset; with "
                 "autoreset_mode=DISABLED call reset(options={'reset_mask': mask}) before stepping them"
             )
-        self._core.step(np.ascontiguousarray(a))
+        if given == np.float16:
+            self._core.step(np.ascontiguousarray(a, dtype=np.float32), half=True)
+        elif given in (np.float32, np.float64):
+            self._core.step(np.ascontiguousarray(a))
+        else:
+            self._core.step(np.ascontiguousarray(a, dtype=np.float64))
         self._fill_queues()
         term, trunc = self._buf.terminated, self._buf.truncated
         mode = self._autoreset_mode
@@ -189,13 +242,13 @@ class BatchedMujocoVectorEnv(VectorEnv):
             reset = self._buf.final_valid.copy()
         else:
             reset = np.zeros(self.num_envs, dtype=bool)
-        infos = self._infos(~reset, reset, a.dtype)
+        infos = self._infos(~reset, reset, given)
         if mode == AutoresetMode.SAME_STEP and reset.any():
             final_obs = np.full(self.num_envs, None, dtype=object)
             for i in np.flatnonzero(reset):
                 final_obs[i] = self._buf.final_obs[i].copy()
             infos.update(final_obs=final_obs, _final_obs=reset.copy(),
-                         final_info=self._infos(reset, np.zeros_like(reset), a.dtype), _final_info=reset.copy())
+                         final_info=self._infos(reset, np.zeros_like(reset), given), _final_info=reset.copy())
         if self._buf.diverged.any():
             infos.update(diverged=self._buf.diverged.copy(), _diverged=self._buf.diverged.copy())
         if self._autoreset_mode == AutoresetMode.DISABLED:
@@ -209,22 +262,25 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     def _infos(self, step_mask, reset_mask, action_dtype) -> dict[str, Any]:
         """gymnasium's vector info dict: each key's values and its ``_key`` mask, with the dtype
-        numpy gives the single-env value (reward_ctrl has the action's dtype)."""
+        gymnasium's vector env gives it (that of the single env's value: reward_ctrl has the
+        action's dtype, a Python float is float64, a Python int int64)."""
         infos: dict[str, Any] = {}
-        types = {0: np.float64, 1: np.dtype(action_dtype), 2: np.int64}
         step_keys = self._info_keys if step_mask.any() else []
+        types = self._ref.step_types(action_dtype).info if step_keys else {}
         values, every = self._buf.info, step_mask.all()
-        for j, (name, kind) in enumerate(step_keys):
+        for j, name in enumerate(step_keys):
+            dtype = np.dtype(types[name])
             if every:  # the common case: one copy per key
-                infos[name], infos["_" + name] = values[:, j].astype(types[kind]), np.ones(self.num_envs, bool)
+                infos[name], infos["_" + name] = values[:, j].astype(dtype), np.ones(self.num_envs, bool)
                 continue
-            arr = np.zeros(self.num_envs, dtype=types[kind])
+            arr = np.zeros(self.num_envs, dtype=dtype)
             arr[step_mask] = values[step_mask, j]
             infos[name], infos["_" + name] = arr, step_mask.copy()
         if reset_mask.any():
             for j, name in enumerate(self._reset_info_keys):
                 if name not in infos:
-                    infos[name], infos["_" + name] = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=bool)
+                    dtype = np.dtype(self._ref.reset_info_types[name])
+                    infos[name], infos["_" + name] = np.zeros(self.num_envs, dtype), np.zeros(self.num_envs, dtype=bool)
                 infos[name][reset_mask] = self._buf.reset_info[reset_mask, j]
                 infos["_" + name] |= reset_mask
         return infos
@@ -244,12 +300,15 @@ class BatchedMujocoVectorEnv(VectorEnv):
         one when the episode ended), diverged, and qpos/qvel (state before the step) when
         ``record_state``.
         """
-        self._check_open()
+        with self._exclusive("rollout"):
+            return self._rollout(policy, num_steps, actions, seed, record_state)
+
+    def _rollout(self, policy, num_steps, actions, seed, record_state):
         self._check_was_reset()
         core = self._core
+        if not _is_int(num_steps) or num_steps < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         T = int(num_steps)
-        if T < 0:
-            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
         N, nu, D = self.num_envs, core.nu, core.obs_dim
         if (policy is None) == (actions is None):
             raise ValueError("give exactly one of policy (an MLPPolicy) or actions (T, num_envs, nu)")
@@ -262,11 +321,15 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 core.seed_policy_noise(int(seed))
         else:
             open_loop = np.asarray(actions)
+            if open_loop.dtype.kind not in "fi" or open_loop.dtype.itemsize > 8:
+                raise TypeError(f"actions must be a float or signed integer array, got dtype {open_loop.dtype}")
             if open_loop.shape != (T, N, nu):
                 raise ValueError(f"actions must have shape {(T, N, nu)}, got {open_loop.shape}")
-            if not np.isfinite(open_loop).all():
-                raise ValueError("actions must be finite")
-            open_loop = np.ascontiguousarray(open_loop, dtype=np.float32)
+            open_loop = np.ascontiguousarray(open_loop, dtype=np.float32)  # the rollout's actions are float32
+            if not np.isfinite(open_loop).all():  # after the cast: 1e39 is inf in float32
+                bad = np.argwhere(~np.isfinite(open_loop))[0]
+                raise ValueError(f"actions must be finite in float32; actions[{', '.join(map(str, bad))}] = "
+                                 f"{np.asarray(actions)[tuple(bad)]}")
         out = dict(
             obs=np.empty((T, N, D)), actions=np.empty((T, N, nu), np.float32), rewards=np.empty((T, N)),
             terminated=np.empty((T, N), bool), truncated=np.empty((T, N), bool), next_obs=np.empty((T, N, D)),
@@ -293,34 +356,85 @@ class BatchedMujocoVectorEnv(VectorEnv):
     def set_state(self, env: int, qpos, qvel) -> np.ndarray:
         """Set sub-env ``env``'s joint positions (nq,) and velocities (nv,) (then mj_forward);
         returns its new observation. Its time-limit counter is unchanged."""
-        self._check_open()
+        with self._exclusive("set_state"):
+            return self._set_state(env, qpos, qvel)
+
+    def _set_state(self, env, qpos, qvel):
+        if not _is_int(env):
+            raise TypeError(f"env must be an int index, got {env!r}")
+        if not 0 <= env < self.num_envs:
+            raise IndexError(f"env must be in [0, {self.num_envs}), got {env}")
+        env = int(env)
         qpos = np.ascontiguousarray(qpos, dtype=np.float64)
         qvel = np.ascontiguousarray(qvel, dtype=np.float64)
         if qpos.shape != (self._core.nq,) or qvel.shape != (self._core.nv,):
             raise ValueError(f"qpos must be ({self._core.nq},) and qvel ({self._core.nv},), got {qpos.shape}, {qvel.shape}")
         if not (np.isfinite(qpos).all() and np.isfinite(qvel).all()):
             raise ValueError("qpos and qvel must be finite")
-        if not 0 <= env < self.num_envs:
-            raise IndexError(f"env must be in [0, {self.num_envs}), got {env}")
-        self._core.set_state(int(env), qpos, qvel)
+        self._core.set_state(env, qpos, qvel)
         self._needs_reset[env] = False
         self._was_reset[env] = True
         return self._buf.obs[env].copy()
 
+    # ------------------------------------------------------------------ MuJoCo model, data, rendering
+
+    @property
+    def model(self):
+        """The ``mujoco.MjModel`` compiled from the task's model file, as gymnasium's env holds it
+        (the C++ envs simulate identical copies; changing this one does not change them)."""
+        return self._ref.env.model
+
+    def get_data(self, env: int = 0):
+        """A ``mujoco.MjData`` snapshot of sub-env ``env``: a copy of its whole mjData
+        (``mj_copyData``), not a live view; writing to it does not change the simulation."""
+        import mujoco
+
+        with self._exclusive("get_data"):
+            if not _is_int(env) or not 0 <= env < self.num_envs:
+                raise IndexError(f"env must be an int in [0, {self.num_envs}), got {env!r}")
+            data = mujoco.MjData(self._ref.env.model)
+            self._core.copy_data(int(env), data._address)
+            return data
+
+    def render(self, env: int | None = None):
+        """Render with gymnasium's MuJoCo renderer (``render_mode`` given at construction):
+        sub-env ``env``'s frame, or with ``env=None`` a tuple of every sub-env's frame, as
+        gymnasium's sync vector env returns. Offscreen rendering needs an OpenGL backend:
+        ``MUJOCO_GL=egl`` (GPU) or ``MUJOCO_GL=osmesa`` (CPU, Debian package libosmesa6)."""
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode: pass render_mode='rgb_array' to make()")
+            return None
+        with self._exclusive("render"):
+            envs = range(self.num_envs) if env is None else [env]
+            frames = []
+            for i in envs:
+                if not _is_int(i) or not 0 <= i < self.num_envs:
+                    raise IndexError(f"env must be an int in [0, {self.num_envs}), got {i!r}")
+                ref = self._ref.env
+                self._core.copy_data(int(i), ref.data._address)
+                try:
+                    frames.append(ref.render())
+                except Exception as e:  # noqa: BLE001 - a missing GL backend surfaces in many forms
+                    raise RuntimeError(
+                        f"MuJoCo could not render ({type(e).__name__}: {e}); offscreen rendering needs an "
+                        "OpenGL backend: set MUJOCO_GL=egl (with a GPU driver) or MUJOCO_GL=osmesa (apt "
+                        "install libosmesa6) before importing mujoco") from e
+            return frames[0] if env is not None else tuple(frames)
+
     def _out(self, a):
         return a.copy() if self.copy else a
 
-    def _check_open(self):
-        if self._closed:
-            raise RuntimeError("this BatchedMujocoVectorEnv is closed")
-
     def close_extras(self, **kwargs):
-        self._closed = True
-        self._core = self._buf = None
+        if self._closed:
+            return
+        with self._exclusive("close"):
+            self._closed = True
+            self._core = self._buf = None
+            self._ref.close()
 
     @property
     def num_threads(self) -> int:
-        return self._core.num_threads
+        return self._num_threads
 
     def __repr__(self) -> str:
         return f"BatchedMujocoVectorEnv({self.task}, num_envs={self.num_envs})"
@@ -337,8 +451,5 @@ class _Buffers:
             setattr(self, name, getattr(core, name))
 
 
-_XML = {
-    "Hopper-v5": "hopper.xml", "Walker2d-v5": "walker2d_v5.xml", "HalfCheetah-v5": "half_cheetah.xml",
-    "Swimmer-v5": "swimmer.xml", "InvertedPendulum-v5": "inverted_pendulum.xml", "Reacher-v5": "reacher.xml",
-    "Ant-v5": "ant.xml",
-}
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
