@@ -33,9 +33,9 @@ def main(argv=None):
     if argv[0] == "info":
         return _info(argv[1:])
     if argv[0] == "train-llm":
-        from .train.llm.cli import main as llm_main
+        from .train.llm.cli import main_then_exit
 
-        return llm_main(argv[1:])
+        return main_then_exit(argv[1:])
     if argv[0] == "train-control":
         from .train.control.cli import main as control_main
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from .cli import main_then_exit
 
-sys.exit(main())
+sys.exit(main_then_exit())

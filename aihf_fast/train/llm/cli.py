@@ -9,25 +9,35 @@ from .config import ConfigError, parse_args
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ok = False
     try:
         if "--synthetic" in argv:
             from .synthetic_job import run
 
             run(argv)
-        else:
-            cfg, _ = parse_args(argv)
-            from .trainer import train
+            return 0
+        cfg, _ = parse_args(argv)
+        from .trainer import train
 
-            s = train(cfg)
-            if s["evals"]:
-                print(f"eval reward: {s['evals'][0]['eval/reward']:.3f} (step {s['evals'][0]['step']}) -> "
-                      f"{s['evals'][-1]['eval/reward']:.3f} (step {s['evals'][-1]['step']})")
-        ok = True
+        s = train(cfg)
+        if s["evals"]:
+            print(f"eval reward: {s['evals'][0]['eval/reward']:.3f} (step {s['evals'][0]['step']}) -> "
+                  f"{s['evals'][-1]['eval/reward']:.3f} (step {s['evals'][-1]['step']})")
         return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main_then_exit(argv=None) -> int:
+    """``main`` for a process that exits next (``python -m``, the console command): afterwards it
+    leaves the process group (a barrier only after success), so no rank aborts at exit with
+    ``terminate called without an active exception`` (launcher exit code 250). In-process
+    callers use ``main``, which keeps the group for the next run."""
+    ok = False
+    try:
+        rc = main(argv)
+        ok = rc == 0
+        return rc
     finally:
         trainer = sys.modules.get(f"{__package__}.trainer")  # imported only if a run started
         if trainer is not None:
