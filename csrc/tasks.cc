@@ -75,8 +75,18 @@ namespace {
 
 double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), hi); }
 
-// np.linalg.norm of a 2-vector: sqrt(x.dot(x))
-double norm2(double x, double y) { return std::sqrt(x * x + y * y); }
+// np.linalg.norm of a short float64 vector is sqrt(x.dot(x)), and x.dot(x) is OpenBLAS's ddot:
+// for fewer than 16 elements (its unrolled block) a loop s = fma(x[i], x[i], s) from s = 0
+// (numpy's x86-64 wheels: OpenBLAS built with FMA; checked bitwise against numpy in the tests).
+double blas_norm(const double* x, int n) {
+  double s = 0.0;
+  for (int i = 0; i < n; ++i) s = std::fma(x[i], x[i], s);
+  return std::sqrt(s);
+}
+double norm2(double x, double y) {
+  double v[2] = {x, y};
+  return blas_norm(v, 2);
+}
 
 void require(bool ok, const char* task, const std::string& what) {
   if (!ok) throw std::invalid_argument(std::string(task) + ": the model does not fit the task (" + what + ")");
@@ -278,7 +288,7 @@ class Reacher : public Task {
                 double* info) const override {
     double v[3];
     for (int i = 0; i < 3; ++i) v[i] = d->xpos[3 * fingertip_ + i] - d->xpos[3 * target_ + i];
-    double reward_dist = -std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) * dist_w_;
+    double reward_dist = -blas_norm(v, 3) * dist_w_;
     double reward_ctrl = -ctrl_(a, m->nu);  // -(s) * w: the same magnitude as -(w * s)
     *terminated = false;
     info[0] = reward_dist;

@@ -36,6 +36,8 @@ class MLPPolicy:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.squash not in SQUASHES:
             raise ValueError(f"squash must be one of {sorted(SQUASHES)}, got {self.squash!r}")
+        if not float(self.log_std_min) <= float(self.log_std_max):
+            raise ValueError(f"log_std_min must be <= log_std_max, got {self.log_std_min} > {self.log_std_max}")
         self.weights = [np.ascontiguousarray(_np(w), dtype=np.float32) for w in self.weights]
         self.biases = [np.ascontiguousarray(_np(b), dtype=np.float32) for b in self.biases]
         for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):

@@ -8,6 +8,7 @@ the renderer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from numbers import Real
 from typing import Any
@@ -53,9 +54,19 @@ class Reference:
         kwargs = {**spec.kwargs, **options}
         self.env = load_env_creator(spec.entry_point)(**kwargs)  # gymnasium's checks and errors
         self.spec = dataclasses.replace(spec, kwargs=kwargs)
+        self.task = task
         self._step_types: dict[np.dtype, StepTypes] = {}
-        _, info = self.env.reset(seed=0)
+        with self._model_must_fit():
+            _, info = self.env.reset(seed=0)
         self.reset_info_types = {k: type(v) for k, v in info.items()}
+
+    @contextlib.contextmanager
+    def _model_must_fit(self):
+        try:
+            yield
+        except (KeyError, IndexError, ValueError) as e:  # e.g. a body the task needs is not in the model
+            raise ValueError(f"the model {self.model_path} does not fit {self.task}: gymnasium's env fails on it "
+                             f"with {type(e).__name__}: {e}") from e
 
     @property
     def model_path(self) -> str:
@@ -102,8 +113,9 @@ class Reference:
         if dtype not in self._step_types:
             mode, self.env.render_mode = self.env.render_mode, None  # no window for the probe
             try:
-                self.env.reset(seed=0)
-                _, reward, _, _, info = self.env.step(np.zeros(self.env.action_space.shape, dtype=dtype))
+                with self._model_must_fit():
+                    self.env.reset(seed=0)
+                    _, reward, _, _, info = self.env.step(np.zeros(self.env.action_space.shape, dtype=dtype))
             finally:
                 self.env.render_mode = mode
             self._step_types[dtype] = StepTypes(type(reward), {k: type(v) for k, v in info.items()})

@@ -325,7 +325,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 raise TypeError(f"actions must be a float or signed integer array, got dtype {open_loop.dtype}")
             if open_loop.shape != (T, N, nu):
                 raise ValueError(f"actions must have shape {(T, N, nu)}, got {open_loop.shape}")
-            open_loop = np.ascontiguousarray(open_loop, dtype=np.float32)  # the rollout's actions are float32
+            with np.errstate(over="ignore"):  # an overflow is reported below, by name
+                open_loop = np.ascontiguousarray(open_loop, dtype=np.float32)  # the rollout's actions are float32
             if not np.isfinite(open_loop).all():  # after the cast: 1e39 is inf in float32
                 bad = np.argwhere(~np.isfinite(open_loop))[0]
                 raise ValueError(f"actions must be finite in float32; actions[{', '.join(map(str, bad))}] = "
