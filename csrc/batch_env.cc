@@ -48,8 +48,8 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path,
     d = mj_makeData(model_);
     if (!d) throw std::runtime_error("mj_makeData failed");
   }
-  n_info_ = int(task_->info_keys().size());
-  n_reset_info_ = int(task_->reset_info_keys().size());
+  for (const auto& k : task_->info_keys()) n_info_ += k.width;
+  for (const auto& k : task_->reset_info_keys()) n_reset_info_ += k.width;
   info.assign(size_t(n_) * std::max(n_info_, 1), 0.0);
   reset_info.assign(size_t(n_) * std::max(n_reset_info_, 1), 0.0);
   obs.assign(size_t(n_) * obs_dim_, 0.0);

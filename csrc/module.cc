@@ -7,6 +7,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/tuple.h>
 
 #include <algorithm>
 
@@ -143,14 +144,14 @@ NB_MODULE(_C, m) {
       .def_prop_ro("final_obs", [](BatchEnv& e) { return view(e, e.final_obs, {size_t(e.num_envs()), size_t(e.obs_dim())}); })
       .def_prop_ro("rewards", [](BatchEnv& e) { return view(e, e.rewards, {size_t(e.num_envs())}); })
       .def_prop_ro("reset_queue", &BatchEnv::reset_queue)
-      .def_prop_ro("info_keys", [](BatchEnv& e) {
-        std::vector<std::string> keys;
-        for (const char* k : e.task().info_keys()) keys.emplace_back(k);
+      .def_prop_ro("info_keys", [](BatchEnv& e) {  // (name, width, is_array) in buffer order
+        std::vector<std::tuple<std::string, int, bool>> keys;
+        for (const auto& k : e.task().info_keys()) keys.emplace_back(k.name, k.width, k.array);
         return keys;
       })
       .def_prop_ro("reset_info_keys", [](BatchEnv& e) {
-        std::vector<std::string> keys;
-        for (const char* k : e.task().reset_info_keys()) keys.emplace_back(k);
+        std::vector<std::tuple<std::string, int, bool>> keys;
+        for (const auto& k : e.task().reset_info_keys()) keys.emplace_back(k.name, k.width, k.array);
         return keys;
       })
       .def_prop_ro("info", [](BatchEnv& e) {

@@ -47,7 +47,17 @@ struct CtrlCost {
   double weight = 0;
   int bits16 = 16, bits32 = 32;
   double operator()(const Action& a, int n) const;
+  double of_float64(const double* x, int n) const;  // of a float64 vector (e.g. mjData.ctrl)
   static CtrlCost from(Params& p, const std::string& name, double dflt);
+};
+
+// An info entry: a scalar, or an array of `width` float64 values (e.g. tendon lengths).
+struct InfoKey {
+  InfoKey(const char* n) : name(n) {}  // NOLINT: a plain name is a scalar entry
+  InfoKey(const char* n, int w) : name(n), width(w), array(true) {}
+  const char* name;
+  int width = 1;
+  bool array = false;
 };
 
 // Per-env values a task saves before the physics step (e.g. x position before).
@@ -70,9 +80,9 @@ class Task {
   // (info_keys() order) into info.
   virtual double reward(const mjModel* m, const mjData* d, const PreStep& pre, const Action& a, bool* terminated,
                         double* info) const = 0;
-  virtual std::vector<const char*> info_keys() const = 0;
+  virtual std::vector<InfoKey> info_keys() const = 0;
   // gymnasium's _get_reset_info.
-  virtual std::vector<const char*> reset_info_keys() const { return {}; }
+  virtual std::vector<InfoKey> reset_info_keys() const { return {}; }
   virtual void reset_info(const mjModel* m, const mjData* d, double* info) const {}
 
  protected:

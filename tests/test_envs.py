@@ -11,7 +11,8 @@ from gymnasium.vector import AutoresetMode
 from aihf_fast.envs import MLPPolicy, make, make_vec, task_ids
 
 ASSETS = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets")
-TASKS = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "InvertedPendulum-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
+TASKS = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "Humanoid-v5", "HumanoidStandup-v5", "InvertedDoublePendulum-v5",
+         "InvertedPendulum-v5", "Pusher-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
 TOL = dict(rtol=1e-12, atol=1e-12)  # cos/sin/norm may round differently from numpy's; physics is bitwise
 
 
@@ -74,6 +75,12 @@ def test_matches_gymnasium_next_step(task, n, seed):
     assert ends >= n  # at least the time limit, so resets were exercised
 
 
+@pytest.mark.parametrize("task", ["Humanoid-v5", "HumanoidStandup-v5", "InvertedDoublePendulum-v5", "Pusher-v5"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_new_tasks_match_gymnasium_for_other_thread_counts(task, threads):
+    assert run_both(task, 3, 99, steps=1100, threads=threads) >= 3
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.DISABLED])
 @pytest.mark.parametrize("task", ["Hopper-v5", "Reacher-v5"])
 def test_matches_gymnasium_other_autoreset_modes(task, mode):
@@ -132,7 +139,8 @@ def _actor(obs_dim, nu, out_mult=1):
                                torch.nn.Linear(32, nu * out_mult))
 
 
-@pytest.mark.parametrize("task", ["Hopper-v5", "Reacher-v5"])
+@pytest.mark.parametrize("task", ["Hopper-v5", "Reacher-v5", "Humanoid-v5", "HumanoidStandup-v5",
+                                  "InvertedDoublePendulum-v5", "Pusher-v5"])
 def test_mlp_rollout_equals_pytorch_mlp_stepping_the_envs(task):
     n, T = 4, 300
     env = make_vec(task, n, num_threads=2)
@@ -157,7 +165,7 @@ def test_mlp_rollout_equals_pytorch_mlp_stepping_the_envs(task):
         nxt = np.where((term | trunc)[:, None], np.stack([f if f is not None else o for f, o in
                                                            zip(info.get("final_obs", [None] * n), obs)]), obs)
         np.testing.assert_allclose(out["next_obs"][t], nxt, **TOL)
-    assert (out["terminated"] | out["truncated"]).any() or task == "Reacher-v5"
+    assert (out["terminated"] | out["truncated"]).any() or task in ("Reacher-v5", "HumanoidStandup-v5", "Pusher-v5")
 
 
 def test_open_loop_rollout_replays_recorded_actions_and_states():

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -13,7 +14,8 @@ from gymnasium.utils.env_match import check_environments_match
 
 from aihf_fast.envs import MLPPolicy, make, make_vec
 
-TASKS = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "InvertedPendulum-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
+TASKS = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "Humanoid-v5", "HumanoidStandup-v5", "InvertedDoublePendulum-v5",
+         "InvertedPendulum-v5", "Pusher-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
 ASSETS = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets")
 
 # Non-default values of every option of each task's v5 constructor (numpy-typed weights too:
@@ -36,6 +38,19 @@ OPTIONS = {
                    healthy_reward=2.0, main_body="torso", terminate_when_unhealthy=True, healthy_z_range=(0.3, 0.9),
                    contact_force_range=(-2.0, 0.5), reset_noise_scale=0.2,
                    exclude_current_positions_from_observation=False, include_cfrc_ext_in_observation=False),
+    "Humanoid-v5": dict(frame_skip=4, forward_reward_weight=2.0, ctrl_cost_weight=np.float32(0.2),
+                        contact_cost_weight=1e-6, contact_cost_range=(0.0, 1e-3), healthy_reward=2.0,
+                        terminate_when_unhealthy=False, healthy_z_range=(0.8, 2.5), reset_noise_scale=0.05,
+                        exclude_current_positions_from_observation=False, include_cinert_in_observation=False,
+                        include_cvel_in_observation=False, include_qfrc_actuator_in_observation=True,
+                        include_cfrc_ext_in_observation=False),
+    "HumanoidStandup-v5": dict(frame_skip=4, uph_cost_weight=2.0, ctrl_cost_weight=0.2, impact_cost_weight=1e-6,
+                               impact_cost_range=(0.0, 1e-4), reset_noise_scale=0.05,
+                               exclude_current_positions_from_observation=False, include_cinert_in_observation=True,
+                               include_cvel_in_observation=False, include_qfrc_actuator_in_observation=False,
+                               include_cfrc_ext_in_observation=True),
+    "InvertedDoublePendulum-v5": dict(frame_skip=4, healthy_reward=5.0, reset_noise_scale=0.2),
+    "Pusher-v5": dict(frame_skip=4, reward_near_weight=1.0, reward_dist_weight=2.0, reward_control_weight=0.2),
 }
 CAMERA = {"trackbodyid": 1, "distance": 3.0}
 
@@ -232,7 +247,7 @@ def test_close_while_another_thread_steps_and_after():
 
     def run():
         try:
-            for _ in range(200):
+            for _ in range(100):
                 env.rollout(actions=np.zeros((20, 64, 3), np.float32), num_steps=20)
         except RuntimeError as e:
             results.append(str(e))
@@ -246,6 +261,7 @@ def test_close_while_another_thread_steps_and_after():
             closed = True
         except RuntimeError as e:
             assert "busy" in str(e)
+            time.sleep(0.002)
     t.join()
     assert all("closed" in r or "busy" in r for r in results), results
     assert env.num_threads == 2

@@ -23,18 +23,25 @@ _SCALARS = {
     "healthy_reward": "_healthy_reward",
     "contact_cost_weight": "_contact_cost_weight",
     "reward_dist_weight": "_reward_dist_weight",
+    "reward_near_weight": "_reward_near_weight",
+    "impact_cost_weight": "_impact_cost_weight",
 }
 _CTRL_WEIGHTS = {"ctrl_cost_weight": "_ctrl_cost_weight", "reward_control_weight": "_reward_control_weight"}
 _FLAGS = {
     "terminate_when_unhealthy": "_terminate_when_unhealthy",
     "exclude_current_positions_from_observation": "_exclude_current_positions_from_observation",
     "include_cfrc_ext_in_observation": "_include_cfrc_ext_in_observation",
+    "include_cinert_in_observation": "_include_cinert_in_observation",
+    "include_cvel_in_observation": "_include_cvel_in_observation",
+    "include_qfrc_actuator_in_observation": "_include_qfrc_actuator_in_observation",
 }
 _RANGES = {
     "healthy_z_range": "_healthy_z_range",
     "healthy_angle_range": "_healthy_angle_range",
     "healthy_state_range": "_healthy_state_range",
     "contact_force_range": "_contact_force_range",
+    "contact_cost_range": "_contact_cost_range",
+    "impact_cost_range": "_impact_cost_range",
 }
 
 

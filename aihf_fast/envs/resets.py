@@ -42,7 +42,33 @@ def _reacher(scale):
     return draw
 
 
-# task -> (reset_noise_scale -> draw(rng, qpos0, qvel0)); Reacher has no noise option
+def _pusher(scale):
+    def draw(rng: np.random.Generator, qpos0, qvel0):
+        qpos = qpos0.copy()
+        goal_pos = np.asarray([0, 0])
+        while True:
+            cylinder_pos = np.concatenate([rng.uniform(low=-0.3, high=0, size=1), rng.uniform(low=-0.2, high=0.2, size=1)])
+            if np.linalg.norm(cylinder_pos - goal_pos) > 0.17:
+                break
+        qpos[-4:-2] = cylinder_pos
+        qpos[-2:] = goal_pos
+        qvel = qvel0 + rng.uniform(low=-0.005, high=0.005, size=qvel0.size)
+        qvel[-4:] = 0
+        return qpos, qvel
+
+    return draw
+
+
+def _normal_times_scale(scale):  # InvertedDoublePendulum: standard_normal(nv) * scale
+    def draw(rng: np.random.Generator, qpos0, qvel0):
+        qpos = qpos0 + rng.uniform(low=-scale, high=scale, size=qpos0.size)
+        qvel = qvel0 + rng.standard_normal(qvel0.size) * scale
+        return qpos, qvel
+
+    return draw
+
+
+# task -> (reset_noise_scale -> draw(rng, qpos0, qvel0)); Reacher and Pusher have no noise option
 RESET_STATE = {
     "Hopper-v5": _uniform_both,
     "Walker2d-v5": _uniform_both,
@@ -51,4 +77,8 @@ RESET_STATE = {
     "HalfCheetah-v5": _uniform_then_normal,
     "Ant-v5": _uniform_then_normal,
     "Reacher-v5": _reacher,
+    "Humanoid-v5": _uniform_both,
+    "HumanoidStandup-v5": _uniform_both,
+    "InvertedDoublePendulum-v5": _normal_times_scale,
+    "Pusher-v5": _pusher,
 }

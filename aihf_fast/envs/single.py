@@ -44,7 +44,7 @@ class BatchedMujocoEnv(gymnasium.Env):
         super().reset(seed=seed)
         obs, info = self._vec.reset(seed=seed, options=options)
         types = self._ref.reset_info_types
-        return obs[0], {k: types[k](v) for k, v in _unbatch(info).items()}
+        return obs[0], {k: _as(types[k], v) for k, v in _unbatch(info).items()}
 
     def step(self, action):
         a = np.asarray(action)
@@ -52,7 +52,7 @@ class BatchedMujocoEnv(gymnasium.Env):
             raise ValueError(f"action must have shape {self.action_space.shape}, got {a.shape}")
         obs, rew, term, trunc, info = self._vec.step(a[None])
         types = self._ref.step_types(a.dtype)
-        info = {k: types.info[k](v) if k in types.info else v for k, v in _unbatch(info).items()}
+        info = {k: _as(types.info[k], v) if k in types.info else v for k, v in _unbatch(info).items()}
         return obs[0], types.reward(rew[0]), bool(term[0]), bool(trunc[0]), info
 
     def render(self):
@@ -60,6 +60,11 @@ class BatchedMujocoEnv(gymnasium.Env):
 
     def close(self):
         self._vec.close()
+
+
+def _as(single_type, value):
+    """value as gymnasium's env returns it: a Python/numpy scalar of its type, or an array copy."""
+    return np.array(value) if single_type is np.ndarray else single_type(value)
 
 
 def _unbatch(info: dict) -> dict:

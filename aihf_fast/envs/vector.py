@@ -109,8 +109,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         # NumPy views of the C++ buffers, made once: the buffers never move, and building a view
         # on every property access would cost the step loop a dozen allocations per call
         self._buf = _Buffers(self._core)
-        self._info_keys = list(self._core.info_keys)
-        self._reset_info_keys = list(self._core.reset_info_keys)
+        self._info_keys = _columns(self._core.info_keys)  # (name, columns of the info buffer, is_array)
+        self._reset_info_keys = _columns(self._core.reset_info_keys)
         self.task, self.num_envs, self.copy = task, int(num_envs), copy
         self._num_threads = int(num_threads)
         self.spec = dataclasses.replace(spec, max_episode_steps=int(max_episode_steps) or None)
@@ -263,25 +263,28 @@ class BatchedMujocoVectorEnv(VectorEnv):
     def _infos(self, step_mask, reset_mask, action_dtype) -> dict[str, Any]:
         """gymnasium's vector info dict: each key's values and its ``_key`` mask, with the dtype
         gymnasium's vector env gives it (that of the single env's value: reward_ctrl has the
-        action's dtype, a Python float is float64, a Python int int64)."""
+        action's dtype, a Python float is float64, a Python int int64; arrays are (num_envs, k))."""
         infos: dict[str, Any] = {}
+        n = self.num_envs
         step_keys = self._info_keys if step_mask.any() else []
         types = self._ref.step_types(action_dtype).info if step_keys else {}
         values, every = self._buf.info, step_mask.all()
-        for j, name in enumerate(step_keys):
-            dtype = np.dtype(types[name])
+        for name, cols, is_array in step_keys:
+            dtype = _vector_dtype(types[name])
+            v = values[:, cols] if is_array else values[:, cols.start]
             if every:  # the common case: one copy per key
-                infos[name], infos["_" + name] = values[:, j].astype(dtype), np.ones(self.num_envs, bool)
+                infos[name], infos["_" + name] = v.astype(dtype), np.ones(n, bool)
                 continue
-            arr = np.zeros(self.num_envs, dtype=dtype)
-            arr[step_mask] = values[step_mask, j]
+            arr = np.zeros(v.shape, dtype=dtype)
+            arr[step_mask] = v[step_mask]
             infos[name], infos["_" + name] = arr, step_mask.copy()
         if reset_mask.any():
-            for j, name in enumerate(self._reset_info_keys):
+            for name, cols, is_array in self._reset_info_keys:
+                v = self._buf.reset_info[:, cols] if is_array else self._buf.reset_info[:, cols.start]
                 if name not in infos:
-                    dtype = np.dtype(self._ref.reset_info_types[name])
-                    infos[name], infos["_" + name] = np.zeros(self.num_envs, dtype), np.zeros(self.num_envs, dtype=bool)
-                infos[name][reset_mask] = self._buf.reset_info[reset_mask, j]
+                    dtype = _vector_dtype(self._ref.reset_info_types[name])
+                    infos[name], infos["_" + name] = np.zeros(v.shape, dtype), np.zeros(n, dtype=bool)
+                infos[name][reset_mask] = v[reset_mask]
                 infos["_" + name] |= reset_mask
         return infos
 
@@ -450,6 +453,19 @@ class _Buffers:
     def __init__(self, core):
         for name in self.NAMES:
             setattr(self, name, getattr(core, name))
+
+
+def _columns(keys) -> list[tuple[str, slice, bool]]:
+    out, start = [], 0
+    for name, width, is_array in keys:
+        out.append((name, slice(start, start + width), is_array))
+        start += width
+    return out
+
+
+def _vector_dtype(single_type) -> np.dtype:
+    """The dtype gymnasium's vector env stores a single env's info value of this type in."""
+    return np.dtype(np.float64) if single_type is np.ndarray else np.dtype(single_type)
 
 
 def _is_int(x) -> bool:
