@@ -20,6 +20,39 @@ std::unique_lock<std::mutex> exclusive(std::mutex& mu) {
   return lock;
 }
 
+// MuJoCo calls mjcb_time around each pipeline stage to fill mjData.timer; the mujoco Python
+// package installs a clock there, which costs ~12% of a Hopper step (clock_gettime). While any
+// BatchEnv simulates, the callback is off (first one in saves it, last one out restores it), so
+// the envs run at MuJoCo's speed; their mjData.timer stays zero.
+class TimerOff {
+ public:
+  TimerOff() {
+    std::lock_guard<std::mutex> lock(mu());
+    if (depth()++ == 0) {
+      saved() = mjcb_time;
+      mjcb_time = nullptr;
+    }
+  }
+  ~TimerOff() {
+    std::lock_guard<std::mutex> lock(mu());
+    if (--depth() == 0) mjcb_time = saved();
+  }
+
+ private:
+  static std::mutex& mu() {
+    static std::mutex m;
+    return m;
+  }
+  static int& depth() {
+    static int d = 0;
+    return d;
+  }
+  static mjfTime& saved() {
+    static mjfTime f = nullptr;
+    return f;
+  }
+};
+
 }  // namespace
 
 BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path,
@@ -77,9 +110,9 @@ BatchEnv::~BatchEnv() {
 
 template <typename F>
 void BatchEnv::parallel(F&& f) {
-  // small chunks from a shared counter: per-env costs differ (contacts, resets)
-  int chunk = std::max(1, n_ / (8 * pool_.size()));
-  pool_.for_each(n_, chunk, f);
+  // one env per item from a shared counter: per-env costs differ (contacts, resets), and the step
+  // waits for the slowest thread (one env at most of imbalance)
+  pool_.for_each(n_, 1, f);
 }
 
 // gymnasium: mj_resetData; set_state(qpos, qvel) -> mj_forward; observe; TimeLimit counter to 0.
@@ -109,6 +142,7 @@ void BatchEnv::check_queues() const {
 
 void BatchEnv::reset(const bool* mask) {
   auto lock = exclusive(busy_);
+  TimerOff timer_off;
   check_queues();
   for (int i = 0; i < n_; ++i) {
     reset_consumed[i] = 0;
@@ -125,6 +159,7 @@ void BatchEnv::reset(const bool* mask) {
 
 void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
   auto lock = exclusive(busy_);
+  TimerOff timer_off;
   if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
   mjData* d = data_[i];
   std::memcpy(d->qpos, qpos, sizeof(double) * model_->nq);
@@ -136,6 +171,7 @@ void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
 
 void BatchEnv::copy_data(int i, mjData* dest) {
   auto lock = exclusive(busy_);
+  TimerOff timer_off;
   if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
   const mjData* src = data_[i];
   if (!dest || dest->nbuffer != src->nbuffer || dest->narena != src->narena)
@@ -201,6 +237,7 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64, bool half) {
 
 void BatchEnv::step(const float* a32, const double* a64, bool half) {
   auto lock = exclusive(busy_);
+  TimerOff timer_off;
   check_queues();
   parallel([&](int i) { step_one(i, a32, a64, half); });
 }
@@ -239,6 +276,7 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
 
 int BatchEnv::rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress) {
   auto lock = exclusive(busy_);
+  TimerOff timer_off;
   check_queues();
   for (int i = 0; i < n_; ++i)
     if (progress[i] < 0 || progress[i] > out.T) throw std::out_of_range("progress values must be in [0, T]");

@@ -20,8 +20,8 @@ class ThreadPool {
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      ++generation_;
+      stop_.store(true, std::memory_order_release);
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
@@ -48,40 +48,56 @@ class ThreadPool {
   }
 
   // Runs fn(t) for t in [0, size()) on the pool (t = 0 on the calling thread) and waits.
+  // Workers and the caller spin briefly (~100 us) before blocking on a condition variable, so a
+  // step loop that calls run() back to back does not pay a wake-up per step.
   void run(const std::function<void(int)>& fn) {
     if (size_ == 1) {
       fn(0);
       return;
     }
+    fn_ = &fn;
+    pending_.store(size_ - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      pending_ = size_ - 1;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     fn(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return pending_ == 0; });
+    for (int k = 0; k < kSpin && pending_.load(std::memory_order_acquire) != 0; ++k) pause();
+    if (pending_.load(std::memory_order_acquire) != 0) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_cv_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     fn_ = nullptr;
   }
 
  private:
+  static constexpr int kSpin = 4096;
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
   void loop(int t) {
     long seen = 0;
     for (;;) {
-      const std::function<void(int)>* fn;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        fn = fn_;
+      long g = generation_.load(std::memory_order_acquire);
+      for (int k = 0; g == seen && k < kSpin; ++k) {
+        pause();
+        g = generation_.load(std::memory_order_acquire);
       }
-      (*fn)(t);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--pending_ == 0) done_cv_.notify_one();
+      if (g == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        g = generation_.load(std::memory_order_acquire);
+      }
+      seen = g;  // run() starts the next generation only after every worker finished this one
+      if (stop_.load(std::memory_order_acquire)) return;
+      (*fn_)(t);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);  // the caller checks pending_ under mu_: no lost wake-up
+        done_cv_.notify_one();
       }
     }
   }
@@ -89,10 +105,11 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  const std::function<void(int)>* fn_ = nullptr;
-  long generation_ = 0;
-  int pending_ = 0, size_ = 1;
-  bool stop_ = false;
+  const std::function<void(int)>* fn_ = nullptr;  // published by the generation_ increment
+  std::atomic<long> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  int size_ = 1;
 };
 
 }  // namespace aihf
