@@ -10,6 +10,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
 from gymnasium.utils.env_match import check_environments_match
 
 from aihf_fast.envs import MLPPolicy, make, make_vec
@@ -60,9 +61,10 @@ def _random_policy_match(task, seed, num_steps=1100, **options):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_check_environments_match_nothing_skipped(task):
-    # gymnasium's own check: observations, rewards, terminations, truncations and infos equal in
-    # value and Python type (data_equivalence), over 1100 steps through resets
+def test_check_env_and_check_environments_match_nothing_skipped(task):
+    check_env(make(task), skip_render_check=True)  # gymnasium's API checker
+    # gymnasium's own comparison: observations, rewards, terminations, truncations and infos equal
+    # in value and Python type (data_equivalence), over 1100 steps through resets
     for seed in (0, 7):
         _random_policy_match(task, seed)
 
