@@ -1,9 +1,16 @@
 #include "batch_env.h"
 
 #include <algorithm>
+#include <atomic>
+#include <csetjmp>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
+
+// MuJoCo's thread-local log handler (exported; used by its own Python bindings to turn errors
+// into exceptions): set for the calling thread, returns the previous one.
+extern "C" MJAPI mjfLogHandler _mjPRIVATE_setTlsLogHandler(mjfLogHandler handler);
 
 namespace aihf {
 namespace {
@@ -21,37 +28,76 @@ std::unique_lock<std::mutex> exclusive(std::mutex& mu) {
 }
 
 // MuJoCo calls mjcb_time around each pipeline stage to fill mjData.timer; the mujoco Python
-// package installs a clock there, which costs ~12% of a Hopper step (clock_gettime). While any
-// BatchEnv simulates, the callback is off (first one in saves it, last one out restores it), so
-// the envs run at MuJoCo's speed; their mjData.timer stays zero.
-class TimerOff {
- public:
-  TimerOff() {
-    std::lock_guard<std::mutex> lock(mu());
-    if (depth()++ == 0) {
-      saved() = mjcb_time;
-      mjcb_time = nullptr;
-    }
-  }
-  ~TimerOff() {
-    std::lock_guard<std::mutex> lock(mu());
-    if (--depth() == 0) mjcb_time = saved();
-  }
+// package installs a clock there, which costs ~12% of a Hopper step (clock_gettime). The envs
+// install a dispatcher in its place once: on a thread that is simulating a BatchEnv it returns 0
+// (no clock; the envs' timers stay zero), on any other thread it calls the callback it replaced,
+// so MuJoCo used elsewhere in the process keeps its timers.
+thread_local bool tls_simulating = false;
+std::atomic<mjfTime> replaced_timer{nullptr};
 
- private:
-  static std::mutex& mu() {
-    static std::mutex m;
-    return m;
-  }
-  static int& depth() {
-    static int d = 0;
-    return d;
-  }
-  static mjfTime& saved() {
-    static mjfTime f = nullptr;
-    return f;
-  }
+mjtNum dispatch_timer() {
+  if (tls_simulating) return 0;
+  mjfTime f = replaced_timer.load(std::memory_order_relaxed);
+  return f ? f() : 0;
+}
+
+void install_timer_dispatch() {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  mjfTime current = mjcb_time;
+  if (current == nullptr || current == &dispatch_timer) return;  // no clock to skip, or installed
+  replaced_timer.store(current);
+  mjcb_time = &dispatch_timer;
+}
+
+// Marks the calling thread as simulating (see dispatch_timer) for the scope.
+struct Simulating {
+  bool outer = tls_simulating;
+  Simulating() { tls_simulating = true; }
+  ~Simulating() { tls_simulating = outer; }
 };
+
+// MuJoCo errors (mju_error: e.g. its stack or arena out of memory) call a log handler and, if it
+// returns, exit the process. Inside mj_guarded the calling thread's handler (MuJoCo's
+// thread-local one, what its Python bindings use) jumps back with the message instead.
+thread_local std::jmp_buf* tls_jump = nullptr;
+thread_local mjfLogHandler tls_outer_handler = nullptr;
+thread_local char tls_error[1024];
+
+void on_mujoco_message(const mjLogMessage* msg) {
+  if (msg->level == mjLOG_ERROR && tls_jump) {
+    std::snprintf(tls_error, sizeof(tls_error), "%s", msg->subject);
+    std::longjmp(*tls_jump, 1);
+  }
+  // warnings and info: handled as they would be without us
+  mjfLogHandler mine = _mjPRIVATE_setTlsLogHandler(tls_outer_handler);
+  mju_message(msg);
+  _mjPRIVATE_setTlsLogHandler(mine);
+}
+
+// Runs `body` (MuJoCo calls only: no C++ object with a destructor may be alive inside it when
+// MuJoCo errs); returns false with MuJoCo's message in *error if MuJoCo raised an error.
+template <typename F>
+bool mj_guarded(F&& body, std::string* error) {
+  std::jmp_buf buf;
+  std::jmp_buf* outer_jump = tls_jump;
+  mjfLogHandler outer = _mjPRIVATE_setTlsLogHandler(&on_mujoco_message);
+  mjfLogHandler outer_saved = tls_outer_handler;
+  tls_outer_handler = outer;
+  if (setjmp(buf) != 0) {
+    tls_jump = outer_jump;
+    tls_outer_handler = outer_saved;
+    _mjPRIVATE_setTlsLogHandler(outer);
+    *error = tls_error;
+    return false;
+  }
+  tls_jump = &buf;
+  body();
+  tls_jump = outer_jump;
+  tls_outer_handler = outer_saved;
+  _mjPRIVATE_setTlsLogHandler(outer);
+  return true;
+}
 
 }  // namespace
 
@@ -69,12 +115,15 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path,
   model_ = mj_loadXML(xml_path.c_str(), nullptr, err, sizeof(err));
   if (!model_) throw std::runtime_error("mj_loadXML(" + xml_path + "): " + err);
   try {
-    if (model_->nu > 64) throw std::invalid_argument("models with more than 64 actuators are not supported");
     task_->bind(model_);
+  } catch (const std::invalid_argument& e) {
+    mj_deleteModel(model_);
+    throw std::invalid_argument(xml_path + ": " + e.what());
   } catch (...) {
     mj_deleteModel(model_);
     throw;
   }
+  install_timer_dispatch();
   obs_dim_ = task_->obs_dim(model_);
   data_.resize(n_);
   for (auto& d : data_) {
@@ -99,6 +148,8 @@ BatchEnv::BatchEnv(const std::string& task_id, const std::string& xml_path,
   needs_reset.assign(n_, 0);
   reset_consumed.assign(n_, 0);
   diverged.assign(n_, 0);
+  failed.assign(n_, 0);
+  errors_.assign(n_, std::string());
   final_valid.assign(n_, 0);
   elapsed.assign(n_, 0);
 }
@@ -112,7 +163,31 @@ template <typename F>
 void BatchEnv::parallel(F&& f) {
   // one env per item from a shared counter: per-env costs differ (contacts, resets), and the step
   // waits for the slowest thread (one env at most of imbalance)
-  pool_.for_each(n_, 1, f);
+  pool_.for_each(n_, 1, [&](int i) {
+    Simulating sim;
+    f(i);
+  });
+  raise_mujoco_errors();
+}
+
+void BatchEnv::raise_mujoco_errors() {
+  std::string msg;
+  for (int i = 0; i < n_; ++i) {
+    if (errors_[i].empty()) continue;
+    if (msg.empty()) msg = "MuJoCo error";
+    msg += " in env " + std::to_string(i) + ": " + errors_[i] + ";";
+    errors_[i].clear();
+  }
+  if (!msg.empty())
+    throw MujocoError(msg + " those envs were reset to the model's initial state and need reset()");
+}
+
+// A MuJoCo error left env i's mjData mid-computation: reset it (its stack too) and record it.
+void BatchEnv::fail(int i, std::string error) {
+  mj_resetData(model_, data_[i]);
+  errors_[i] = std::move(error);
+  needs_reset[i] = 1;
+  failed[i] = 1;
 }
 
 // gymnasium: mj_resetData; set_state(qpos, qvel) -> mj_forward; observe; TimeLimit counter to 0.
@@ -125,7 +200,11 @@ bool BatchEnv::reset_one(int i) {
   std::memcpy(d->qvel, &queue_qvel[size_t(slot) * nv], sizeof(double) * nv);
   queue_head[i] = (queue_head[i] + 1) % K_;
   queue_count[i] -= 1;
-  mj_forward(model_, d);
+  std::string error;
+  if (!mj_guarded([&] { mj_forward(model_, d); }, &error)) {
+    fail(i, error);
+    return true;  // the state was consumed
+  }
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   task_->reset_info(model_, d, &reset_info[size_t(i) * std::max(n_reset_info_, 1)]);
   elapsed[i] = 0;
@@ -142,7 +221,6 @@ void BatchEnv::check_queues() const {
 
 void BatchEnv::reset(const bool* mask) {
   auto lock = exclusive(busy_);
-  TimerOff timer_off;
   check_queues();
   for (int i = 0; i < n_; ++i) {
     reset_consumed[i] = 0;
@@ -159,19 +237,22 @@ void BatchEnv::reset(const bool* mask) {
 
 void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
   auto lock = exclusive(busy_);
-  TimerOff timer_off;
   if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
   mjData* d = data_[i];
   std::memcpy(d->qpos, qpos, sizeof(double) * model_->nq);
   std::memcpy(d->qvel, qvel, sizeof(double) * model_->nv);
-  mj_forward(model_, d);
+  std::string error;
+  {
+    Simulating sim;
+    if (!mj_guarded([&] { mj_forward(model_, d); }, &error)) fail(i, error);
+  }
+  raise_mujoco_errors();
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   needs_reset[i] = 0;
 }
 
 void BatchEnv::copy_data(int i, mjData* dest) {
   auto lock = exclusive(busy_);
-  TimerOff timer_off;
   if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
   const mjData* src = data_[i];
   if (!dest || dest->nbuffer != src->nbuffer || dest->narena != src->narena)
@@ -189,15 +270,30 @@ void BatchEnv::physics_step(int i, const Action& a) {
   const int nu = model_->nu;
   PreStep pre = task_->before(d);
   for (int k = 0; k < nu; ++k) d->ctrl[k] = a[k];
-  auto bad = [d] {
-    return d->warning[mjWARN_BADQPOS].number + d->warning[mjWARN_BADQVEL].number + d->warning[mjWARN_BADQACC].number;
-  };
-  int bad_before = bad();
-  for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
-  mj_rnePostConstraint(model_, d);
-  // On a NaN / huge qpos, qvel or qacc MuJoCo resets the data itself (mj_resetData, as it
-  // does under gymnasium) and warns; flag it so the caller can tell.
-  diverged[i] = bad() != bad_before;
+  // On a NaN / huge qpos, qvel or qacc MuJoCo resets the data itself (mj_resetData, as it does
+  // under gymnasium) and counts a warning; the counts are zeroed for the step to see it (reset
+  // zeroes them and counts 1, so 1 before and after says nothing), then restored if none came.
+  const int kinds[3] = {mjWARN_BADQPOS, mjWARN_BADQVEL, mjWARN_BADQACC};
+  int before[3];
+  for (int k = 0; k < 3; ++k) {
+    before[k] = d->warning[kinds[k]].number;
+    d->warning[kinds[k]].number = 0;
+  }
+  std::string error;
+  if (!mj_guarded([&] {
+        for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
+        mj_rnePostConstraint(model_, d);
+      }, &error)) {
+    fail(i, error);
+    rewards[i] = 0.0;
+    terminated[i] = truncated[i] = 0;
+    return;
+  }
+  bool div = false;
+  for (int k = 0; k < 3; ++k) div = div || d->warning[kinds[k]].number > 0;
+  if (!div)
+    for (int k = 0; k < 3; ++k) d->warning[kinds[k]].number = before[k];
+  diverged[i] = div;
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   bool term = false;
   rewards[i] = task_->reward(model_, d, pre, a, &term, &info[size_t(i) * std::max(n_info_, 1)]);
@@ -207,6 +303,7 @@ void BatchEnv::physics_step(int i, const Action& a) {
 }
 
 void BatchEnv::step_one(int i, const float* a32, const double* a64, bool half) {
+  failed[i] = 0;
   reset_consumed[i] = 0;
   final_valid[i] = 0;
   diverged[i] = 0;
@@ -223,6 +320,7 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64, bool half) {
   a.f64 = a64 ? a64 + size_t(i) * nu : nullptr;
   a.half = half;
   physics_step(i, a);
+  if (failed[i]) return;
   bool done = terminated[i] || truncated[i];
   if (mode_ == Autoreset::kNextStep) {
     needs_reset[i] = done;
@@ -237,7 +335,6 @@ void BatchEnv::step_one(int i, const float* a32, const double* a64, bool half) {
 
 void BatchEnv::step(const float* a32, const double* a64, bool half) {
   auto lock = exclusive(busy_);
-  TimerOff timer_off;
   check_queues();
   parallel([&](int i) { step_one(i, a32, a64, half); });
 }
@@ -247,8 +344,12 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
   const int nu = model_->nu, nq = model_->nq, nv = model_->nv, D = obs_dim_;
   const size_t N = size_t(n_);
   reset_consumed[i] = 0;
+  failed[i] = 0;
+  // the policy acts on the state itself, not on an observation buffer the caller may have edited
+  if (!needs_reset[i]) task_->observe(model_, data_[i], &obs[size_t(i) * D]);
   while (progress[i] < out.T) {
     if (needs_reset[i] && !reset_one(i)) return;  // blocked: Python refills the queue
+    if (failed[i]) return;
     const size_t ti = size_t(progress[i]) * N + i;
     double* o = &obs[size_t(i) * D];
     if (out.obs) std::memcpy(out.obs + ti * D, o, sizeof(double) * D);
@@ -264,6 +365,7 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
     Action act;
     act.f32 = a;
     physics_step(i, act);
+    if (failed[i]) return;
     if (out.rewards) out.rewards[ti] = rewards[i];
     if (out.terminated) out.terminated[ti] = terminated[i];
     if (out.truncated) out.truncated[ti] = truncated[i];
@@ -276,17 +378,18 @@ void BatchEnv::rollout_one(int i, const MLPPolicy* policy, const float* open_loo
 
 int BatchEnv::rollout(const MLPPolicy* policy, const float* open_loop, const RolloutOut& out, int* progress) {
   auto lock = exclusive(busy_);
-  TimerOff timer_off;
   check_queues();
   for (int i = 0; i < n_; ++i)
     if (progress[i] < 0 || progress[i] > out.T) throw std::out_of_range("progress values must be in [0, T]");
   const int width = policy ? 2 * policy->max_width() : 1;
   // one env's whole trajectory per work item, handed out dynamically
   pool_.for_each(n_, 1, [&](int i) {
+    Simulating sim;
     thread_local std::vector<float> scratch;
     if (int(scratch.size()) < width) scratch.resize(width);
     rollout_one(i, policy, open_loop, out, progress, scratch.data());
   });
+  raise_mujoco_errors();
   int finished = 0;
   for (int i = 0; i < n_; ++i) finished += progress[i] >= out.T;
   return finished;

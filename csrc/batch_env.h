@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,11 @@
 #include "thread_pool.h"
 
 namespace aihf {
+
+// A MuJoCo error (mju_error) in one or more envs during a call; those envs were reset.
+struct MujocoError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 enum class Autoreset { kNextStep = 0, kSameStep = 1, kDisabled = 2 };
 
@@ -73,6 +79,7 @@ class BatchEnv {
   std::vector<double> obs, rewards, final_obs;
   std::vector<double> info, reset_info;  // (N, n_info) of the last step, (N, n_reset_info) of the last reset
   std::vector<unsigned char> terminated, truncated, needs_reset, reset_consumed, diverged, final_valid;
+  std::vector<unsigned char> failed;  // env hit a MuJoCo error in the last call (then reset)
   std::vector<int> elapsed;
   // Reset queue: env i's states live in slots [i*K, (i+1)*K), a ring from queue_head[i] holding
   // queue_count[i] states; Python pushes, C++ pops.
@@ -92,6 +99,9 @@ class BatchEnv {
   mjModel* model_ = nullptr;
   std::vector<mjData*> data_;
   void check_queues() const;
+  void fail(int i, std::string error);
+  void raise_mujoco_errors();  // throws MujocoError naming the envs that failed, if any
+  std::vector<std::string> errors_;
   std::vector<NormalRng> noise_;
   std::mutex busy_;  // one call at a time: Python threads may share an env
   int n_, obs_dim_, max_steps_, K_, n_info_ = 0, n_reset_info_ = 0;

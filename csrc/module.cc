@@ -75,6 +75,7 @@ void step_with(BatchEnv& e, nb::ndarray<const T, nb::c_contig, nb::device::cpu> 
 
 NB_MODULE(_C, m) {
   m.doc() = "aihf_fast C++ core: batched gymnasium MuJoCo tasks on a thread pool";
+  nb::exception<aihf::MujocoError>(m, "MujocoError", PyExc_RuntimeError);
   m.def("task_ids", &aihf::task_ids);
   m.attr("mujoco_version") = mj_versionString();
 
@@ -172,6 +173,7 @@ NB_MODULE(_C, m) {
       .def_prop_ro("truncated", [](BatchEnv& e) { return bool_view(e, e.truncated); })
       .def_prop_ro("reset_consumed", [](BatchEnv& e) { return bool_view(e, e.reset_consumed); })
       .def_prop_ro("diverged", [](BatchEnv& e) { return bool_view(e, e.diverged); })
+      .def_prop_ro("failed", [](BatchEnv& e) { return bool_view(e, e.failed); })
       .def_prop_ro("final_valid", [](BatchEnv& e) { return bool_view(e, e.final_valid); })
       .def_prop_ro("needs_reset", [](BatchEnv& e) { return bool_view(e, e.needs_reset); })
       .def_prop_ro("elapsed_steps", [](BatchEnv& e) { return view(e, e.elapsed, {size_t(e.num_envs())}); })

@@ -50,8 +50,16 @@ CtrlCost CtrlCost::from(Params& p, const std::string& name, double dflt) {
   return c;
 }
 
+// per-thread scratch for the squares (any number of actuators, no allocation per step)
+template <typename T>
+T* squares_buffer(int n) {
+  thread_local std::vector<T> buf;
+  if (int(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 double CtrlCost::of_float64(const double* x, int n) const {
-  double sq[64];
+  double* sq = squares_buffer<double>(n);
   for (int i = 0; i < n; ++i) sq[i] = x[i] * x[i];
   return weight * pairwise_sum(sq, n);
 }
@@ -59,12 +67,8 @@ double CtrlCost::of_float64(const double* x, int n) const {
 // weight * np.sum(np.square(action)) as numpy computes it for the action's dtype (NEP 50: a
 // Python float weight takes the action's dtype; a numpy float64 one makes the product float64).
 double CtrlCost::operator()(const Action& a, int n) const {
-  if (a.f64) {
-    double sq[64];
-    for (int i = 0; i < n; ++i) sq[i] = a.f64[i] * a.f64[i];
-    return weight * pairwise_sum(sq, n);
-  }
-  float sq[64];
+  if (a.f64) return of_float64(a.f64, n);
+  float* sq = squares_buffer<float>(n);
   if (a.half) {  // np.square in half; np.sum accumulates halves in float, then rounds to half
     for (int i = 0; i < n; ++i) sq[i] = to_half(a.f32[i] * a.f32[i]);
     float s = to_half(pairwise_sum(sq, n));

@@ -99,7 +99,7 @@ def test_option_values_gymnasium_refuses_are_refused_the_same_way():
             gym.make(task, **kwargs).reset(seed=0)
         with pytest.raises(type(theirs.value)):
             make(task, **kwargs)
-    with pytest.raises(ValueError, match="main_body"):
+    with pytest.raises(KeyError, match="main_body"):  # the error gymnasium's first step raises
         make("Ant-v5", main_body="no_such_body")
     with pytest.raises(ValueError, match="healthy_z_range must be a"):
         make("Hopper-v5", healthy_z_range=(1.0,))
@@ -303,3 +303,181 @@ def test_junk_inputs_are_refused_with_named_errors():
     a = np.array([1, -1, 0], np.int64)
     r1, r2 = g.step(a), o.step(a)
     assert r1[1] == r2[1] and type(r1[4]["reward_ctrl"]) is type(r2[4]["reward_ctrl"])
+
+
+# ---------------------------------------------------------------------- edges found in review
+
+
+def _model_with(tmp_path, task_xml, name, old, new):
+    src = open(os.path.join(ASSETS, task_xml)).read()
+    assert old in src
+    path = tmp_path / name
+    path.write_text(src.replace(old, new, 1))
+    return str(path)
+
+
+def test_mujoco_error_raises_fatal_error_and_the_process_survives(tmp_path):
+    import mujoco
+
+    # too small a stack/arena for the model: MuJoCo's mju_error, which would exit() the process
+    xml = _model_with(tmp_path, "hopper.xml", "small.xml", "<mujoco model=\"hopper\">",
+                      "<mujoco model=\"hopper\"><size memory=\"4K\"/>")
+    for threads in (1, 2):
+        env = make_vec("Hopper-v5", 2, num_threads=threads, xml_file=xml)
+        with pytest.raises(mujoco.FatalError, match="MuJoCo error in env"):
+            env.reset(seed=0)
+            for _ in range(300):
+                env.step(env.action_space.sample())
+        with pytest.raises(gym.error.ResetNeeded):  # the failed envs must be reset first
+            env.step(np.zeros((2, 3), np.float32))
+    ok = make_vec("Hopper-v5", 2)  # the process and other envs carry on
+    ok.reset(seed=0)
+    ok.step(np.zeros((2, 3), np.float32))
+
+
+def test_repeated_divergence_is_flagged_every_step(tmp_path):
+    xml = _model_with(tmp_path, "hopper.xml", "strong.xml", 'gear="200.0"', 'gear="1e12"')
+    env = make(("Hopper-v5"), xml_file=xml)
+    env.reset(seed=0)
+    flags = []
+    for _ in range(5):
+        env.step(np.full(3, 0.5, np.float32))
+        flags.append(env.diverged)
+    assert flags == [True] * 5
+    check_environments_match(gym.make("Hopper-v5", xml_file=xml), make("Hopper-v5", xml_file=xml), num_steps=30)
+
+
+def test_more_than_64_actuators_and_errors_name_the_model(tmp_path):
+    motors = "".join(f'<motor joint="bthigh" gear="1" ctrlrange="-1 1" name="m{k}"/>' for k in range(65))
+    xml = _model_with(tmp_path, "half_cheetah.xml", "many.xml", "<actuator>", "<actuator>" + motors)
+    _random_policy_match("HalfCheetah-v5", 0, num_steps=50, xml_file=xml)
+    with pytest.raises(ValueError, match="inverted_pendulum.xml.*does not fit"):
+        make("Hopper-v5", xml_file=os.path.join(ASSETS, "inverted_pendulum.xml"))
+
+
+def test_vector_render_keeps_a_camera_per_sub_env():
+    code = """
+import numpy as np, gymnasium as gym
+from aihf_fast.envs import make_vec
+for task in ["Ant-v5", "Reacher-v5"]:
+    g = gym.make_vec(task, 3, vectorization_mode="sync", render_mode="rgb_array", width=48, height=32)
+    o = make_vec(task, 3, render_mode="rgb_array", width=48, height=32)
+    g.reset(seed=1); o.reset(seed=1)
+    for k in (2, 0, 1, 2):
+        assert np.array_equal(g.envs[k].render(), o.render(k)), (task, k)
+    a = g.action_space.sample(); g.step(a); o.step(a)
+    assert all(np.array_equal(x, y) for x, y in zip(g.render(), o.render())), task
+try:
+    o.render(0) if False else None
+except Exception:
+    pass
+print("cameras ok")
+"""
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), PYTHONSAFEPATH="1")
+    probe = subprocess.run([sys.executable, "-c", "import gymnasium as gym; e = gym.make('Hopper-v5', "
+                            "render_mode='rgb_array', width=8, height=8); e.reset(seed=0); e.render()"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip("gymnasium itself cannot render offscreen here")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "cameras ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_render_before_reset_and_human_mode_are_refused():
+    with pytest.raises(gym.error.ResetNeeded):
+        make("Hopper-v5", render_mode="rgb_array").render()
+    with pytest.raises(ValueError, match="human"):
+        make("Hopper-v5", render_mode="human")
+
+
+def test_non_native_byte_order_and_integer_actions():
+    for dtype in (np.dtype(">f4"), np.dtype(">f2"), np.dtype(">f8")):
+        g, o = gym.make("Ant-v5"), make("Ant-v5")
+        g.reset(seed=0)
+        o.reset(seed=0)
+        a = np.linspace(-1, 1, 8).astype(dtype)
+        r1, r2 = g.step(a), o.step(a)
+        assert r1[1] == r2[1] and r1[4] == r2[4] and type(r1[4]["reward_ctrl"]) is type(r2[4]["reward_ctrl"])
+    env = make("Hopper-v5")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="overflow"):
+        env.step(np.array([12, 0, 0], np.int8))  # numpy's int8 square wraps around
+    env.step(np.array([11, -1, 0], np.int8))
+
+
+def test_writing_into_a_copy_false_observation_does_not_reach_the_simulation():
+    env = make_vec("Hopper-v5", 2, copy=False)
+    obs, _ = env.reset(seed=0)
+    clean = obs.copy()
+    obs[:] = 1000.0
+    pol = MLPPolicy([np.eye(3, 11, dtype=np.float32)], [np.zeros(3, np.float32)], squash="none")
+    out = env.rollout(pol, 1)
+    np.testing.assert_array_equal(out["obs"][0], clean)
+
+
+def test_mjcb_time_of_other_threads_is_left_alone():
+    import ctypes
+    import glob
+
+    import mujoco
+
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(mujoco.__file__), "libmujoco.so.*"))[0])
+    env = make_vec("Hopper-v5", 4, num_threads=2)
+    env.reset(seed=0)
+    model = mujoco.MjModel.from_xml_path(os.path.join(ASSETS, "hopper.xml"))
+    data = mujoco.MjData(model)
+    stop = threading.Event()
+
+    def other():  # plain mujoco in another thread, while the C++ envs step
+        while not stop.is_set():
+            mujoco.mj_step(model, data)
+
+    t = threading.Thread(target=other)
+    t.start()
+    for _ in range(200):
+        env.step(np.zeros((4, 3), np.float32))
+    stop.set()
+    t.join()
+    per_step = data.timer[mujoco.mjtTimer.mjTIMER_STEP]
+    assert per_step.number > 0 and 0 < per_step.duration / per_step.number < 0.1  # seconds, not clock values
+    assert ctypes.c_void_p.in_dll(lib, "mjcb_time").value is not None
+
+
+def test_odd_option_types_as_gymnasium_takes_them():
+    for kw in (dict(ctrl_cost_weight=True), dict(frame_skip=True), dict(healthy_reward=np.array(2.0)),
+               dict(healthy_z_range=(np.array(0.5), 3)), dict(ctrl_cost_weight=np.float16(0.01))):
+        _random_policy_match("Hopper-v5", 0, num_steps=100, **kw)
+    with pytest.raises(TypeError, match="longdouble|float128"):
+        make("Hopper-v5", ctrl_cost_weight=np.longdouble(0.001))
+    with pytest.raises(TypeError, match="terminate_when_unhealthy must be a bool"):
+        make("Hopper-v5", terminate_when_unhealthy=2)
+    with pytest.raises(KeyError, match="main_body"):
+        make("Ant-v5", main_body="nope")
+    with pytest.raises(IndexError, match="main_body"):
+        make("Ant-v5", main_body=99)
+    env = make_vec("Hopper-v5", 2)
+    with pytest.raises(TypeError, match="reset_mask"):
+        env.reset(options={"reset_mask": np.ones(2, np.int64)})
+    for bad in (dict(num_envs=2**31), dict(max_episode_steps=2**31), dict(reset_queue=2**31)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_vec("Hopper-v5", **{"num_envs": 2, **bad})
+    env.reset(seed=0)
+    pol = MLPPolicy([np.zeros((3, 11), np.float32)], [np.zeros(3, np.float32)], gaussian=True,
+                    log_std=np.zeros(3, np.float32))
+    for seed in (-1, 2**70, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            env.rollout(pol, 2, seed=seed)
+    with pytest.raises(ValueError, match="log_std must be finite"):
+        MLPPolicy([np.zeros((3, 11), np.float32)], [np.zeros(3, np.float32)], gaussian=True,
+                  log_std=np.array([0, np.nan, 0], np.float32))
+    with pytest.raises(TypeError, match="qpos must be a real array"):
+        env.set_state(0, np.zeros(6, complex), np.zeros(6))
+
+
+def test_seeds_and_np_random_like_gymnasium():
+    env = make_vec("Hopper-v5", 2)
+    env.reset(seed=4)
+    assert env.np_random_seed == (4, 5)
+    single = make("Hopper-v5")
+    single.reset(seed=3)
+    assert single.np_random_seed == 3 and single.np_random is single._vec._rngs[0]

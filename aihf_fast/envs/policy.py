@@ -47,6 +47,8 @@ class MLPPolicy:
                 raise ValueError(f"layer {k}: weights must be finite")
         if self.log_std is not None:
             self.log_std = np.ascontiguousarray(_np(self.log_std), dtype=np.float32).reshape(-1)
+            if not np.isfinite(self.log_std).all():
+                raise ValueError("log_std must be finite")
 
     @classmethod
     def from_torch(cls, module, **kwargs) -> "MLPPolicy":

@@ -96,11 +96,15 @@ class Reference:
                 w = getattr(env, attr)
                 out[name] = _number(name, w)
                 # numpy's precision of weight * sum(square(action)) for float16 / float32 actions
+                w = w[()] if isinstance(w, np.ndarray) else w
                 out[name + "_bits16"] = 8.0 * np.result_type(w, np.float16).itemsize
                 out[name + "_bits32"] = 8.0 * np.result_type(w, np.float32).itemsize
         for name, attr in _FLAGS.items():
             if hasattr(env, attr):
-                out[name] = float(bool(getattr(env, attr)))
+                flag = getattr(env, attr)
+                if not (isinstance(flag, (bool, np.bool_)) or (isinstance(flag, (int, np.integer)) and flag in (0, 1))):
+                    raise TypeError(f"{name} must be a bool, got {flag!r}")
+                out[name] = float(bool(flag))
         for name, attr in _RANGES.items():
             if hasattr(env, attr):
                 r = getattr(env, attr)
@@ -110,8 +114,8 @@ class Reference:
         if hasattr(env, "_main_body"):
             try:
                 out["main_body"] = float(env.data.body(env._main_body).id)
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise ValueError(f"main_body {env._main_body!r} is not a body of {self.model_path}: {e}") from e
+            except (KeyError, IndexError, TypeError) as e:  # the error gymnasium's step would raise
+                raise type(e)(f"main_body {env._main_body!r} is not a body of {self.model_path}: {e}") from e
         return out
 
     def step_types(self, action_dtype) -> StepTypes:
@@ -133,8 +137,14 @@ class Reference:
 
 
 def _number(name: str, value, integer: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a {'an int' if integer else 'real number'}, got {value!r}")
+    """An option value as the C++ task reads it (float64). Python and numpy real scalars and 0-d
+    arrays are taken as gymnasium takes them; longdouble is refused (the core computes in float64)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if not isinstance(value, (Real, np.number)) or isinstance(value, np.complexfloating):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got {value!r}")
+    if isinstance(value, np.floating) and value.dtype.itemsize > 8:
+        raise TypeError(f"{name} as {value.dtype} is not supported (the C++ core computes in float64): pass a float")
     if integer and int(value) != value:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return float(value)

@@ -40,9 +40,17 @@ class BatchedMujocoEnv(gymnasium.Env):
         """A ``mujoco.MjData`` snapshot of the simulation (a copy made on each access)."""
         return self._vec.get_data(0)
 
+    @property
+    def diverged(self) -> bool:
+        """Whether MuJoCo itself reset the simulation during the last step (NaN or huge state)."""
+        return bool(self._vec.diverged[0])
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         obs, info = self._vec.reset(seed=seed, options=options)
+        # np_random is the generator the reset states are drawn from (a few resets ahead of
+        # gymnasium's: the C++ side keeps a queue of them)
+        self._np_random, self._np_random_seed = self._vec._rngs[0], self._vec._seeds[0]
         types = self._ref.reset_info_types
         return obs[0], {k: _as(types[k], v) for k, v in _unbatch(info).items()}
 

@@ -57,9 +57,9 @@ class BatchedMujocoVectorEnv(VectorEnv):
     of it is a zero-copy tensor); the other arrays are always fresh.
     ``info`` is gymnasium's vector info: the task's step / reset info keys (``x_position``,
     ``reward_ctrl``, ...) with their ``_key`` masks, ``final_obs``/``final_info`` in SAME_STEP
-    mode, plus ``diverged`` when MuJoCo's own checks reset an env's data during the step (NaN or
-    huge qpos/qvel/qacc, as happens under gymnasium too); each value has the dtype gymnasium's
-    vector env gives it.
+    mode; each value has the dtype gymnasium's vector env gives it. ``diverged`` says which
+    sub-envs MuJoCo's own checks reset during the last step (NaN or huge qpos/qvel/qacc, as
+    happens under gymnasium too, silently); a MuJoCo error raises ``mujoco.FatalError``.
 
     ``**options`` are the keywords of gymnasium's constructor of ``task`` (``ctrl_cost_weight``,
     ``healthy_z_range``, ``xml_file``, ``frame_skip``, ``render_mode``, ...), with gymnasium's
@@ -81,19 +81,24 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._lock = threading.Lock()
         self._closed = True  # until built
         core = _core()
+        self._core_module = core
         if task not in core.task_ids():
             raise ValueError(f"unknown task {task!r}; supported: {sorted(core.task_ids())}")
-        if not _is_int(num_envs) or num_envs < 1:
-            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        if not _is_int(num_envs) or not 1 <= num_envs < 2**31:
+            raise ValueError(f"num_envs must be an int in [1, 2**31), got {num_envs!r}")
         if num_threads is None:
             num_threads = min(int(num_envs), len(os.sched_getaffinity(0)))
         if not _is_int(num_threads) or not 1 <= num_threads <= 1024:
             raise ValueError(f"num_threads must be an int in [1, 1024] or None, got {num_threads!r}")
-        if not _is_int(reset_queue) or reset_queue < 1:
-            raise ValueError(f"reset_queue must be an int >= 1, got {reset_queue!r}")
+        if not _is_int(reset_queue) or not 1 <= reset_queue <= 2**16:
+            raise ValueError(f"reset_queue must be an int in [1, 65536], got {reset_queue!r}")
         autoreset_mode = AutoresetMode(autoreset_mode)
-        if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
-            raise ValueError(f"max_episode_steps must be an int >= 1 or None (the task's own), got {max_episode_steps!r}")
+        if max_episode_steps is not None and (not _is_int(max_episode_steps) or not 1 <= max_episode_steps < 2**31):
+            raise ValueError(f"max_episode_steps must be an int in [1, 2**31) or None (the task's own), got "
+                             f"{max_episode_steps!r}")
+        if options.get("render_mode") == "human":
+            raise ValueError("render_mode='human' (a window) is not supported; use render_mode='rgb_array' and show "
+                             "the frames yourself")
         self._ref = Reference(task, options)
         spec = self._ref.spec
         if max_episode_steps is None:
@@ -125,6 +130,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._qpos0 = np.asarray(self._core.qpos0, dtype=np.float64)
         self._qvel0 = np.zeros(self._core.nv)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
+        self._seeds: list[int | None] = [None] * self.num_envs
+        self._cameras: dict[int, dict] = {}  # render: each sub-env's camera, as its own gymnasium env keeps one
         self._autoreset_mode = autoreset_mode
         self._needs_reset = np.ones(self.num_envs, dtype=bool)  # DISABLED mode bookkeeping
         self._was_reset = np.zeros(self.num_envs, dtype=bool)  # step() before reset() is an error
@@ -150,6 +157,17 @@ class BatchedMujocoVectorEnv(VectorEnv):
         """Each sub-env's Generator (a few reset states ahead of gymnasium's: see reset_queue)."""
         return list(self._rngs)
 
+    @property
+    def np_random_seed(self) -> tuple[int | None, ...]:
+        """Each sub-env's seed (as gymnasium's sync vector env gives them)."""
+        return tuple(self._seeds)
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """(num_envs,) bool: the sub-envs whose simulation MuJoCo itself reset during the last
+        step (NaN or huge qpos/qvel/qacc; gymnasium's env does the same without saying so)."""
+        return self._buf.diverged.copy()
+
     def _fill_queues(self, envs=None) -> None:
         """Top up each env's reset queue with states drawn from its own Generator, in order."""
         core = self._core
@@ -159,7 +177,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         qpos, qvel = self._buf.queue_qpos, self._buf.queue_qvel
         for i in envs:
             if self._rngs[i] is None:
-                self._rngs[i], _ = seeding.np_random(None)
+                self._rngs[i], self._seeds[i] = seeding.np_random(None)
             while count[i] < K:
                 slot = (head[i] + count[i]) % K
                 qpos[i, slot], qvel[i, slot] = self._draw(self._rngs[i], self._qpos0.copy(), self._qvel0.copy())
@@ -188,16 +206,21 @@ class BatchedMujocoVectorEnv(VectorEnv):
         mask = np.ones(self.num_envs, dtype=bool)
         if options and "reset_mask" in options:
             mask = options["reset_mask"]
-            if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
-                raise ValueError(f"options['reset_mask'] must be a bool numpy array of shape ({self.num_envs},)")
+            if not isinstance(mask, np.ndarray):  # gymnasium's checks and error types
+                raise TypeError(f"options['reset_mask'] must be a numpy array, got {type(mask)}")
+            if mask.shape != (self.num_envs,):
+                raise ValueError(f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}")
+            if mask.dtype != np.bool_:
+                raise TypeError(f"options['reset_mask'] must have dtype=np.bool_, got {mask.dtype}")
             if not mask.any():
                 raise ValueError("options['reset_mask'] must contain at least one True value")
         for i in np.flatnonzero(mask):
             if seeds[i] is not None:  # a new seed drops the states drawn from the old Generator
-                self._rngs[i], _ = seeding.np_random(int(seeds[i]))
+                self._rngs[i], self._seeds[i] = seeding.np_random(int(seeds[i]))
                 self._buf.queue_count[i] = 0
         self._fill_queues()
-        self._core.reset(np.ascontiguousarray(mask))
+        with self._mujoco_errors():
+            self._core.reset(np.ascontiguousarray(mask))
         self._fill_queues()
         self._needs_reset[mask] = False
         self._was_reset |= mask
@@ -212,27 +235,36 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     def _step(self, actions):
         a = np.asarray(actions)
+        if a.dtype.kind not in "fi" or a.dtype.itemsize > 8:  # no bool, unsigned, complex, longdouble
+            raise TypeError(f"actions must be a float16/float32/float64 or signed integer array, got dtype {a.dtype}")
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
         given = a.dtype
-        if given.kind not in "fi" or given.itemsize > 8:  # no bool, unsigned, complex, longdouble
-            raise TypeError(f"actions must be a float16/float32/float64 or signed integer array, got dtype {given}")
         expected = (self.num_envs, self._core.nu)
         if a.shape != expected:
             raise ValueError(f"actions must have shape {expected}, got {a.shape}")
         if not np.isfinite(a).all():
             bad = np.argwhere(~np.isfinite(a))[0]
             raise ValueError(f"actions must be finite; actions[{bad[0]}, {bad[1]}] = {a[tuple(bad)]}")
+        if given.kind == "i":  # numpy squares integers in their own dtype (wrapping around)
+            with np.errstate(over="ignore"):
+                sq, exact = np.square(a), np.square(a.astype(np.float64))
+            if not (np.array_equal(sq, exact) and exact.sum(axis=1).max() < 2.0**53):
+                raise ValueError(f"integer actions whose squares overflow {given} (numpy would wrap the control cost "
+                                 "around) are not supported: pass float actions")
         self._check_was_reset()
         if self._autoreset_mode == AutoresetMode.DISABLED and self._check_done and self._needs_reset.any():
             raise ValueError(
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended or were never reset; with "
                 "autoreset_mode=DISABLED call reset(options={'reset_mask': mask}) before stepping them"
             )
-        if given == np.float16:
-            self._core.step(np.ascontiguousarray(a, dtype=np.float32), half=True)
-        elif given in (np.float32, np.float64):
-            self._core.step(np.ascontiguousarray(a))
-        else:
-            self._core.step(np.ascontiguousarray(a, dtype=np.float64))
+        with self._mujoco_errors():
+            if given == np.float16:
+                self._core.step(np.ascontiguousarray(a, dtype=np.float32), half=True)
+            elif given in (np.float32, np.float64):
+                self._core.step(np.ascontiguousarray(a))
+            else:
+                self._core.step(np.ascontiguousarray(a, dtype=np.float64))
         self._fill_queues()
         term, trunc = self._buf.terminated, self._buf.truncated
         mode = self._autoreset_mode
@@ -249,11 +281,21 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 final_obs[i] = self._buf.final_obs[i].copy()
             infos.update(final_obs=final_obs, _final_obs=reset.copy(),
                          final_info=self._infos(reset, np.zeros_like(reset), given), _final_info=reset.copy())
-        if self._buf.diverged.any():
-            infos.update(diverged=self._buf.diverged.copy(), _diverged=self._buf.diverged.copy())
         if self._autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
         return self._out(self._buf.obs), self._buf.rewards.copy(), term.copy(), trunc.copy(), infos
+
+    @contextlib.contextmanager
+    def _mujoco_errors(self):
+        """A MuJoCo error in the C++ envs raises ``mujoco.FatalError`` (as under gymnasium); the
+        envs it hit were reset to the model's initial state and must be reset() before stepping."""
+        try:
+            yield
+        except self._core_module.MujocoError as e:
+            import mujoco
+
+            self._was_reset &= ~self._buf.failed
+            raise mujoco.FatalError(str(e)) from None
 
     def _check_was_reset(self):
         if not self._was_reset.all():
@@ -321,6 +363,8 @@ class BatchedMujocoVectorEnv(VectorEnv):
                 raise TypeError(f"policy must be an aihf_fast.envs.MLPPolicy, got {type(policy).__name__}")
             core_policy = policy.to_core(_core(), self.single_action_space.low, self.single_action_space.high)
             if seed is not None:
+                if not _is_int(seed) or not 0 <= seed < 2**64:
+                    raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
                 core.seed_policy_noise(int(seed))
         else:
             open_loop = np.asarray(actions)
@@ -343,10 +387,11 @@ class BatchedMujocoVectorEnv(VectorEnv):
             out["qpos"], out["qvel"] = np.empty((T, N, core.nq)), np.empty((T, N, core.nv))
         progress = np.zeros(N, dtype=np.int32)
         self._fill_queues()
-        while core.rollout(core_policy, open_loop, T, progress, out["obs"], out["actions"], out["rewards"],
-                           out["terminated"], out["truncated"], out["next_obs"], out["diverged"],
-                           out.get("qpos"), out.get("qvel")) < N:
-            self._fill_queues()  # some env used up its reset queue
+        with self._mujoco_errors():
+            while core.rollout(core_policy, open_loop, T, progress, out["obs"], out["actions"], out["rewards"],
+                               out["terminated"], out["truncated"], out["next_obs"], out["diverged"],
+                               out.get("qpos"), out.get("qvel")) < N:
+                self._fill_queues()  # some env used up its reset queue
         self._fill_queues()
         ended = self._buf.needs_reset.copy()
         if ended.any():
@@ -369,13 +414,17 @@ class BatchedMujocoVectorEnv(VectorEnv):
         if not 0 <= env < self.num_envs:
             raise IndexError(f"env must be in [0, {self.num_envs}), got {env}")
         env = int(env)
+        for name, v in (("qpos", qpos), ("qvel", qvel)):
+            if np.asarray(v).dtype.kind not in "biuf":
+                raise TypeError(f"{name} must be a real array, got dtype {np.asarray(v).dtype}")
         qpos = np.ascontiguousarray(qpos, dtype=np.float64)
         qvel = np.ascontiguousarray(qvel, dtype=np.float64)
         if qpos.shape != (self._core.nq,) or qvel.shape != (self._core.nv,):
             raise ValueError(f"qpos must be ({self._core.nq},) and qvel ({self._core.nv},), got {qpos.shape}, {qvel.shape}")
         if not (np.isfinite(qpos).all() and np.isfinite(qvel).all()):
             raise ValueError("qpos and qvel must be finite")
-        self._core.set_state(env, qpos, qvel)
+        with self._mujoco_errors():
+            self._core.set_state(env, qpos, qvel)
         self._needs_reset[env] = False
         self._was_reset[env] = True
         return self._buf.obs[env].copy()
@@ -403,27 +452,46 @@ class BatchedMujocoVectorEnv(VectorEnv):
     def render(self, env: int | None = None):
         """Render with gymnasium's MuJoCo renderer (``render_mode`` given at construction):
         sub-env ``env``'s frame, or with ``env=None`` a tuple of every sub-env's frame, as
-        gymnasium's sync vector env returns. Offscreen rendering needs an OpenGL backend:
-        ``MUJOCO_GL=egl`` (GPU) or ``MUJOCO_GL=osmesa`` (CPU, Debian package libosmesa6)."""
+        gymnasium's sync vector env returns. Each sub-env keeps its own camera, set up from its
+        own state on its first render as gymnasium's renderer does. Offscreen rendering needs an
+        OpenGL backend: ``MUJOCO_GL=egl`` (a GPU driver, or Mesa's software EGL) or
+        ``MUJOCO_GL=osmesa`` (Debian package libosmesa6)."""
         if self.render_mode is None:
             gymnasium.logger.warn("render() called without a render_mode: pass render_mode='rgb_array' to make()")
             return None
         with self._exclusive("render"):
             envs = range(self.num_envs) if env is None else [env]
-            frames = []
             for i in envs:
                 if not _is_int(i) or not 0 <= i < self.num_envs:
                     raise IndexError(f"env must be an int in [0, {self.num_envs}), got {i!r}")
-                ref = self._ref.env
-                self._core.copy_data(int(i), ref.data._address)
-                try:
-                    frames.append(ref.render())
-                except Exception as e:  # noqa: BLE001 - a missing GL backend surfaces in many forms
-                    raise RuntimeError(
-                        f"MuJoCo could not render ({type(e).__name__}: {e}); offscreen rendering needs an "
-                        "OpenGL backend: set MUJOCO_GL=egl (with a GPU driver) or MUJOCO_GL=osmesa (apt "
-                        "install libosmesa6) before importing mujoco") from e
-            return frames[0] if env is not None else tuple(frames)
+            if not self._was_reset[list(envs)].all():
+                raise gymnasium.error.ResetNeeded("Cannot call render() before calling reset()")
+            try:
+                return tuple(self._render_one(int(i)) for i in envs) if env is None else self._render_one(int(env))
+            except Exception as e:  # noqa: BLE001 - a missing GL backend surfaces in many forms
+                raise RuntimeError(
+                    f"MuJoCo could not render ({type(e).__name__}: {e}); offscreen rendering needs an OpenGL "
+                    "backend: set MUJOCO_GL=egl (a GPU driver, or Mesa's software EGL) or MUJOCO_GL=osmesa (apt "
+                    "install libosmesa6) before importing mujoco") from e
+
+    def _render_one(self, i: int):
+        ref = self._ref.env
+        self._core.copy_data(i, ref.data._address)
+        renderer = ref.mujoco_renderer
+        viewer = renderer._get_viewer(self.render_mode)  # gymnasium's viewer, made on first use
+        cam = viewer.cam
+        if i in self._cameras:
+            for k, v in self._cameras[i].items():
+                if k == "lookat":
+                    cam.lookat[:] = v
+                else:
+                    setattr(cam, k, v)
+        else:  # as gymnasium sets up a new viewer's camera: from this sub-env's state, then the config
+            viewer._init_camera()
+            renderer._set_cam_config()
+        frame = ref.render()
+        self._cameras[i] = {k: (cam.lookat.copy() if k == "lookat" else getattr(cam, k)) for k in _CAMERA_FIELDS}
+        return frame
 
     def _out(self, a):
         return a.copy() if self.copy else a
@@ -448,11 +516,14 @@ class _Buffers:
     """The C++ env's buffers as NumPy views (each keeps the env alive)."""
 
     NAMES = ("obs", "rewards", "terminated", "truncated", "reset_consumed", "final_valid", "final_obs", "diverged",
-             "info", "reset_info", "needs_reset", "queue_count", "queue_head", "queue_qpos", "queue_qvel")
+             "failed", "info", "reset_info", "needs_reset", "queue_count", "queue_head", "queue_qpos", "queue_qvel")
 
     def __init__(self, core):
         for name in self.NAMES:
             setattr(self, name, getattr(core, name))
+
+
+_CAMERA_FIELDS = ("type", "fixedcamid", "trackbodyid", "lookat", "distance", "azimuth", "elevation", "orthographic")
 
 
 def _columns(keys) -> list[tuple[str, slice, bool]]:
