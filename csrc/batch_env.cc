@@ -11,6 +11,7 @@
 // MuJoCo's thread-local log handler (exported; used by its own Python bindings to turn errors
 // into exceptions): set for the calling thread, returns the previous one.
 extern "C" MJAPI mjfLogHandler _mjPRIVATE_setTlsLogHandler(mjfLogHandler handler);
+extern "C" MJAPI mjfLogHandler _mjPRIVATE_getGlobalLogHandler(void);
 
 namespace aihf {
 namespace {
@@ -42,6 +43,7 @@ mjtNum dispatch_timer() {
 }
 
 void install_timer_dispatch() {
+  if (mjcb_time == &dispatch_timer) return;  // the common case, every call
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   mjfTime current = mjcb_time;
@@ -50,10 +52,14 @@ void install_timer_dispatch() {
   mjcb_time = &dispatch_timer;
 }
 
-// Marks the calling thread as simulating (see dispatch_timer) for the scope.
+// Marks the calling thread as simulating (see dispatch_timer) for the scope; (re)installs the
+// dispatcher if the process's callback was replaced since (e.g. mujoco.set_mjcb_time).
 struct Simulating {
   bool outer = tls_simulating;
-  Simulating() { tls_simulating = true; }
+  Simulating() {
+    install_timer_dispatch();
+    tls_simulating = true;
+  }
   ~Simulating() { tls_simulating = outer; }
 };
 
@@ -69,10 +75,10 @@ void on_mujoco_message(const mjLogMessage* msg) {
     std::snprintf(tls_error, sizeof(tls_error), "%s", msg->subject);
     std::longjmp(*tls_jump, 1);
   }
-  // warnings and info: handled as they would be without us
-  mjfLogHandler mine = _mjPRIVATE_setTlsLogHandler(tls_outer_handler);
-  mju_message(msg);
-  _mjPRIVATE_setTlsLogHandler(mine);
+  // warnings and info: to the handler that would have had them without us (calling it directly:
+  // MuJoCo drops messages dispatched again from inside a handler)
+  mjfLogHandler next = tls_outer_handler ? tls_outer_handler : _mjPRIVATE_getGlobalLogHandler();
+  if (next) next(msg);
 }
 
 // Runs `body` (MuJoCo calls only: no C++ object with a destructor may be alive inside it when
@@ -179,7 +185,7 @@ void BatchEnv::raise_mujoco_errors() {
     errors_[i].clear();
   }
   if (!msg.empty())
-    throw MujocoError(msg + " those envs were reset to the model's initial state and need reset()");
+    throw MujocoError(msg + " those envs were reset to the model's initial state");
 }
 
 // A MuJoCo error left env i's mjData mid-computation: reset it (its stack too) and record it.
@@ -226,6 +232,7 @@ void BatchEnv::reset(const bool* mask) {
     reset_consumed[i] = 0;
     if (mask[i] && queue_count[i] == 0) throw std::runtime_error("reset: empty reset queue for env " + std::to_string(i));
   }
+  std::fill(failed.begin(), failed.end(), 0);
   parallel([&](int i) {
     if (mask[i]) {
       reset_one(i);
@@ -238,6 +245,7 @@ void BatchEnv::reset(const bool* mask) {
 void BatchEnv::set_state(int i, const double* qpos, const double* qvel) {
   auto lock = exclusive(busy_);
   if (i < 0 || i >= n_) throw std::out_of_range("env index out of range");
+  std::fill(failed.begin(), failed.end(), 0);
   mjData* d = data_[i];
   std::memcpy(d->qpos, qpos, sizeof(double) * model_->nq);
   std::memcpy(d->qvel, qvel, sizeof(double) * model_->nv);
@@ -271,14 +279,13 @@ void BatchEnv::physics_step(int i, const Action& a) {
   PreStep pre = task_->before(d);
   for (int k = 0; k < nu; ++k) d->ctrl[k] = a[k];
   // On a NaN / huge qpos, qvel or qacc MuJoCo resets the data itself (mj_resetData, as it does
-  // under gymnasium) and counts a warning; the counts are zeroed for the step to see it (reset
-  // zeroes them and counts 1, so 1 before and after says nothing), then restored if none came.
+  // under gymnasium) and counts a warning. The reset zeroes the counts and counts 1, so a count
+  // already at 1 stays 1: a reset also shows as time not advancing by the step's frame_skip
+  // timesteps (it restarts from 0). The counts are left exactly as under gymnasium.
   const int kinds[3] = {mjWARN_BADQPOS, mjWARN_BADQVEL, mjWARN_BADQACC};
   int before[3];
-  for (int k = 0; k < 3; ++k) {
-    before[k] = d->warning[kinds[k]].number;
-    d->warning[kinds[k]].number = 0;
-  }
+  for (int k = 0; k < 3; ++k) before[k] = d->warning[kinds[k]].number;
+  const double time_before = d->time, ts = model_->opt.timestep;
   std::string error;
   if (!mj_guarded([&] {
         for (int k = 0, n = task_->frame_skip(); k < n; ++k) mj_step(model_, d);
@@ -289,10 +296,8 @@ void BatchEnv::physics_step(int i, const Action& a) {
     terminated[i] = truncated[i] = 0;
     return;
   }
-  bool div = false;
-  for (int k = 0; k < 3; ++k) div = div || d->warning[kinds[k]].number > 0;
-  if (!div)
-    for (int k = 0; k < 3; ++k) d->warning[kinds[k]].number = before[k];
+  bool div = d->time < time_before + (task_->frame_skip() - 0.5) * ts;
+  for (int k = 0; k < 3; ++k) div = div || d->warning[kinds[k]].number > before[k];
   diverged[i] = div;
   task_->observe(model_, d, &obs[size_t(i) * obs_dim_]);
   bool term = false;

@@ -347,6 +347,53 @@ def test_repeated_divergence_is_flagged_every_step(tmp_path):
     check_environments_match(gym.make("Hopper-v5", xml_file=xml), make("Hopper-v5", xml_file=xml), num_steps=30)
 
 
+_WARNINGS = """
+import sys, numpy as np, gymnasium as gym, mujoco
+from aihf_fast.envs import make
+kinds = [mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL, mujoco.mjtWarning.mjWARN_BADQACC]
+env = gym.make("Hopper-v5", xml_file=sys.argv[1]) if sys.argv[2] == "gym" else make("Hopper-v5", xml_file=sys.argv[1])
+env.reset(seed=0)
+counts = []
+for _ in range(4):
+    env.step(np.full(3, 0.5, np.float32))
+    data = env.unwrapped.data if sys.argv[2] == "gym" else env.data
+    counts.append([int(data.warning[k].number) for k in kinds])
+print("COUNTS", counts)
+"""
+
+
+@pytest.mark.parametrize("autoreset", [True, False])
+def test_warnings_printed_and_counted_as_under_gymnasium(tmp_path, autoreset):
+    head = "<mujoco model=\"hopper\">"
+    xml = _model_with(tmp_path, "hopper.xml", "strong.xml", 'gear="200.0"', 'gear="1e12"')
+    if not autoreset:  # MuJoCo then keeps counting instead of resetting the data
+        path = tmp_path / "strong_noreset.xml"
+        path.write_text(open(xml).read().replace(head, head + '<option><flag autoreset="disable"/></option>', 1))
+        xml = str(path)
+    runs = {}
+    for who in ("gym", "ours"):
+        out = subprocess.run([sys.executable, "-c", _WARNINGS, xml, who], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path, env=dict(os.environ, PYTHONSAFEPATH="1"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts = next(line for line in out.stdout.splitlines() if line.startswith("COUNTS"))
+        runs[who] = (counts, out.stderr.count("WARNING: Nan, Inf or huge value"))
+    assert runs["gym"] == runs["ours"] and runs["gym"][1] >= 1, runs
+
+
+def test_a_mujoco_error_in_one_env_needs_a_reset_of_all(tmp_path):
+    import mujoco
+
+    xml = _model_with(tmp_path, "hopper.xml", "small.xml", "<mujoco model=\"hopper\">",
+                      "<mujoco model=\"hopper\"><size memory=\"4K\"/>")
+    env = make_vec("Hopper-v5", 3, num_threads=2, autoreset_mode="Disabled", xml_file=xml)
+    with pytest.raises(mujoco.FatalError, match="reset\\(\\) the envs"):
+        env.reset(seed=0)
+        for _ in range(300):
+            env.step(env.action_space.sample())
+    with pytest.raises(gym.error.ResetNeeded):
+        env.step(np.zeros((3, 3), np.float32))
+
+
 def test_more_than_64_actuators_and_errors_name_the_model(tmp_path):
     motors = "".join(f'<motor joint="bthigh" gear="1" ctrlrange="-1 1" name="m{k}"/>' for k in range(65))
     xml = _model_with(tmp_path, "half_cheetah.xml", "many.xml", "<actuator>", "<actuator>" + motors)

@@ -287,15 +287,18 @@ class BatchedMujocoVectorEnv(VectorEnv):
 
     @contextlib.contextmanager
     def _mujoco_errors(self):
-        """A MuJoCo error in the C++ envs raises ``mujoco.FatalError`` (as under gymnasium); the
-        envs it hit were reset to the model's initial state and must be reset() before stepping."""
+        """A MuJoCo error in the C++ envs raises ``mujoco.FatalError`` (as under gymnasium). The
+        envs it hit were reset to the model's initial state and the call's results for the others
+        are lost, so every env must be reset() before stepping again."""
         try:
             yield
         except self._core_module.MujocoError as e:
             import mujoco
 
-            self._was_reset &= ~self._buf.failed
-            raise mujoco.FatalError(str(e)) from None
+            self._was_reset[:] = False
+            self._needs_reset[:] = True
+            raise mujoco.FatalError(f"{e}; this call's results are lost: reset() the envs before stepping "
+                                    "again") from None
 
     def _check_was_reset(self):
         if not self._was_reset.all():
@@ -392,10 +395,9 @@ class BatchedMujocoVectorEnv(VectorEnv):
                                out["terminated"], out["truncated"], out["next_obs"], out["diverged"],
                                out.get("qpos"), out.get("qvel")) < N:
                 self._fill_queues()  # some env used up its reset queue
-        self._fill_queues()
-        ended = self._buf.needs_reset.copy()
-        if ended.any():
-            if self._autoreset_mode == AutoresetMode.SAME_STEP:
+            self._fill_queues()
+            ended = self._buf.needs_reset.copy()
+            if ended.any() and self._autoreset_mode == AutoresetMode.SAME_STEP:
                 core.reset(np.ascontiguousarray(ended))
                 self._fill_queues()
         if self._autoreset_mode == AutoresetMode.DISABLED:
