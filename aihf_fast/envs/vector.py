@@ -230,8 +230,15 @@ class BatchedMujocoVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ step
 
     def step(self, actions):
-        with self._exclusive("step"):
+        # the _exclusive() rule, inlined: this is the hot loop
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this env is busy: another thread is inside a call on it (step refused)")
+        try:
+            if self._closed:
+                raise RuntimeError(f"this {type(self).__name__} is closed")
             return self._step(actions)
+        finally:
+            self._lock.release()
 
     def _step(self, actions):
         a = np.asarray(actions)
@@ -313,13 +320,17 @@ class BatchedMujocoVectorEnv(VectorEnv):
         n = self.num_envs
         step_keys = self._info_keys if step_mask.any() else []
         types = self._ref.step_types(action_dtype).info if step_keys else {}
-        values, every = self._buf.info, step_mask.all()
+        values = self._buf.info
+        if step_keys and step_mask.all():  # the common case: one copy of the buffer, a row per key
+            block, masks = values.T.copy(), np.ones((len(step_keys), n), bool)
+            for j, (name, cols, is_array) in enumerate(step_keys):
+                dtype = _vector_dtype(types[name])
+                v = block[cols].T if is_array else block[cols.start]
+                infos[name], infos["_" + name] = (v if v.dtype == dtype else v.astype(dtype)), masks[j]
+            step_keys = []
         for name, cols, is_array in step_keys:
             dtype = _vector_dtype(types[name])
             v = values[:, cols] if is_array else values[:, cols.start]
-            if every:  # the common case: one copy per key
-                infos[name], infos["_" + name] = v.astype(dtype), np.ones(n, bool)
-                continue
             arr = np.zeros(v.shape, dtype=dtype)
             arr[step_mask] = v[step_mask]
             infos[name], infos["_" + name] = arr, step_mask.copy()
