@@ -86,8 +86,12 @@ def test_nested_budgets_and_round_trips(tmp_path):
 
 
 def test_bad_files_and_arrays(tmp_path):
-    with pytest.raises(ControlDataError, match="nope.npz: cannot read"):
+    with pytest.raises(ControlDataError, match="nope.npz: no such file"):
         Trajectories.load(str(tmp_path / "nope.npz"))
+    (tmp_path / "garbage.npz").write_bytes(b"\x80\x04not an archive at all")
+    with pytest.raises(ControlDataError, match="garbage.npz: not an .npz archive") as e:
+        Trajectories.load(str(tmp_path / "garbage.npz"))
+    assert "pickle" not in str(e.value)
     np.savez(tmp_path / "partial.npz", obs=np.zeros((2, 3)))
     with pytest.raises(ControlDataError, match=r"partial.npz: missing arrays \['act'"):
         Trajectories.load(str(tmp_path / "partial.npz"))

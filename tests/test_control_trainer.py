@@ -149,3 +149,38 @@ def test_data_for_another_task_is_refused(data, tmp_path, capsys):
     rc = main(["--task", "Hopper-v5", "--method", "bc", "--demonstrations", os.path.join(d, "demos.npz"),
                "--output-dir", str(tmp_path / "o"), "--progress", "false"])
     assert rc == 2 and "do not match Hopper-v5" in capsys.readouterr().err
+
+
+def test_cli_failures_are_one_line_errors_with_exit_code_2(data, tmp_path, capsys):
+    d = data[0]
+    demos, prefs = os.path.join(d, "demos.npz"), os.path.join(d, "prefs.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"junk")
+    cases = [
+        (["--method", "bc", "--demonstrations", str(garbage)], "not an .npz archive"),
+        (["--method", "aihf", "--demonstrations", prefs, "--preferences", demos], "missing arrays"),  # swapped
+        (["data", "--expert-dir", str(tmp_path / "no_expert"), "--out-dir", str(tmp_path / "d")], "no config.json"),
+    ]
+    for flags, msg in cases:
+        extra = [] if flags[0] == "data" else ["--output-dir", str(tmp_path / "o"), "--progress", "false"]
+        rc = main([*flags, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    out = " ".join(out.split())
+    assert "Subcommand `data --expert-dir" in out and "expert run" in out
+
+
+def test_curves_png_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from aihf_fast.train.control import trainer
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    log = tmp_path / "log.jsonl"
+    log.write_text("")
+    trainer._plot(str(log), str(tmp_path / "curves.png"), "t")
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "curves.png").exists()

@@ -1,13 +1,22 @@
 """``python -m aihf_fast.train.control [--config F] [--flags]`` trains one method (``--method
 expert|bc|irl|rlhf|aihf``); ``python -m aihf_fast.train.control data --expert-dir D --out-dir O``
-draws demonstrations and preferences from an expert run."""
+draws demonstrations and preferences from an expert run.
+
+A failure the user can fix (bad config, missing or malformed data files, a missing expert run)
+is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..options import ConfigError, build_parser, parse_args
 from .config import ControlConfig
+from .data import ControlDataError
+
+DESCRIPTION = ("Train a MuJoCo policy with one method (--method expert|bc|irl|rlhf|aihf) on the batched C++ envs. "
+               "Subcommand `data --expert-dir D --out-dir O` draws demonstrations and segment preferences from an "
+               "expert run (`data --help`).")
 
 
 def _data_main(argv) -> int:
@@ -27,7 +36,11 @@ def _data_main(argv) -> int:
     p.add_argument("--pool-episodes", type=int, default=8, help="episodes per policy in the preference pool")
     p.add_argument("--seed", type=int, default=0)
     a = vars(p.parse_args(argv))
-    meta = make_data(a.pop("expert_dir"), a.pop("out_dir"), **a)
+    expert_dir = a.pop("expert_dir")
+    if not os.path.isfile(os.path.join(expert_dir, "config.json")):
+        raise ConfigError(f"expert_dir {expert_dir!r}: no config.json there (train one with --method expert "
+                          "--output-dir DIR first)")
+    meta = make_data(expert_dir, a.pop("out_dir"), **a)
     print({k: meta[k] for k in ("expert_best_return", "random_return", "demo_mean_return", "num_pairs", "label_agreement")})
     return 0
 
@@ -39,12 +52,12 @@ def main(argv=None) -> int:
             return _data_main(argv[1:])
         from .trainer import train
 
-        parser = build_parser(ControlConfig, "python -m aihf_fast.train.control", __doc__.split("\n")[0])
+        parser = build_parser(ControlConfig, "python -m aihf_fast.train.control", DESCRIPTION)
         cfg, _ = parse_args(ControlConfig, parser, argv)
         s = train(cfg)
         print(f"[control] {cfg.method} on {cfg.task}: true return {s['final_return']:.1f} after {s['env_steps']} env "
               f"steps (simulation {s['sim_seconds']:.1f}s, learning {s['learn_seconds']:.1f}s); {cfg.output_dir}")
         return 0
-    except ConfigError as e:
+    except (ConfigError, ControlDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from a pool of policies' trajectories, labelled by a Bradley-Terry draw on their
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,13 +194,19 @@ class SegmentPairs:
 
 
 def _load_npz(path: str, keys) -> dict:
+    if not os.path.isfile(path):
+        raise ControlDataError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # numpy would call it "pickled data" and mention allow_pickle
+        raise ControlDataError(f"{path}: not an .npz archive (aihf_fast writes demonstrations and preferences "
+                               "with `python -m aihf_fast.train.control data`)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in keys if k not in z.files]
             if missing:
-                raise ControlDataError(f"{path}: missing arrays {missing} (has {sorted(z.files)})")
+                raise ControlDataError(f"{path}: missing arrays {missing} (has {sorted(z.files)}); is it the "
+                                       "other kind of file (demonstrations vs preferences)?")
             return {k: z[k] for k in keys}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         if isinstance(e, ControlDataError):
             raise
         raise ControlDataError(f"{path}: cannot read as .npz: {e}") from None

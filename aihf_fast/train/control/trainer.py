@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -288,6 +289,7 @@ def _plot(log_path, out, title):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"[control] {out} not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return
     recs = [json.loads(x) for x in open(log_path)]
     ev = [r for r in recs if "eval/return" in r]
