@@ -125,6 +125,11 @@ def load_mapping(name: str, value) -> dict | None:
     return out
 
 
+def _looks_like_path(v: str) -> bool:
+    """A local path rather than a hub id: absolute, relative (./ ../ ~), or more than one '/'."""
+    return v.startswith(("/", "./", "../", "~")) or v.count("/") > 1 or os.sep != "/" and os.sep in v
+
+
 def validate(cfg: LLMTrainConfig) -> None:
     """Fail early, naming the option, on a configuration that cannot run."""
     if cfg.method not in METHODS:
@@ -133,6 +138,10 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError("give exactly one of model (hub id / path) or model_config (random init)")
     if cfg.model_config is not None and cfg.tokenizer is None:
         raise ConfigError("model_config (random init) needs tokenizer")
+    for name in ("model", "tokenizer"):  # a local path (not a hub id "org/name") must exist
+        v = getattr(cfg, name)
+        if isinstance(v, str) and _looks_like_path(v) and not os.path.exists(v):
+            raise ConfigError(f"{name}: no such directory: {v!r}")
     if cfg.method in NEEDS_DEMOS and not cfg.demonstrations:
         raise ConfigError(f"method {cfg.method!r} needs demonstrations")
     if cfg.method in NEEDS_PREFS and not cfg.preferences:
