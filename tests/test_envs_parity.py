@@ -124,8 +124,8 @@ def test_xml_file_custom_model_and_a_model_that_does_not_fit(tmp_path):
 @pytest.mark.parametrize("task", ["Hopper-v5", "Ant-v5", "Reacher-v5", "Swimmer-v5"])
 def test_float16_and_float64_actions_types_and_values(task):
     for dtype in (np.float16, np.float64):
-        g, o = gym.make(task, ctrl_cost_weight=np.float32(0.25)) if task == "Ant-v5" else gym.make(task), None
-        o = make(task, ctrl_cost_weight=np.float32(0.25)) if task == "Ant-v5" else make(task)
+        kw = dict(ctrl_cost_weight=np.float32(0.25)) if task == "Ant-v5" else {}
+        g, o = gym.make(task, **kw), make(task, **kw)
         g.reset(seed=2)
         o.reset(seed=2)
         rng = np.random.default_rng(1)
@@ -185,7 +185,9 @@ print("rendered")
 """
 
 
-def test_render_rgb_array_equals_gymnasium():
+def _render_in_subprocess(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` where offscreen GL is set up (MUJOCO_GL, egl by default); skip the test,
+    with the reason, where gymnasium itself cannot render."""
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), PYTHONSAFEPATH="1")
     probe = subprocess.run([sys.executable, "-c", "import gymnasium as gym; e = gym.make('Hopper-v5', "
                             "render_mode='rgb_array', width=8, height=8); e.reset(seed=0); e.render()"],
@@ -193,7 +195,11 @@ def test_render_rgb_array_equals_gymnasium():
     if probe.returncode != 0:
         pytest.skip(f"gymnasium itself cannot render offscreen here (MUJOCO_GL={env['MUJOCO_GL']}): "
                     + (probe.stderr.strip().splitlines() or ["?"])[-1])
-    out = subprocess.run([sys.executable, "-c", _RENDER], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_render_rgb_array_equals_gymnasium():
+    out = _render_in_subprocess(_RENDER)
     assert out.returncode == 0 and "rendered" in out.stdout, out.stderr[-3000:]
 
 
@@ -337,7 +343,7 @@ def test_mujoco_error_raises_fatal_error_and_the_process_survives(tmp_path):
 
 def test_repeated_divergence_is_flagged_every_step(tmp_path):
     xml = _model_with(tmp_path, "hopper.xml", "strong.xml", 'gear="200.0"', 'gear="1e12"')
-    env = make(("Hopper-v5"), xml_file=xml)
+    env = make("Hopper-v5", xml_file=xml)
     env.reset(seed=0)
     flags = []
     for _ in range(5):
@@ -414,19 +420,9 @@ for task in ["Ant-v5", "Reacher-v5"]:
         assert np.array_equal(g.envs[k].render(), o.render(k)), (task, k)
     a = g.action_space.sample(); g.step(a); o.step(a)
     assert all(np.array_equal(x, y) for x, y in zip(g.render(), o.render())), task
-try:
-    o.render(0) if False else None
-except Exception:
-    pass
 print("cameras ok")
 """
-    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), PYTHONSAFEPATH="1")
-    probe = subprocess.run([sys.executable, "-c", "import gymnasium as gym; e = gym.make('Hopper-v5', "
-                            "render_mode='rgb_array', width=8, height=8); e.reset(seed=0); e.render()"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    if probe.returncode != 0:
-        pytest.skip("gymnasium itself cannot render offscreen here")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = _render_in_subprocess(code)
     assert out.returncode == 0 and "cameras ok" in out.stdout, out.stderr[-3000:]
 
 
