@@ -19,9 +19,10 @@ def main(argv=None) -> int:
         from .trainer import train
 
         s = train(cfg)
-        if s["evals"]:
-            print(f"eval reward: {s['evals'][0]['eval/reward']:.3f} (step {s['evals'][0]['step']}) -> "
-                  f"{s['evals'][-1]['eval/reward']:.3f} (step {s['evals'][-1]['step']})")
+        first, last = (s["evals"][0], s["evals"][-1]) if s["evals"] else ({}, {})
+        for key in ("eval/reward", "eval/rm_accuracy", "eval/pref_accuracy", "eval/demo_nll"):
+            if key in first and key in last:
+                print(f"{key}: {first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
         return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

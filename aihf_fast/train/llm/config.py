@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from .. import options
 from ..options import ConfigError  # noqa: F401 - re-exported: the trainer's errors
 
-METHODS = ("sft", "dpo", "ipo", "rpo", "sft_then_dpo", "spin", "aihf")
+METHODS = ("sft", "dpo", "ipo", "rpo", "sft_then_dpo", "spin", "aihf", "rm", "rlhf", "aihf_rm")
 NEEDS_DEMOS = ("sft", "sft_then_dpo", "spin", "aihf")
 NEEDS_PREFS = ("dpo", "ipo", "rpo", "sft_then_dpo")
 USES_SAMPLES = ("spin", "aihf")
+REWARD_METHODS = ("rm", "rlhf", "aihf_rm")  # explicit reward model and/or RL (trainer_rl.py)
 
 
 @dataclass
@@ -49,6 +50,21 @@ class LLMTrainConfig:
     label_smoothing: float = 0.0
     reference: str | None = field(default=None, metadata={"help": "fixed (the initial model) | moving (the policy at the last sample refresh); default: moving for spin, else fixed"})
     sft_steps: int = field(default=0, metadata={"help": "sft_then_dpo: SFT steps before the DPO steps (of `steps` in all)"})
+    # explicit reward model and RL (rm, rlhf, aihf_rm)
+    prompts: str | None = field(default=None, metadata={"help": "rlhf/aihf_rm: RL prompts (rows with 'prompt'); default: the demonstration prompts, else the preference prompts"})
+    reward_model: str | None = field(default=None, metadata={"help": "rlhf: the reward model to optimise; rm/aihf_rm: its initialisation (a reward model, or a causal LM whose backbone gets a new head; default: the policy's initial model)"})
+    reward_fn: str | None = field(default=None, metadata={"help": "rlhf: 'module:function'(prompts, completions) -> rewards, instead of a reward model"})
+    sample_policy: str | None = field(default=None, metadata={"help": "rm: the policy whose samples for the demonstration prompts are the rejected side of (demo > sample) pairs"})
+    rloo_k: int = field(default=4, metadata={"help": "RLOO samples per prompt (>= 2)"})
+    prompts_per_batch: int = field(default=4, metadata={"help": "RL prompts per micro-batch (each with rloo_k samples)"})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient in the RL reward (initial value when kl_target is set)"})
+    kl_target: float | None = field(default=None, metadata={"help": "adapt kl_coef to this per-sequence KL (nats); none: fixed"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon (samples)"})
+    clip_range: float = field(default=0.2, metadata={"help": "RLOO token-level importance-ratio clip"})
+    rl_epochs: int = field(default=1, metadata={"help": "optimiser steps on each RL rollout batch"})
+    rm_steps: int = field(default=20, metadata={"help": "aihf_rm: reward-model optimiser steps per outer iteration"})
+    rl_steps: int = field(default=20, metadata={"help": "aihf_rm: RL steps per outer iteration (steps = RL steps in all)"})
+    rm_lr: float | None = field(default=None, metadata={"help": "aihf_rm: reward-model learning rate (default: lr)"})
     # own samples (spin, aihf)
     refresh_every: int = field(default=50, metadata={"help": "steps between regenerating the policy's own samples"})
     max_new_tokens: int = 64
@@ -142,11 +158,13 @@ def validate(cfg: LLMTrainConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, str) and _looks_like_path(v) and not os.path.exists(v):
             raise ConfigError(f"{name}: no such directory: {v!r}")
+    if cfg.method in REWARD_METHODS:
+        _validate_reward(cfg)
     if cfg.method in NEEDS_DEMOS and not cfg.demonstrations:
         raise ConfigError(f"method {cfg.method!r} needs demonstrations")
     if cfg.method in NEEDS_PREFS and not cfg.preferences:
         raise ConfigError(f"method {cfg.method!r} needs preferences")
-    for name in ("demonstrations", "preferences", "eval_prompts", "eval_demonstrations", "eval_preferences"):
+    for name in ("demonstrations", "preferences", "eval_prompts", "eval_demonstrations", "eval_preferences", "prompts"):
         v = getattr(cfg, name)
         if v and not v.startswith("hf:") and not os.path.exists(v):
             raise ConfigError(f"{name}: file not found: {v!r}")
@@ -192,3 +210,63 @@ def validate(cfg: LLMTrainConfig) -> None:
         raise ConfigError("eval_reward and eval_prompts go together: give both (or neither)")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+
+
+def _validate_reward(cfg: LLMTrainConfig) -> None:
+    """The explicit-reward methods' options."""
+    m = cfg.method
+    if m == "rm":
+        if not cfg.preferences and not (cfg.demonstrations and cfg.sample_policy):
+            raise ConfigError("method 'rm' needs preferences, or demonstrations with sample_policy (demo > sample pairs)")
+        if cfg.sample_policy and not cfg.demonstrations:
+            raise ConfigError("sample_policy is used for (demo > sample) pairs: give demonstrations too")
+        if cfg.demonstrations and cfg.sample_policy and cfg.demos_per_batch < 1:
+            raise ConfigError("demos_per_batch must be >= 1 for (demo > sample) pairs")
+        if cfg.preferences and cfg.pairs_per_batch < 1:
+            raise ConfigError("pairs_per_batch must be >= 1 when preferences are used")
+        if cfg.eval_prompts or cfg.eval_kl:
+            raise ConfigError("method 'rm' trains a reward model, not a policy: eval_prompts / eval_reward / eval_kl "
+                              "do not apply (use eval_preferences for its held-out accuracy)")
+    elif cfg.sample_policy:
+        raise ConfigError(f"sample_policy is an option of method 'rm', not {m!r}")
+    if m == "rlhf" and (cfg.reward_model is None) == (cfg.reward_fn is None):
+        raise ConfigError("method 'rlhf' needs exactly one reward: reward_model (a directory) or reward_fn "
+                          "('module:function')")
+    if cfg.reward_fn is not None:
+        if m != "rlhf":
+            raise ConfigError(f"reward_fn is an option of method 'rlhf', not {m!r}")
+        if ":" not in cfg.reward_fn:
+            raise ConfigError(f"reward_fn must be 'module:function', got {cfg.reward_fn!r}")
+    if cfg.reward_model is not None and not os.path.isdir(cfg.reward_model) and _looks_like_path(cfg.reward_model):
+        raise ConfigError(f"reward_model: no such directory: {cfg.reward_model!r}")
+    if m in ("rlhf", "aihf_rm"):
+        if not (cfg.prompts or cfg.demonstrations or cfg.preferences):
+            raise ConfigError(f"method {m!r} needs prompts (or demonstrations / preferences to take them from)")
+        if not isinstance(cfg.rloo_k, int) or cfg.rloo_k < 2:
+            raise ConfigError(f"rloo_k must be an integer >= 2 (the leave-one-out baseline needs 2 samples per "
+                              f"prompt), got {cfg.rloo_k!r}")
+        for name in ("prompts_per_batch", "rl_epochs", "kl_horizon"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {cfg.kl_coef}")
+        if cfg.kl_target is not None and not cfg.kl_target > 0:
+            raise ConfigError(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {cfg.kl_target}")
+        if not 0 < cfg.clip_range < 1:
+            raise ConfigError(f"clip_range must be in (0, 1), got {cfg.clip_range}")
+    if m == "aihf_rm":
+        if cfg.w_D > 0 and not cfg.demonstrations:
+            raise ConfigError("aihf_rm with w_D > 0 needs demonstrations")
+        if cfg.w_P > 0 and not cfg.preferences:
+            raise ConfigError("aihf_rm with w_P > 0 needs preferences (or set w_P = 0)")
+        if cfg.w_D == 0 and cfg.w_P == 0:
+            raise ConfigError("aihf_rm needs w_D > 0 or w_P > 0")
+        for name in ("rm_steps", "rl_steps"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.rm_lr is not None and not cfg.rm_lr > 0:
+            raise ConfigError(f"rm_lr must be > 0, got {cfg.rm_lr}")
+        if cfg.w_D > 0 and cfg.demos_per_batch < 1:
+            raise ConfigError("demos_per_batch must be >= 1 for aihf_rm with w_D > 0")
+        if cfg.w_P > 0 and cfg.pairs_per_batch < 1:
+            raise ConfigError("pairs_per_batch must be >= 1 for aihf_rm with w_P > 0")

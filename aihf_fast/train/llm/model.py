@@ -28,7 +28,8 @@ def _fused_head_ok(model) -> bool:
 
 class PolicyWithLoss(torch.nn.Module):
     """forward(inputs, loss_kwargs) -> {"loss", "metrics"} of ``aihf_loss`` (training) or, with loss_kwargs=None,
-    per-sequence summed completion log-probs (S,) fp32 (scoring, e.g. reference log-probs).
+    per-sequence summed completion log-probs (S,) fp32 (scoring, e.g. reference log-probs), or with
+    per_token=True the fp32 log-prob of each label, shaped like ``labels`` (0 where ignored).
 
     inputs: ``batches.build_inputs``'s dict (packed: input_ids/position_ids (1, N), labels (N,),
     cu_seqlens (S+1,); padded: input_ids/attention_mask (S, T), labels (S, T))."""
@@ -56,7 +57,7 @@ class PolicyWithLoss(torch.nn.Module):
         logits = self.model(**kw).logits
         return dict(logits=logits[0] if "position_ids" in inputs else logits)
 
-    def forward(self, inputs, loss_kwargs=None):
+    def forward(self, inputs, loss_kwargs=None, per_token: bool = False):
         pol = self._run(inputs)
         labels = inputs["labels"]
         if loss_kwargs is not None:
@@ -69,11 +70,57 @@ class PolicyWithLoss(torch.nn.Module):
             tok = linear_token_logprobs(pol["hidden"], pol["weight"], labels)
         else:
             tok = token_logprobs(pol["logits"], labels)
+        if per_token:  # (N,) packed / (S, T) padded, 0 where labels == -100
+            return tok
         if "cu_seqlens" in inputs:
             cu = inputs["cu_seqlens"].long()
             seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=tok.device), cu[1:] - cu[:-1])
             return segment_sum(tok, seg, cu.numel() - 1)
         return tok.sum(-1)
+
+
+class RewardModel(torch.nn.Module):
+    """A scalar reward per sequence: a transformers sequence-classification model (num_labels=1)
+    read at each sequence's last token (the last completion token), whatever the padding.
+
+    forward(inputs) -> rewards (S,) fp32; forward(inputs, loss_kwargs) -> {"loss", "metrics"} of
+    ``rl.bradley_terry_loss(rewards, **loss_kwargs)`` on the ``[chosen, rejected, demo, sample]`` layout.
+    ``save_pretrained`` output of ``.model`` loads with ``AutoModelForSequenceClassification``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._head = _score_head_name(model)  # a name, not a second reference: one owner per parameter
+
+    def forward(self, inputs, loss_kwargs=None):
+        kw = dict(input_ids=inputs["input_ids"], use_cache=False)
+        if "position_ids" in inputs:
+            kw["position_ids"] = inputs["position_ids"]
+            h = self.model.base_model(**kw).last_hidden_state[0]
+            last = inputs["cu_seqlens"][1:].long() - 1
+        else:
+            kw["attention_mask"] = inputs["attention_mask"]
+            h = self.model.base_model(**kw).last_hidden_state
+            h = h[torch.arange(h.shape[0], device=h.device), inputs["attention_mask"].sum(1) - 1]
+            last = None
+        if last is not None:
+            h = h[last]
+        rewards = getattr(self.model, self._head)(h).squeeze(-1).float()
+        if loss_kwargs is None:
+            return rewards
+        from .rl import bradley_terry_loss
+
+        loss, metrics = bradley_terry_loss(rewards, **loss_kwargs)
+        return {"loss": loss, "metrics": metrics}
+
+
+def _score_head_name(model) -> str:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear) and head.out_features == 1:
+            return name
+    raise ConfigError(f"reward model {type(model).__name__}: no scalar head (a Linear named score/classifier "
+                      "with one output); use a model type with a sequence-classification class")
 
 
 def load_tokenizer(cfg: LLMTrainConfig):
@@ -115,6 +162,34 @@ def deepspeed_config(cfg: LLMTrainConfig) -> dict:
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     cfg.zero_stage = int(ds["zero_optimization"].get("stage", 0))
     return ds
+
+
+def build_reward_model(cfg: LLMTrainConfig, source: str | None, pad_token_id: int):
+    """The reward model: ``AutoModelForSequenceClassification`` with one label, loaded from
+    ``source`` (a reward model, or a causal LM whose backbone gets a new head initialised with
+    seed cfg.seed), or, with ``source=None``, built like the policy (cfg.model / cfg.model_config)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    torch.manual_seed(cfg.seed)
+    try:
+        if source is None and cfg.model_config is not None:
+            mc = copy.deepcopy(load_mapping("model_config", cfg.model_config))
+            conf = AutoConfig.for_model(mc.pop("model_type"), **mc, num_labels=1, pad_token_id=pad_token_id)
+            model = AutoModelForSequenceClassification.from_config(conf, attn_implementation=cfg.attn_implementation,
+                                                                   dtype=dtype)
+        else:
+            src = source or cfg.model
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src, num_labels=1, attn_implementation=cfg.attn_implementation, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"reward_model: cannot load {source or cfg.model!r} as a sequence-classification "
+                          f"model: {e}") from e
+    model.config.pad_token_id = pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model
 
 
 def build_model(cfg: LLMTrainConfig, zero3: bool):

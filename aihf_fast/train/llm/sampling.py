@@ -120,3 +120,24 @@ def score(module, seqs: list, *, batch_size: int, packed: bool, pad_id: int, dev
     if not chunks:
         return torch.zeros(0)
     return torch.cat([got[c] for c in range(len(chunks))])
+
+
+@torch.no_grad()
+def score_tokens(module, seqs: list, *, batch_size: int, packed: bool, pad_id: int, device) -> list:
+    """Per-token completion log-probs of seqs (list of (prompt, completion) ids) under ``module``
+    (a ``PolicyWithLoss``): a list of fp32 CPU tensors, one (len(completion),) per sequence."""
+    chunks = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
+
+    def run(c):
+        inputs = build_inputs(chunks[c], pad_id, packed, device)
+        tok = module(inputs, per_token=True)
+        vals = tok[inputs["labels"] != -100].float().cpu()
+        return list(torch.split(vals, [len(comp) for _, comp in chunks[c]]))
+
+    was_training = module.training
+    module.eval()
+    try:
+        got = _sharded(len(chunks), run)
+    finally:
+        module.train(was_training)
+    return [t for c in range(len(chunks)) for t in got[c]]

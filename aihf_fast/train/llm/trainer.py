@@ -41,7 +41,7 @@ from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices
-from .config import NEEDS_DEMOS, ConfigError, LLMTrainConfig, validate
+from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
 from .model import PolicyWithLoss, build_model, deepspeed_config, load_tokenizer
 
 
@@ -79,23 +79,27 @@ def shutdown_distributed(barrier: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def _lr_lambda(cfg):
+def _lr_lambda(cfg, total_steps: int):
     def f(step):
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "constant":
             return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
 
 
-def load_reward_fn(spec: str):
+def load_reward_fn(spec: str, option: str = "eval_reward"):
+    """The function ``module:function`` named by ``option``."""
     mod, _, fn = spec.partition(":")
     try:
-        return getattr(importlib.import_module(mod), fn)
+        f = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"eval_reward: cannot import {spec!r}: {e}") from e
+        raise ConfigError(f"{option}: cannot import {spec!r}: {e}") from e
+    if not callable(f):
+        raise ConfigError(f"{option}: {spec!r} is not a function")
+    return f
 
 
 class Trainer:
@@ -103,8 +107,6 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
-        import deepspeed
-
         self.ds_config = deepspeed_config(cfg)
         self.zero3 = cfg.zero_stage == 3
         if self.zero3:
@@ -130,14 +132,27 @@ class Trainer:
         self.tok = load_tokenizer(cfg)
         self._load_data()
         self.micro_per_step = self.world * cfg.grad_accum
+        self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
+        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+        self._gen_time = self._eval_time = 0.0
+        self._build()
 
-        model = build_model(cfg, self.zero3)
-        policy = PolicyWithLoss(model, self.zero3)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-        self.engine, self.opt, _, self.sched = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched,
-                                                                    config=self.ds_config)
+    def _engine(self, module, lr: float, total_steps: int | None):
+        """A trainable DeepSpeed engine of ``module`` with AdamW at ``lr`` and the configured
+        schedule over ``total_steps`` optimiser steps (None: constant) -> (engine, scheduler)."""
+        import deepspeed
+
+        cfg = self.cfg
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps) if total_steps else lambda _: 1.0)
+        engine, _, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
+        return engine, sched
+
+    def _build(self):
+        """The policy engine, the frozen reference(s) and the method's state."""
+        cfg = self.cfg
+        self.engine, self.sched = self._engine(PolicyWithLoss(build_model(cfg, self.zero3), self.zero3), cfg.lr, cfg.steps)
         self.policy = self.engine.module
         self.packed = cfg.packing and self._packing_works()
         need_eval_ref = cfg.eval_kl or bool(self.eval_prefs)
@@ -150,9 +165,6 @@ class Trainer:
             self.eval_ref = self.ref if same else self._build_reference(cfg.eval_reference)
         nP, nD = len(self.prefs), len(self.demos)
         self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
-        self.eval_reward = load_reward_fn(cfg.eval_reward) if cfg.eval_reward else None
-        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
-        self._gen_time = self._eval_time = 0.0
 
     # ------------------------------------------------------------------ set-up
     def _agree(self, value):
@@ -189,13 +201,14 @@ class Trainer:
         if n and self.rank == 0:
             print(f"[aihf_fast] note: {n} {what} truncated to max_length={self.cfg.max_length}", flush=True)
 
-    def _packing_works(self) -> bool:
+    def _packing_works(self, module=None) -> bool:
         """Padding-free packing needs the attention to respect sequence boundaries given by
         position_ids (transformers' masking utilities do for sdpa/eager/flash): check it once."""
+        module = self.policy if module is None else module
         seqs = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
         seqs = [([t % self.tok.vocab_size for t in p], [t % self.tok.vocab_size for t in c]) for p, c in seqs]
-        a = sampling.score(self.policy, seqs, batch_size=2, packed=True, pad_id=self.tok.pad_token_id, device=self.device)
-        b = sampling.score(self.policy, seqs, batch_size=2, packed=False, pad_id=self.tok.pad_token_id, device=self.device)
+        a = sampling.score(module, seqs, batch_size=2, packed=True, pad_id=self.tok.pad_token_id, device=self.device)
+        b = sampling.score(module, seqs, batch_size=2, packed=False, pad_id=self.tok.pad_token_id, device=self.device)
         ok = torch.allclose(a, b, atol=1e-3, rtol=1e-3)
         if not ok and self.rank == 0:
             print("[aihf_fast] note: this model's attention ignores packed sequence boundaries; using padded batches",
@@ -210,15 +223,20 @@ class Trainer:
         import deepspeed
 
         cfg = dataclasses.replace(self.cfg, model=path, model_config=None) if path else self.cfg
-        model = build_model(cfg, self.zero3)
-        model.requires_grad_(False)
-        ref = PolicyWithLoss(model, self.zero3)
+        return self._frozen(PolicyWithLoss(build_model(cfg, self.zero3), self.zero3))
+
+    def _frozen(self, module):
+        """``module`` without gradients, in eval mode, on the device (under ZeRO-3: a DeepSpeed
+        inference engine holding its partitioned weights) -> the module to call."""
+        import deepspeed
+
+        module.requires_grad_(False)
         if self.zero3:
             conf = {k: v for k, v in self.ds_config.items() if k in ("zero_optimization", "bf16", "train_micro_batch_size_per_gpu")}
-            eng, *_ = deepspeed.initialize(model=ref, config=conf)
+            eng, *_ = deepspeed.initialize(model=module, config=conf)
             eng.eval()
             return eng.module
-        return ref.to(self.device).eval()
+        return module.to(self.device).eval()
 
     # ------------------------------------------------------------------ schedule
     def method_at(self, step: int) -> str:
@@ -353,14 +371,24 @@ class Trainer:
         return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), mc
 
     def train_step(self, step: int) -> dict:
+        def micro(j):
+            inputs, kw = self.micro_batch(step, j)
+            out = self.engine(inputs, kw)
+            return out["loss"], out["metrics"], inputs["num_tokens"]
+
+        return self.optimizer_step(self.engine, micro)
+
+    def optimizer_step(self, engine, micro) -> dict:
+        """One optimiser step of ``engine`` over this process's ``grad_accum`` micro-batches;
+        micro(j) -> (loss, metrics of 0-d tensors, tokens) of global micro-batch j. Returns the
+        metrics averaged over all micro-batches of the step, and the step's tokens."""
         sums, tokens = {}, 0
         for a in range(self.cfg.grad_accum):
-            inputs, kw = self.micro_batch(step, a * self.world + self.rank)
-            out = self.engine(inputs, kw)
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            tokens += inputs["num_tokens"]
-            for k, v in {"loss": out["loss"].detach(), **out["metrics"]}.items():
+            loss, metrics, n = micro(a * self.world + self.rank)
+            engine.backward(loss)
+            engine.step()
+            tokens += n
+            for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.float()  # stays on the device: no sync per metric
         keys = sorted(sums)
         vec = torch.cat([torch.stack([sums[k] for k in keys]).double().cpu() / self.cfg.grad_accum,
@@ -466,11 +494,14 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         return True
 
-    def save_model(self):
-        out = os.path.join(self.cfg.output_dir, "model")
-        model = self.policy.model
+    def save_model(self, engine=None, name: str = "model"):
+        """save_pretrained (safetensors) of the engine's transformers model + the tokenizer into
+        output_dir/name -> that directory."""
+        engine = self.engine if engine is None else engine
+        out = os.path.join(self.cfg.output_dir, name)
+        model = engine.module.model
         if self.zero3:  # gathered onto rank 0 layer by layer; keys are the wrapper's ("model." + HF name)
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            sd = engine._zero3_consolidated_16bit_state_dict()
             sd = {k[len("model."):]: v for k, v in (sd or {}).items()}
         else:
             sd = model.state_dict()
@@ -564,4 +595,8 @@ class Trainer:
 
 def train(cfg: LLMTrainConfig) -> dict:
     """Run one training job; returns its summary (also written to output_dir/summary.json)."""
+    if cfg.method in REWARD_METHODS:
+        from .trainer_rl import RewardRLTrainer
+
+        return RewardRLTrainer(cfg).train()
     return Trainer(cfg).train()
