@@ -158,8 +158,7 @@ def validate(cfg: LLMTrainConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, str) and _looks_like_path(v) and not os.path.exists(v):
             raise ConfigError(f"{name}: no such directory: {v!r}")
-    if cfg.method in REWARD_METHODS:
-        _validate_reward(cfg)
+    _validate_reward(cfg)
     if cfg.method in NEEDS_DEMOS and not cfg.demonstrations:
         raise ConfigError(f"method {cfg.method!r} needs demonstrations")
     if cfg.method in NEEDS_PREFS and not cfg.preferences:
@@ -213,8 +212,13 @@ def validate(cfg: LLMTrainConfig) -> None:
 
 
 def _validate_reward(cfg: LLMTrainConfig) -> None:
-    """The explicit-reward methods' options."""
+    """The explicit-reward methods' options (and that other methods are not given them)."""
     m = cfg.method
+    if m not in REWARD_METHODS:
+        for name in ("reward_model", "reward_fn", "sample_policy", "prompts"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"{name} is an option of the explicit-reward methods {REWARD_METHODS}, not {m!r}")
+        return
     if m == "rm":
         if not cfg.preferences and not (cfg.demonstrations and cfg.sample_policy):
             raise ConfigError("method 'rm' needs preferences, or demonstrations with sample_policy (demo > sample pairs)")

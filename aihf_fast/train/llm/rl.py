@@ -33,7 +33,7 @@ def bradley_terry_loss(rewards: torch.Tensor, num_pairs: int, num_demos: int, w_
         raise ValueError(f"rewards must have shape (2 * {P} + 2 * {D},), got {tuple(rewards.shape)}")
     if P + D == 0:
         raise ValueError("bradley_terry_loss needs at least one pair")
-    r = rewards.float()
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     h_pref, h_demo = r[:P] - r[P:2 * P], r[2 * P:2 * P + D] - r[2 * P + D:]
     loss = (w_P * comparison_losses(h_pref, 1.0, "sigmoid").sum()
             + w_D * comparison_losses(h_demo, 1.0, "sigmoid").sum()) / (P + D)

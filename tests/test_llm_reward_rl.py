@@ -1,0 +1,273 @@
+"""The explicit-reward methods: the Bradley-Terry and RLOO losses against their formulas, the
+reward model read at the last completion token, the RL micro-batch loss of the trainer against
+the formula with full-logit log-probs, aihf_rm with w_D = 0 equal to rm followed by rlhf,
+bad configurations named, and RLOO on the synthetic task's true reward learning."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_helpers import final_weights, losses, make_task
+
+pytest.importorskip("deepspeed")
+transformers = pytest.importorskip("transformers")
+
+from aihf_fast.data.synthetic import true_reward  # noqa: E402
+from aihf_fast.train.llm import LLMTrainConfig, train  # noqa: E402
+from aihf_fast.train.llm.batches import build_inputs  # noqa: E402
+from aihf_fast.train.llm.cli import main  # noqa: E402
+from aihf_fast.train.llm.model import RewardModel  # noqa: E402
+from aihf_fast.train.llm.rl import (  # noqa: E402
+    AdaptiveKLController,
+    bradley_terry_loss,
+    rloo_advantages,
+    rloo_loss,
+)
+from aihf_fast.train.llm.trainer_rl import RewardRLTrainer  # noqa: E402
+
+REWARD = "aihf_fast.data.synthetic:true_reward"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_task(str(tmp_path_factory.mktemp("llm_rl")), num_demos=24, num_pairs=12, num_eval=8)
+
+
+def _nls(z):  # -log sigmoid(z), float
+    return math.log1p(math.exp(-z)) if z > 0 else -z + math.log1p(math.exp(z))
+
+
+# ----------------------------------------------------------------------------- pure losses
+def test_bradley_terry_loss_both_pair_kinds_and_weights():
+    torch.manual_seed(0)
+    P, D, wP, wD = 3, 2, 0.7, 1.3
+    r = torch.randn(2 * P + 2 * D, dtype=torch.float64, requires_grad=True)
+    loss, met = bradley_terry_loss(r, P, D, w_P=wP, w_D=wD)
+    v = r.detach().tolist()
+    want = (wP * sum(_nls(v[i] - v[P + i]) for i in range(P))
+            + wD * sum(_nls(v[2 * P + i] - v[2 * P + D + i]) for i in range(D))) / (P + D)
+    assert abs(float(loss.detach()) - want) < 1e-6
+    loss.backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    g = [0.0] * len(v)  # d/dh of -log sigmoid(h) = -(1 - sigmoid(h))
+    for i in range(P):
+        d = -(1 - sig(v[i] - v[P + i])) * wP / (P + D)
+        g[i] += d
+        g[P + i] -= d
+    for i in range(D):
+        d = -(1 - sig(v[2 * P + i] - v[2 * P + D + i])) * wD / (P + D)
+        g[2 * P + i] += d
+        g[2 * P + D + i] -= d
+    torch.testing.assert_close(r.grad, torch.tensor(g, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert abs(float(met["rm/pref_accuracy"]) - sum(v[i] > v[P + i] for i in range(P)) / P) < 1e-6
+    with pytest.raises(ValueError, match="rewards must have shape"):
+        bradley_terry_loss(r.detach()[:-1], P, D)
+
+
+def test_rloo_advantages_and_loss_and_gradient_against_the_formula():
+    torch.manual_seed(1)
+    R = torch.randn(2, 3, dtype=torch.float64)
+    A = rloo_advantages(R)
+    for b in range(2):
+        for i in range(3):
+            assert abs(float(A[b, i]) - (float(R[b, i]) - sum(float(R[b, j]) for j in range(3) if j != i) / 2)) < 1e-12
+    # 6 sequences of 4 token slots, the last 1-2 masked; ratios inside and outside the clip range
+    eps = 0.2
+    lp = torch.randn(6, 4, dtype=torch.float64) * 0.3
+    old = lp.detach() + torch.tensor([0.0, 0.1, -0.4, 0.5]).double()  # ratio = exp(lp - old)
+    lp.requires_grad_(True)
+    adv = A.reshape(6, 1).expand(6, 4)
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[:, 3] = False
+    mask[0, 2] = False
+    loss, met = rloo_loss(lp, old, adv, mask, eps)
+    n = int(mask.sum())
+    want, grad = 0.0, torch.zeros(6, 4, dtype=torch.float64)
+    for s in range(6):
+        for t in range(4):
+            if not mask[s, t]:
+                continue
+            r, a = math.exp(float(lp[s, t].detach() - old[s, t])), float(adv[s, t])
+            rc = min(max(r, 1 - eps), 1 + eps)
+            want += max(-r * a, -rc * a) / n
+            clipped = (a > 0 and r > 1 + eps) or (a < 0 and r < 1 - eps)  # the surrogate is flat there
+            grad[s, t] = 0.0 if clipped else -r * a / n
+    assert abs(float(loss.detach()) - want) < 1e-10
+    loss.backward()
+    torch.testing.assert_close(lp.grad, grad, atol=1e-10, rtol=0)
+    assert 0 < float(met["rl/clip_fraction"]) < 1
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.zeros(3, 1))
+
+
+def test_adaptive_kl_controller():
+    c = AdaptiveKLController(0.1, target=2.0, horizon=100)
+    c.update(kl=4.0, n=10)  # above target: error clipped to 0.2 -> coef * (1 + 0.2 * 10 / 100)
+    assert abs(c.coef - 0.1 * 1.02) < 1e-12
+    c.update(kl=1.8, n=50)  # 10% below: coef * (1 - 0.1 * 0.5)
+    assert abs(c.coef - 0.1 * 1.02 * 0.95) < 1e-12
+    fixed = AdaptiveKLController(0.1)
+    fixed.update(kl=100.0, n=1000)
+    assert fixed.coef == 0.1
+
+
+# ----------------------------------------------------------------------------- the reward model
+def test_reward_model_reads_the_last_token_in_both_layouts(task):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(task["model"], num_labels=1).eval()
+    m.config.pad_token_id = 0
+    rm = RewardModel(m)
+    seqs = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 13, 2]), ([1, 5, 6, 7], [2])]
+    want = torch.stack([m(input_ids=torch.tensor([p + c])).logits[0, 0] for p, c in seqs])
+    with torch.no_grad():
+        for packed in (True, False):
+            got = rm(build_inputs(seqs, 0, packed, "cpu"))
+            torch.testing.assert_close(got, want.detach().float(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the trainer
+def _cfg(task, out, **kw):
+    c = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
+             preferences=task["preferences"], steps=4, pairs_per_batch=2, demos_per_batch=2, prompts_per_batch=2,
+             rloo_k=3, lr=3e-3, max_new_tokens=9, max_length=24, gen_batch_size=8, output_dir=str(out),
+             progress=False, overwrite=True)
+    c.update(kw)
+    return LLMTrainConfig(**c)
+
+
+@torch.no_grad()
+def _logp(model, prompt, completion):
+    ids = torch.tensor([list(prompt) + list(completion)])
+    lp = F.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(float(lp[t - 1, ids[0, t]]) for t in range(len(prompt), ids.shape[1]))
+
+
+def test_rl_micro_batch_loss_equals_the_formula(task, tmp_path):
+    """RLOO loss of micro-batch 0 of step 0 with the true reward and a KL penalty, the policy
+    moved away from the reference: sum_i -A_i * n_i / sum_i n_i (ratio 1 on a fresh batch), with
+    A from r - kl_coef * KL and log-probs from the transformers model's full logits."""
+    tr = RewardRLTrainer(_cfg(task, tmp_path / "o", method="rlhf", reward_fn=REWARD, kl_coef=0.3,
+                              grad_accum=2, prompts_per_batch=2, rloo_k=3))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tr.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pol = copy.deepcopy(tr.policy.model).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(task["model"]).eval()
+    roll = tr._rollout(0)
+    k, n_micro = 3, 2 * 3
+    assert len(roll["seqs"]) == 2 * n_micro  # grad_accum 2 micro-batches of 2 prompts x 3 samples
+    texts = tr.tok.batch_decode([c for _, c in roll["seqs"]], skip_special_tokens=True)
+    prompt_texts = [tr.rl_prompts[i][0] for i in _prompt_order(tr, 0) for _ in range(k)]
+    r = true_reward(prompt_texts, texts)
+    kl = [_logp(pol, p, c) - _logp(ref, p, c) for p, c in roll["seqs"]]
+    R = [float(x) - 0.3 * y for x, y in zip(r, kl)]
+    A = [R[i] - sum(R[j] for j in range(i - i % k, i - i % k + k) if j != i) / (k - 1) for i in range(len(R))]
+    torch.testing.assert_close(roll["adv"], torch.tensor(A, dtype=torch.float64), atol=1e-4, rtol=0)
+    loss, met, _ = tr._rl_micro(roll, 0)
+    lens = [len(c) for _, c in roll["seqs"][:n_micro]]
+    want = -sum(A[i] * lens[i] for i in range(n_micro)) / sum(lens)
+    assert abs(float(loss.detach()) - want) < 1e-4, (float(loss.detach()), want)
+    assert abs(float(met["rl/ratio"]) - 1) < 1e-5
+    assert abs(roll["metrics"]["rl/kl"] - sum(kl) / len(kl)) < 1e-4
+
+
+def _prompt_order(tr, step):
+    import numpy as np
+
+    from aihf_fast.train.llm.batches import PROMPTS, micro_batch_indices
+    c = tr.cfg
+    return np.concatenate([micro_batch_indices(step, j, tr.micro_per_step, len(tr.rl_prompts), c.prompts_per_batch,
+                                               c.seed, PROMPTS) for j in range(tr.micro_per_step)])
+
+
+def test_aihf_rm_with_wD_0_is_rm_then_rlhf(task, tmp_path):
+    """w_D = 0, one outer iteration: rm_steps reward-model steps on the preferences, then RLOO on
+    that reward model = method rm (same steps, constant lr), then rlhf with its saved model."""
+    kw = dict(eval_prompts=task["eval_prompts"], eval_reward=REWARD)
+    a = train(_cfg(task, tmp_path / "aihf_rm", method="aihf_rm", w_D=0.0, rm_steps=3, rl_steps=4, rm_lr=2e-3, **kw))
+    rm = train(_cfg(task, tmp_path / "rm", method="rm", steps=3, lr=2e-3, demonstrations=None))
+    b = train(_cfg(task, tmp_path / "rlhf", method="rlhf", reward_model=rm["model_dir"], **kw))
+    wa, wr = final_weights(str(tmp_path / "aihf_rm")), final_weights(str(tmp_path / "rlhf"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wr[key], atol=1e-6, rtol=0, msg=key)
+    from safetensors.torch import load_file
+
+    ra, rr = (load_file(f"{d}/model.safetensors") for d in (tmp_path / "aihf_rm" / "reward_model", rm["model_dir"]))
+    for key in ra:
+        torch.testing.assert_close(ra[key], rr[key], atol=1e-6, rtol=0, msg=key)
+    la, lb = losses(str(tmp_path / "aihf_rm")), losses(str(tmp_path / "rlhf"))
+    assert la.keys() == lb.keys() == {1, 2, 3, 4}
+    for s in la:
+        assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])
+    assert a["evals"][-1]["eval/reward"] == b["evals"][-1]["eval/reward"]
+    assert abs(a["last"]["rl/reward"] - b["last"]["rl/reward"]) < 1e-5
+
+
+def test_aihf_rm_logs_the_reward_model_on_the_policy_samples(task, tmp_path):
+    s = train(_cfg(task, tmp_path / "o", method="aihf_rm", rm_steps=2, rl_steps=2, eval_prompts=task["eval_prompts"],
+                   eval_reward=REWARD, eval_preferences=task["preferences"]))
+    recs = [r for r in map(__import__("json").loads, open(tmp_path / "o" / "log.jsonl")) if "loss" in r]
+    first = recs[0]
+    for key in ("rm/loss", "rm/demo_accuracy", "rm/pref_accuracy", "rl/reward", "rl/true_reward", "rl/kl",
+                "rl/rm_pair_accuracy", "generation_tokens_per_s", "scoring_tokens_per_s", "update_tokens_per_s"):
+        assert key in first, key
+    assert "rm/loss" in recs[2] and "rm/loss" not in recs[1]  # reward steps at the start of each outer iteration
+    assert "eval/rm_accuracy" in s["evals"][-1] and "eval/reward" in s["evals"][-1]
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "o" / "reward_model"))
+    assert m.config.num_labels == 1
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="rlhf"), "method 'rlhf' needs exactly one reward"),
+    (dict(method="rlhf", reward_fn=REWARD, reward_model="/x/rm"), "method 'rlhf' needs exactly one reward"),
+    (dict(method="rlhf", reward_fn="nocolon"), "reward_fn must be 'module:function'"),
+    (dict(method="rlhf", reward_fn="aihf_fast.data.synthetic:nope"), "reward_fn: cannot import"),
+    (dict(method="rlhf", reward_model="/nonexistent/rm"), "reward_model: no such directory"),
+    (dict(method="rlhf", reward_fn=REWARD, rloo_k=1), "rloo_k must be an integer >= 2"),
+    (dict(method="rlhf", reward_fn=REWARD, kl_coef=-0.1), "kl_coef must be >= 0"),
+    (dict(method="rlhf", reward_fn=REWARD, kl_target=0), "kl_target must be > 0"),
+    (dict(method="rlhf", reward_fn=REWARD, clip_range=1.5), "clip_range must be in (0, 1)"),
+    (dict(method="rm", preferences=None), "method 'rm' needs preferences"),
+    (dict(method="rm", eval_prompts="p", eval_reward=REWARD), "method 'rm' trains a reward model"),
+    (dict(method="aihf_rm", rm_steps=0), "rm_steps must be >= 1"),
+    (dict(method="aihf_rm", preferences=None), "aihf_rm with w_P > 0 needs preferences"),
+    (dict(method="aihf", sample_policy="x"), "sample_policy is an option of the explicit-reward methods"),
+    (dict(method="rlhf", reward_fn=REWARD, sample_policy="x"), "sample_policy is an option of method 'rm'"),
+    (dict(method="dpo", reward_fn=REWARD), "reward_fn is an option of the explicit-reward methods"),
+    (dict(method="aihf_rm", reward_fn=REWARD), "reward_fn is an option of method 'rlhf'"),
+])
+def test_bad_reward_and_rl_configs_are_named(task, tmp_path, capsys, kw, msg):
+    args = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
+                preferences=task["preferences"], steps=1, output_dir=str(tmp_path / "o"), progress="false",
+                max_length=24, max_new_tokens=9)
+    args.update(kw)
+    argv = [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_rloo_on_the_true_reward_beats_the_sft_model(tmp_path):
+    """Learning: SFT a tiny model on the demonstrations, then RLOO on the synthetic task's true
+    reward; the true reward of the RL policy's samples on held-out prompts clearly exceeds the SFT
+    model's (measured: 1.63 -> about 2.5 at this budget)."""
+    t = make_task(str(tmp_path), num_demos=256, num_pairs=4, num_eval=64)
+    common = dict(tokenizer=t["tokenizer"], max_new_tokens=9, max_length=24, gen_batch_size=256, progress=False,
+                  eval_prompts=t["eval_prompts"], eval_reward=REWARD, eval_samples_per_prompt=2)
+    sft = train(LLMTrainConfig(model=t["model"], demonstrations=t["demonstrations"], method="sft", steps=200,
+                               demos_per_batch=32, lr=3e-3, output_dir=str(tmp_path / "sft"), **common))
+    rl = train(LLMTrainConfig(model=sft["model_dir"], demonstrations=t["demonstrations"], method="rlhf",
+                              reward_fn=REWARD, steps=80, prompts_per_batch=32, rloo_k=4, lr=1e-3, kl_coef=0.01,
+                              output_dir=str(tmp_path / "rl"), **common))
+    before, after = sft["evals"][-1]["eval/reward"], rl["evals"][-1]["eval/reward"]
+    sem = math.hypot(sft["evals"][-1]["eval/reward_sem"], rl["evals"][-1]["eval/reward_sem"])
+    assert rl["evals"][0]["eval/reward"] == before  # RL starts from the SFT model
+    assert after - before > max(0.5, 3 * sem), (before, after, sem)
