@@ -79,3 +79,53 @@ def test_existing_run_is_not_overwritten(task, tmp_path):
     _check(run_trainer(_args(task, out, steps=1, method="dpo")))
     r = run_trainer(_args(task, out, steps=1, method="dpo"))
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def _rl_args(task, out, **kw):
+    """aihf_rm: two trainable engines (policy, reward model), a frozen reference, RLOO rollouts."""
+    base = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
+                preferences=task["preferences"], method="aihf_rm", steps=4, rl_steps=2, rm_steps=2, pairs_per_batch=2,
+                demos_per_batch=2, prompts_per_batch=2, rloo_k=3, lr=3e-3, rm_lr=2e-3, max_new_tokens=9,
+                max_length=24, gen_batch_size=8, output_dir=out, progress="false")
+    base.update(kw)
+    return flags(base)
+
+
+def _assert_same_reward_model(a, b, tol):
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(os.path.join(d, "reward_model", "model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_aihf_rm_two_processes_match_one(task, tmp_path, stage):
+    one = str(tmp_path / "one")
+    _check(run_trainer(_rl_args(task, one, zero_stage=0, grad_accum=2)))
+    two = str(tmp_path / f"two_zero{stage}")
+    _check(run_trainer(_rl_args(task, two, zero_stage=stage, grad_accum=1), nproc=2))
+    _assert_same_run(one, two)
+    _assert_same_reward_model(one, two, 1e-5)
+    a, b = ([r for r in read_log(d) if "loss" in r] for d in (one, two))
+    for ra, rb in zip(a, b):
+        for k in ("rl/reward", "rl/kl", "rm/loss"):
+            if k in ra:
+                assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
+
+
+def test_aihf_rm_kill_and_resume_matches_uninterrupted(task, tmp_path):
+    # outer iterations of 3 RL steps, checkpoints every 2 steps, killed after step 3: the resumed
+    # run restarts at step 2, inside the first iteration (reward model from the checkpoint), and
+    # starts the second iteration (own samples, reward steps) at step 3
+    kw = dict(steps=6, rl_steps=3, save_every=2)
+    full = str(tmp_path / "full")
+    _check(run_trainer(_rl_args(task, full, **kw)))
+    cut = str(tmp_path / "cut")
+    r = run_trainer(_rl_args(task, cut, **kw), env_extra={"AIHF_FAST_KILL_AFTER_STEP": "3"})
+    assert r.returncode != 0
+    _check(run_trainer(_rl_args(task, cut, resume="true", **kw)))
+    _assert_same_run(full, cut, tol=1e-7)
+    _assert_same_reward_model(full, cut, 1e-7)
+    assert sorted(losses(cut)) == list(range(1, 7))

@@ -187,6 +187,35 @@ def _prompt_order(tr, step):
                                                c.seed, PROMPTS) for j in range(tr.micro_per_step)])
 
 
+def test_rm_micro_batch_loss_with_sample_policy_equals_the_formula(task, tmp_path):
+    """Method rm on pairs and (demonstration > sample of sample_policy) pairs: the loss of
+    micro-batch 0 from the transformers reward model's own forward, one sequence at a time."""
+    from transformers import AutoModelForSequenceClassification
+
+    tr = RewardRLTrainer(_cfg(task, tmp_path / "o", method="rm", sample_policy=task["model"], w_P=0.5, w_D=2.0,
+                              pairs_per_batch=3, demos_per_batch=2))
+    tr.refresh(0)
+    assert len(tr.state["samples"]) == len(tr.demos)
+    loss, met, _ = tr._rm_micro(tr.engine, 0, 0)
+    m = copy.deepcopy(tr.rm.model).eval()
+    import numpy as np
+
+    from aihf_fast.train.llm.batches import DEMOS, PAIRS, micro_batch_indices
+    P = micro_batch_indices(0, 0, 1, len(tr.prefs), 3, 0, PAIRS)
+    D = micro_batch_indices(0, 0, 1, len(tr.demos), 2, 0, DEMOS)
+
+    def r(p, c):
+        return float(m(input_ids=torch.tensor([list(p) + list(c)])).logits[0, 0])
+
+    with torch.no_grad():
+        hp = [r(tr.prefs[i].prompt, tr.prefs[i].completions[0]) - r(tr.prefs[i].prompt, tr.prefs[i].completions[1])
+              for i in P]
+        hd = [r(tr.demos[i].prompt, tr.demos[i].completions[0]) - r(tr.demos[i].prompt, tr.state["samples"][int(i)])
+              for i in np.asarray(D)]
+    want = (0.5 * sum(map(_nls, hp)) + 2.0 * sum(map(_nls, hd))) / 5
+    assert abs(float(loss.detach()) - want) < 1e-5, (float(loss.detach()), want)
+
+
 def test_aihf_rm_with_wD_0_is_rm_then_rlhf(task, tmp_path):
     """w_D = 0, one outer iteration: rm_steps reward-model steps on the preferences, then RLOO on
     that reward model = method rm (same steps, constant lr), then rlhf with its saved model."""
