@@ -16,8 +16,19 @@ Tokens/s: all tokens in the micro-batch (prompt + completion) / median step time
 the providers run alternately ``--rounds`` times and each keeps its best round (shared, noisy
 machines); peak memory is that round's.
 
+``--step rl``: one RLOO step of methods ``rlhf`` / ``aihf_rm`` instead, in three phases timed
+apart: generation (``model.generate`` of ``pairs`` prompts x ``demos`` samples each, KV cache,
+``seq - prompt`` new tokens, no early stop), scoring (per-token log-probs of the samples under the
+policy and the frozen reference, and a reward model of the same shape reading the last token),
+and the update (forward + backward + AdamW of ``rloo_loss`` on the per-token log-probs).
+Generation and reward scoring are the same code for both providers; the log-prob paths differ
+(``aihf_fast``: ``linear_token_logprobs`` on the last hidden states; ``full_logit``: logits ->
+log_softmax -> gather). Tokens/s of each phase count prompt + completion tokens (generation:
+new tokens only).
+
     python benchmarks/bench_train.py                        # CPU, small model (defaults)
     python benchmarks/bench_train.py --preset gpu-1b        # ~1B params, V = 128256, bf16
+    python benchmarks/bench_train.py --step rl              # the RL step (CPU, small model)
 """
 from __future__ import annotations
 
@@ -54,6 +65,114 @@ PROVIDERS = ("aihf_fast", "full_logit")
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _llama_config(p: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                       num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                       intermediate_size=p["inter"], max_position_embeddings=p["seq"], tie_word_embeddings=False,
+                       use_cache=False, pad_token_id=0)
+
+
+def _token_logps(provider, module, model, inputs):
+    """Per-token log-probs of the labels (N,) fp32, 0 where ignored: the trainer's fused path
+    (``aihf_fast``) or full logits -> log_softmax -> gather (``full_logit``)."""
+    if provider == "aihf_fast":
+        return module(inputs, per_token=True)
+    logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits[0]
+    labels = inputs["labels"]
+    logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    return logp.masked_fill(labels == -100, 0.0)
+
+
+def run_one_rl(provider: str, p: dict, device: str, steps: int, warmup: int) -> dict:
+    """One RLOO step (module docstring), warmup + steps times; phase times are medians."""
+    import types
+
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from aihf_fast.train.llm import sampling
+    from aihf_fast.train.llm.batches import build_inputs
+    from aihf_fast.train.llm.model import PolicyWithLoss, RewardModel
+    from aihf_fast.train.llm.rl import rloo_advantages, rloo_loss
+
+    dtype = getattr(torch, p["dtype"])
+    torch.manual_seed(0)
+    conf = _llama_config(p)
+    with torch.device(device):
+        model = LlamaForCausalLM(conf).to(dtype=dtype)
+        ref = LlamaForCausalLM(conf).to(dtype=dtype).eval().requires_grad_(False)
+        rm_conf = _llama_config(p)
+        rm_conf.num_labels = 1
+        rm = RewardModel(LlamaForSequenceClassification(rm_conf).to(dtype=dtype))
+    for m in (model, ref, rm.model):
+        m.config._attn_implementation = "sdpa"
+    model.generation_config.eos_token_id = None  # fixed-length samples: every step does the same work
+    module, ref_module = PolicyWithLoss(model), PolicyWithLoss(ref)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    B, k, new = p["pairs"], p["demos"], p["seq"] - p["prompt"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, p["vocab"], (p["prompt"],), generator=g).tolist() for _ in range(B)]
+    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for q in model.parameters():  # optimizer state allocated before measuring
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    phases = {"generation": [], "scoring": [], "update": []}
+    losses, n_tokens, n_new = [], 0, 0
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        comps = sampling.generate(model, tok, [x for x in prompts for _ in range(k)], max_new_tokens=new,
+                                  temperature=1.0, top_p=1.0, batch_size=B * k, seed=i, max_length=p["seq"],
+                                  synced=False, device=device)
+        sync()
+        t1 = time.perf_counter()
+        seqs = [(x, c) for x, c in zip([x for x in prompts for _ in range(k)], comps)]
+        inputs = build_inputs(seqs, 0, True, device)
+        mask = inputs["labels"] != -100
+        with torch.no_grad():
+            old = _token_logps(provider, module, model, inputs)
+            ref_lp = _token_logps(provider, ref_module, ref, inputs)
+            reward = rm(inputs).double()
+        kl = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(
+            0, torch.repeat_interleave(torch.arange(len(seqs), device=device),
+                                       torch.tensor([len(a) + len(b) for a, b in seqs], device=device)),
+            (old - ref_lp).double())
+        adv = rloo_advantages((reward - 0.05 * kl).view(B, k)).reshape(-1)
+        adv_tok = torch.repeat_interleave(adv.float(), torch.tensor([len(a) + len(b) for a, b in seqs], device=device))
+        sync()
+        t2 = time.perf_counter()
+        loss, _ = rloo_loss(_token_logps(provider, module, model, inputs), old, adv_tok, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        losses.append(float(loss.detach()))
+        if i >= warmup:
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name].append(dt)
+        n_tokens, n_new = inputs["num_tokens"], sum(len(c) for c in comps)
+    peak = (torch.cuda.max_memory_allocated() - base if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    med = {name: sorted(v)[len(v) // 2] for name, v in phases.items()}
+    step_s = sum(med.values())
+    return dict(provider=provider, status="ok", step="rl", tokens=n_tokens, new_tokens=n_new, step_s_median=step_s,
+                generation_s=med["generation"], scoring_s=med["scoring"], update_s=med["update"],
+                generation_tokens_per_s=n_new / med["generation"], scoring_tokens_per_s=3 * n_tokens / med["scoring"],
+                update_tokens_per_s=n_tokens / med["update"], tokens_per_s=n_tokens / step_s,
+                peak_transient_bytes=int(peak), first_loss=losses[0], params=sum(q.numel() for q in model.parameters()))
 
 
 def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dict:
@@ -138,6 +257,9 @@ def main(argv=None):
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu-small on CPU, gpu-1b on CUDA")
     for k in PRESETS["cpu-small"]:
         ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=str if k == "dtype" else int, default=None)
+    ap.add_argument("--step", default="aihf", choices=["aihf", "rl"],
+                    help="aihf: one aihf training step; rl: one RLOO step (generation + scoring + update); "
+                         "with rl, --pairs is the number of prompts and --demos the samples per prompt")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="providers run alternately this many times; best round kept")
@@ -153,7 +275,7 @@ def main(argv=None):
             p[k] = getattr(a, k)
     if a._child:  # one provider, this process: print its JSON row
         try:
-            row = run_one(a._child, p, a.device, a.steps, a.warmup)
+            row = (run_one_rl if a.step == "rl" else run_one)(a._child, p, a.device, a.steps, a.warmup)
         except torch.OutOfMemoryError as e:
             row = dict(provider=a._child, status=f"oom: {str(e)[:200]}")
         print("RESULT " + json.dumps(row), flush=True)
@@ -161,7 +283,7 @@ def main(argv=None):
     rows = {}
     for prov in [q for _ in range(a.rounds) for q in a.providers.split(",")]:
         cmd = [sys.executable, __file__, "--_child", prov, "--device", a.device, "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--preset", preset]
+               "--warmup", str(a.warmup), "--preset", preset, "--step", a.step]
         for k, v in p.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -179,13 +301,21 @@ def main(argv=None):
         ratios = dict(tokens_per_s=f["tokens_per_s"] / b["tokens_per_s"],
                       peak_transient_memory=f["peak_transient_bytes"] / max(b["peak_transient_bytes"], 1),
                       loss_abs_diff=abs(f["first_loss"] - b["first_loss"]))
+        for phase in ("generation", "scoring", "update"):
+            if f"{phase}_tokens_per_s" in f:
+                ratios[f"{phase}_tokens_per_s"] = f[f"{phase}_tokens_per_s"] / b[f"{phase}_tokens_per_s"]
+        phases = ", ".join(f"{k[:-len('_tokens_per_s')]} x{v:.2f}" for k, v in ratios.items()
+                           if k.endswith("_tokens_per_s") and k != "tokens_per_s")
+        if phases:
+            print(f"aihf_fast / full_logit tokens/s by phase: {phases}", flush=True)
         print(f"aihf_fast / full_logit: tokens/s x{ratios['tokens_per_s']:.2f}, "
               f"peak transient memory x{ratios['peak_transient_memory']:.2f}", flush=True)
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     report = dict(benchmark="bench_train", device=dev, device_type="cuda" if a.device.startswith("cuda") else "cpu",
-                  preset=preset, shape=p, steps=a.steps, warmup=a.warmup, rounds=a.rounds, versions=versions(), commit=commit(),
+                  step=a.step, preset=preset, shape=p, steps=a.steps, warmup=a.warmup, rounds=a.rounds, versions=versions(), commit=commit(),
                   results=rows, ratios=ratios)
-    out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}.json")
+    tail = "_rl" if a.step == "rl" else ""
+    out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}{tail}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

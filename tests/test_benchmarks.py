@@ -55,6 +55,22 @@ def test_bench_train_tiny(tmp_path):
     assert report["ratios"]["tokens_per_s"] > 0 and report["commit"] is not None
 
 
+def test_bench_train_rl_step_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_train
+
+    out = tmp_path / "train_rl.json"
+    report = bench_train.main(["--step", "rl", "--vocab", "300", "--hidden", "16", "--layers", "1", "--heads", "2",
+                               "--kv-heads", "2", "--inter", "32", "--seq", "12", "--prompt", "4", "--pairs", "2",
+                               "--demos", "3", "--steps", "1", "--rounds", "1", "--out", str(out)])
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["tokens"] == 6 * 12 and r["new_tokens"] == 6 * 8
+        assert r["generation_s"] > 0 and r["scoring_s"] > 0 and r["update_s"] > 0
+    assert abs(rows["aihf_fast"]["first_loss"] - rows["full_logit"]["first_loss"]) < 1e-5
+    assert report["step"] == "rl" and report["ratios"]["update_tokens_per_s"] > 0
+
+
 def test_bench_alignment_llm_tiny(tmp_path):
     """The alignment benchmark end to end on the tiny profile: every method runs through the
     trainer, the JSON holds the records, the analysis and the verdict, and a plot is written."""

@@ -5,6 +5,12 @@
    OUTPUT_DIR/base/model: the base policy and the reference (skipped when it exists).
 3. Train the base with the chosen method (default ``aihf``) into OUTPUT_DIR/METHOD, and print
    the true reward r*(x, y) of the policy's samples on held-out prompts before and after.
+
+The explicit-reward methods run the paper's pipelines from an SFT policy (the base after SFT on
+the demonstrations, OUTPUT_DIR/sft/model, skipped when it exists; also the KL reference):
+``rlhf``: a reward model on the preferences (``rm``, OUTPUT_DIR/rm), then RLOO against it;
+``aihf_rm``: own samples -> reward model on demonstrations and preferences -> RLOO, per outer
+iteration; ``rm``: the reward model alone (held-out pair accuracy before and after).
 Trainer flags (``--steps``, ``--method``, ``--w-P``, ...) override the preset below.
 """
 from __future__ import annotations
@@ -15,12 +21,17 @@ import os
 import torch.distributed as dist
 
 from ...data import synthetic
-from .config import LLMTrainConfig, parse_args
+from .config import REWARD_METHODS, LLMTrainConfig, parse_args
 
 PRESET = dict(method="aihf", steps=150, lr=5e-4, beta=0.1, pairs_per_batch=16, demos_per_batch=16,
               refresh_every=50, w_P=1.0, w_D=1.0, nll_weight=0.1, max_new_tokens=9, max_length=24,
               gen_batch_size=512, output_dir="runs/synthetic", overwrite=True,
               eval_reward="aihf_fast.data.synthetic:true_reward")
+# RLOO and reward-model settings of the explicit-reward pipelines (over PRESET)
+RL_PRESET = dict(steps=60, lr=1e-4, prompts_per_batch=32, rloo_k=4, kl_coef=0.05, rm_steps=20, rl_steps=20,
+                 rm_lr=3e-4, pairs_per_batch=16, demos_per_batch=16, eval_every=20)
+SFT = dict(method="sft", steps=150, lr=5e-4, demos_per_batch=16)
+RM = dict(method="rm", steps=60, lr=3e-4, pairs_per_batch=16)
 BASE = dict(method="sft", lr=1e-3, demos_per_batch=128, max_new_tokens=9, max_length=24, gen_batch_size=512,
             overwrite=True, eval_reward="aihf_fast.data.synthetic:true_reward")
 
@@ -37,9 +48,16 @@ def _task_parser():
     return p
 
 
+def _method_of(argv) -> str:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--method", default=PRESET["method"])
+    return p.parse_known_args(argv)[0].method
+
+
 def run(argv) -> dict:
     targs, rest = _task_parser().parse_known_args(argv)
-    cfg, _ = parse_args(rest, preset=PRESET)
+    reward_method = _method_of(rest) in REWARD_METHODS
+    cfg, _ = parse_args(rest, preset={**PRESET, **RL_PRESET} if reward_method else PRESET)
     from .trainer import init_distributed, train
 
     rank, world, _ = init_distributed()
@@ -68,6 +86,8 @@ def run(argv) -> dict:
     if targs.num_pairs > 0:
         cfg.preferences = cfg.preferences or os.path.join(task, "prefs.jsonl")
     cfg.output_dir = os.path.join(root, cfg.method)
+    if reward_method:
+        return _run_reward_pipeline(cfg, root, rank, train)
     s = train(cfg)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
@@ -75,3 +95,62 @@ def run(argv) -> dict:
               f"{b['eval/reward']:.3f} +- {b['eval/reward_sem']:.3f} (base) -> {a['eval/reward']:.3f} +- "
               f"{a['eval/reward_sem']:.3f} after {cfg.steps} steps; model in {s['model_dir']}", flush=True)
     return s
+
+
+def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train) -> dict:
+    """SFT policy (cached) -> [reward model on the preferences ->] the chosen explicit-reward method."""
+    shared = dict(tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                  gen_batch_size=cfg.gen_batch_size, seed=cfg.seed, progress=cfg.progress, overwrite=True)
+    sft_model = os.path.join(root, "sft", "model")
+    if not os.path.isfile(os.path.join(sft_model, "config.json")):
+        train(LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
+                             eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
+                             output_dir=os.path.join(root, "sft")))
+    cfg.model = sft_model
+    if cfg.method == "rm":
+        cfg.eval_prompts = cfg.eval_reward = None
+        cfg.demonstrations = None
+        cfg.eval_preferences = cfg.eval_preferences or _held_out_pairs(root, rank)
+        s = train(cfg)
+        if rank == 0 and s["evals"]:
+            b, a = s["evals"][0], s["evals"][-1]
+            print(f"[synthetic] reward model accuracy on {_count(cfg.eval_preferences)} held-out pairs: "
+                  f"{b['eval/rm_accuracy']:.3f} (initial head) -> {a['eval/rm_accuracy']:.3f}; model in "
+                  f"{s['model_dir']}", flush=True)
+        return s
+    if cfg.method == "rlhf" and cfg.reward_model is None and cfg.reward_fn is None:
+        if not cfg.preferences:
+            from .config import ConfigError
+
+            raise ConfigError("--synthetic --method rlhf fits its reward model on preferences: --num-pairs must be > 0")
+        rm = train(LLMTrainConfig(**{**RM, **shared}, model=sft_model, preferences=cfg.preferences,
+                                  eval_preferences=_held_out_pairs(root, rank), output_dir=os.path.join(root, "rm")))
+        if rank == 0 and rm["evals"]:
+            print(f"[synthetic] reward model on the preferences: held-out pair accuracy "
+                  f"{rm['evals'][0]['eval/rm_accuracy']:.3f} -> {rm['evals'][-1]['eval/rm_accuracy']:.3f}", flush=True)
+        cfg.reward_model = rm["model_dir"]
+    if cfg.method == "aihf_rm" and cfg.preferences and not cfg.eval_preferences:
+        cfg.eval_preferences = _held_out_pairs(root, rank)
+    s = train(cfg)
+    if rank == 0 and s["evals"]:
+        b, a = s["evals"][0], s["evals"][-1]
+        print(f"[synthetic] true reward of {cfg.method} samples on {b['eval/num_samples']} held-out prompts: "
+              f"{b['eval/reward']:.3f} +- {b['eval/reward_sem']:.3f} (SFT policy) -> {a['eval/reward']:.3f} +- "
+              f"{a['eval/reward_sem']:.3f} after {cfg.steps} RL steps; model in {s['model_dir']}", flush=True)
+    return s
+
+
+def _held_out_pairs(root: str, rank: int) -> str:
+    """500 preference pairs on held-out prompts, labelled like the task's (for rm's accuracy)."""
+    out = os.path.join(root, "task_eval", "prefs.jsonl")
+    if rank == 0:
+        synthetic.write_task(os.path.dirname(out), seed=10_000 + 1, num_base=0, num_demos=0, num_pairs=500,
+                             num_eval_prompts=0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return out
+
+
+def _count(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
