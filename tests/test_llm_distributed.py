@@ -86,7 +86,7 @@ def _rl_args(task, out, **kw):
     base = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
                 preferences=task["preferences"], method="aihf_rm", steps=4, rl_steps=2, rm_steps=2, pairs_per_batch=2,
                 demos_per_batch=2, prompts_per_batch=2, rloo_k=3, lr=3e-3, rm_lr=2e-3, max_new_tokens=9,
-                max_length=24, gen_batch_size=8, output_dir=out, progress="false")
+                max_length=24, gen_batch_size=8, replay_size=4, output_dir=out, progress="false")
     base.update(kw)
     return flags(base)
 
@@ -119,7 +119,7 @@ def test_aihf_rm_kill_and_resume_matches_uninterrupted(task, tmp_path):
     # outer iterations of 3 RL steps, checkpoints every 2 steps, killed after step 3: the resumed
     # run restarts at step 2, inside the first iteration (reward model from the checkpoint), and
     # starts the second iteration (own samples, reward steps) at step 3
-    kw = dict(steps=6, rl_steps=3, save_every=2)
+    kw = dict(steps=6, rl_steps=3, save_every=2)  # with a replay buffer (saved and restored)
     full = str(tmp_path / "full")
     _check(run_trainer(_rl_args(task, full, **kw)))
     cut = str(tmp_path / "cut")

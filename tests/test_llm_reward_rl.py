@@ -300,3 +300,47 @@ def test_rloo_on_the_true_reward_beats_the_sft_model(tmp_path):
     sem = math.hypot(sft["evals"][-1]["eval/reward_sem"], rl["evals"][-1]["eval/reward_sem"])
     assert rl["evals"][0]["eval/reward"] == before  # RL starts from the SFT model
     assert after - before > max(0.5, 3 * sem), (before, after, sem)
+
+
+def test_synthetic_reward_pipelines_and_their_cache(tmp_path, capsys):
+    """--synthetic --method rlhf / aihf_rm end to end at a tiny size; the base and SFT models are
+    reused only when trained with the same task options and seed."""
+    import os
+
+    out = str(tmp_path / "syn")
+    tiny = ["--synthetic", "--num-demos", "32", "--num-pairs", "16", "--num-base", "64", "--num-eval-prompts", "8",
+            "--base-steps", "2", "--steps", "2", "--rl-steps", "1", "--rm-steps", "1", "--prompts-per-batch", "2",
+            "--eval-every", "0", "--output-dir", out, "--progress", "false"]
+    assert main(tiny + ["--method", "rlhf"]) == 0
+    text = capsys.readouterr().out
+    assert "reward model on the preferences: held-out pair accuracy" in text
+    assert "true reward of rlhf samples on 8 held-out prompts" in text and "(SFT policy)" in text
+    stamp = {d: os.path.getmtime(os.path.join(out, d, "model", "model.safetensors")) for d in ("base", "sft")}
+    assert main(tiny + ["--method", "aihf_rm"]) == 0
+    assert "true reward of aihf_rm samples" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "aihf_rm", "reward_model", "model.safetensors"))
+    for d in ("base", "sft"):  # same task and seed: reused
+        assert os.path.getmtime(os.path.join(out, d, "model", "model.safetensors")) == stamp[d]
+    assert main(tiny + ["--method", "aihf_rm", "--seed", "1"]) == 0
+    for d in ("base", "sft"):  # another seed: trained again
+        assert os.path.getmtime(os.path.join(out, d, "model", "model.safetensors")) != stamp[d]
+
+
+def test_aihf_rm_replay_buffer_content_order_and_draws(task, tmp_path):
+    """Each outer iteration's (demo, own sample) pairs join the buffer at the next iteration, in
+    demonstration order; the newest replay_size stay; the draws of a micro-batch are a function of
+    (seed, step, micro-batch) and enter the reward loss as extra (demo > old sample) pairs."""
+    tr = RewardRLTrainer(_cfg(task, tmp_path / "o", method="aihf_rm", rm_steps=1, rl_steps=1, replay_size=3,
+                              replay_per_batch=2, demos_per_batch=2))
+    made = []
+    for it in range(3):
+        tr.refresh(it)  # iteration boundary (rl_steps = 1): buffer update, own samples, one reward step
+        want = [(i, y, k) for k, s in enumerate(made) for i, y in sorted(s.items())][-3:]
+        assert tr.state["replay"] == want, it
+        made.append(dict(tr.state["samples"]))
+    assert [k for _, _, k in tr.state["replay"]][-1] == 1 and len(tr.state["replay"]) == 3
+    a, b = tr.replayed(2, 0), tr.replayed(2, 0)  # reward step 2 = the third iteration's
+    assert a == b and len(a) == 2 and all(e in tr.state["replay"] for e in a)
+    assert tr.replayed(2, 0) != tr.replayed(1, 0) or tr.replayed(2, 0) != tr.replayed(3, 0)
+    loss, met, _ = tr._rm_micro(tr.rm_engine, 2, 0)  # 2 pairs + 2 fresh + 2 replayed comparisons
+    assert "rm/demo_accuracy" in met and float(met["rm/demo_accuracy"]) * 4 == round(float(met["rm/demo_accuracy"]) * 4)

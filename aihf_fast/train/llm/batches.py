@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-PAIRS, DEMOS, PROMPTS = 1, 2, 3  # stream ids
+PAIRS, DEMOS, PROMPTS, REPLAY = 1, 2, 3, 4  # stream ids
 
 
 @lru_cache(maxsize=8)

@@ -2,12 +2,13 @@
 
 1. Generate the known-reward task (``aihf_fast.data.synthetic``) in OUTPUT_DIR/task.
 2. Pretrain a tiny randomly initialised Llama on the task's mediocre answers (``sft``) into
-   OUTPUT_DIR/base/model: the base policy and the reference (skipped when it exists).
+   OUTPUT_DIR/base/model: the base policy and the reference (skipped when it exists and was
+   trained with the same task options and seed, recorded in OUTPUT_DIR/base/stage_options.json).
 3. Train the base with the chosen method (default ``aihf``) into OUTPUT_DIR/METHOD, and print
    the true reward r*(x, y) of the policy's samples on held-out prompts before and after.
 
 The explicit-reward methods run the paper's pipelines from an SFT policy (the base after SFT on
-the demonstrations, OUTPUT_DIR/sft/model, skipped when it exists; also the KL reference):
+the demonstrations, OUTPUT_DIR/sft/model, cached like the base; also the KL reference):
 ``rlhf``: a reward model on the preferences (``rm``, OUTPUT_DIR/rm), then RLOO against it;
 ``aihf_rm``: own samples -> reward model on demonstrations and preferences -> RLOO, per outer
 iteration; ``rm``: the reward model alone (held-out pair accuracy before and after).
@@ -16,6 +17,7 @@ Trainer flags (``--steps``, ``--method``, ``--w-P``, ...) override the preset be
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch.distributed as dist
@@ -74,11 +76,14 @@ def run(argv) -> dict:
         dist.barrier()
     files = dict(tokenizer=os.path.join(task, "tokenizer"), eval_prompts=os.path.join(task, "eval_prompts.jsonl"))
     base_model = os.path.join(root, "base", "model")
-    if not os.path.isfile(os.path.join(base_model, "config.json")):
+    task_key = dict(vars(targs), seed=cfg.seed)
+    task_key.pop("synthetic", None)
+    if not _cached(base_model, dict(task_key, stage=BASE), rank):
         base = LLMTrainConfig(**{**BASE, **files}, model_config=dict(synthetic.DEFAULT_MODEL_CONFIG),
                               demonstrations=os.path.join(task, "base.jsonl"), steps=targs.base_steps,
                               output_dir=os.path.join(root, "base"), seed=cfg.seed, progress=cfg.progress)
         train(base)
+        _mark_cached(base_model, dict(task_key, stage=BASE), rank)
     cfg.model, cfg.model_config = base_model, None
     cfg.tokenizer = cfg.tokenizer or files["tokenizer"]
     cfg.eval_prompts = cfg.eval_prompts or files["eval_prompts"]
@@ -87,7 +92,7 @@ def run(argv) -> dict:
         cfg.preferences = cfg.preferences or os.path.join(task, "prefs.jsonl")
     cfg.output_dir = os.path.join(root, cfg.method)
     if reward_method:
-        return _run_reward_pipeline(cfg, root, rank, train)
+        return _run_reward_pipeline(cfg, root, rank, train, task_key)
     s = train(cfg)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
@@ -97,15 +102,41 @@ def run(argv) -> dict:
     return s
 
 
-def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train) -> dict:
+def _cached(model_dir: str, key: dict, rank: int) -> bool:
+    """Whether model_dir holds a model trained with exactly these options (task, seed, stage)."""
+    ok = False
+    if rank == 0:
+        try:
+            with open(os.path.join(model_dir, "..", "stage_options.json"), encoding="utf-8") as f:
+                ok = json.load(f) == json.loads(json.dumps(key)) and os.path.isfile(os.path.join(model_dir, "config.json"))
+        except (OSError, ValueError):
+            ok = False
+        if not ok and os.path.isfile(os.path.join(model_dir, "..", "stage_options.json")):
+            os.remove(os.path.join(model_dir, "..", "stage_options.json"))  # retrained next: not valid meanwhile
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [ok]
+        dist.broadcast_object_list(box, src=0)
+        ok = box[0]
+    return ok
+
+
+def _mark_cached(model_dir: str, key: dict, rank: int) -> None:
+    if rank == 0:
+        with open(os.path.join(model_dir, "..", "stage_options.json"), "w", encoding="utf-8") as f:
+            json.dump(key, f, indent=1)
+
+
+def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_key: dict) -> dict:
     """SFT policy (cached) -> [reward model on the preferences ->] the chosen explicit-reward method."""
     shared = dict(tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                   gen_batch_size=cfg.gen_batch_size, seed=cfg.seed, progress=cfg.progress, overwrite=True)
     sft_model = os.path.join(root, "sft", "model")
-    if not os.path.isfile(os.path.join(sft_model, "config.json")):
+    sft_key = dict(task_key, stage=SFT, demonstrations=cfg.demonstrations)
+    if not _cached(sft_model, sft_key, rank):
         train(LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
                              eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
                              output_dir=os.path.join(root, "sft")))
+        _mark_cached(sft_model, sft_key, rank)
     cfg.model = sft_model
     if cfg.method == "rm":
         cfg.eval_prompts = cfg.eval_reward = None

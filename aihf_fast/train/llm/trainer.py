@@ -566,7 +566,9 @@ class Trainer:
                 self._log(last)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                shown = {"reward": f"{m['rl/reward']:.3f}", "kl": f"{m['rl/kl']:.3f}"} if "rl/reward" in m else \
+                    {"loss": f"{m['loss']:.4f}"}  # an RL loss is ~0 by construction (mean-zero advantages)
+                bar.set_postfix(**shown, tok_s=f"{last['tokens_per_s']:.0f}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
                 e = self.evaluate(step + 1)
                 if e:

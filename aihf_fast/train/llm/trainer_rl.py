@@ -12,6 +12,10 @@
              w_D (demonstration > own sample) + w_P (chosen > rejected) at ``rm_lr`` (constant),
              warm-started; then RLOO on the updated reward. With w_D = 0 it is ``rm`` on the
              preferences followed by ``rlhf`` with that reward model (one outer iteration).
+             Replay (``replay_size`` > 0): the (demonstration, own sample) pairs of earlier
+             iterations are kept, the newest ``replay_size`` of them in the order they were made
+             (older ones dropped first), and each reward micro-batch adds ``replay_per_batch``
+             of them drawn uniformly (seed, iteration, step, micro-batch) to its fresh pairs.
 
 A rollout batch of step g: micro-batch j holds ``prompts_per_batch`` prompts (stream PROMPTS,
 position g * M + j as for every stream) x ``rloo_k`` samples, generated with seed (seed, g) in
@@ -30,7 +34,7 @@ import torch
 from ...data.records import DataError, load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from . import sampling
-from .batches import DEMOS, PAIRS, PROMPTS, build_inputs, micro_batch_indices
+from .batches import DEMOS, PAIRS, PROMPTS, REPLAY, build_inputs, micro_batch_indices
 from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model
 from .rl import AdaptiveKLController, rloo_advantages, rloo_loss
 from .trainer import Trainer, load_reward_fn
@@ -107,7 +111,8 @@ class RewardRLTrainer(Trainer):
                 self.rm_engine, _ = self._engine(rm, cfg.rm_lr or cfg.lr, None)
                 self.rm = self.rm_engine.module
         self.kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.state = dict(step=0, samples={}, kl=self.kl.state_dict())
+        # replay: [(demo index, own sample ids, outer iteration)] of earlier iterations, oldest first
+        self.state = dict(step=0, samples={}, kl=self.kl.state_dict(), replay=[])
         self._rm_metrics = {}
 
     # ------------------------------------------------------------------ reward model
@@ -116,12 +121,23 @@ class RewardRLTrainer(Trainer):
         cfg, M = self.cfg, self.micro_per_step
         P = micro_batch_indices(step, j, M, len(self.prefs), cfg.pairs_per_batch, cfg.seed, PAIRS) if self.prefs else []
         D = micro_batch_indices(step, j, M, len(self.demos), cfg.demos_per_batch, cfg.seed, DEMOS) if self.demos else []
-        seqs = self._pair_seqs(P) + [(self.demos[i].prompt, self.demos[i].completions[0]) for i in D]
-        seqs += [(self.demos[i].prompt, self.state["samples"][int(i)]) for i in D]
+        pairs = [(self.demos[i].prompt, self.demos[i].completions[0], self.state["samples"][int(i)]) for i in D]
+        pairs += [(self.demos[i].prompt, self.demos[i].completions[0], y) for i, y, _ in self.replayed(step, j)]
+        seqs = self._pair_seqs(P) + [(x, d) for x, d, _ in pairs] + [(x, y) for x, _, y in pairs]
         inputs = build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device)
-        out = engine(inputs, dict(num_pairs=len(P), num_demos=len(D), w_P=cfg.w_P if len(P) else 0.0,
-                                  w_D=cfg.w_D if len(D) else 0.0))
+        out = engine(inputs, dict(num_pairs=len(P), num_demos=len(pairs), w_P=cfg.w_P if len(P) else 0.0,
+                                  w_D=cfg.w_D if pairs else 0.0))
         return out["loss"], out["metrics"], inputs["num_tokens"]
+
+    def replayed(self, step: int, j: int) -> list:
+        """The replayed (demo index, own sample, iteration) entries of reward micro-batch j of reward
+        step ``step`` (aihf_rm): drawn uniformly with replacement from the buffer."""
+        cfg, buf = self.cfg, self.state["replay"]
+        if self.cfg.method != "aihf_rm" or not cfg.replay_size or not buf:
+            return []
+        n = cfg.replay_per_batch or cfg.demos_per_batch
+        pick = np.random.default_rng([cfg.seed, REPLAY, step, j]).integers(0, len(buf), n)
+        return [buf[k] for k in pick]
 
     def _own_samples(self, module, didx, seed: int):
         """state["samples"] = {demo index: the answer of ``module``'s model to its prompt}."""
@@ -147,6 +163,9 @@ class RewardRLTrainer(Trainer):
         """Outer iteration ``it`` of aihf_rm: own samples, then ``rm_steps`` reward-model steps."""
         cfg, M = self.cfg, self.micro_per_step
         first = it * cfg.rm_steps
+        if cfg.replay_size and self.state["samples"]:  # the last iteration's pairs join the buffer
+            self.state["replay"] += [(i, y, it - 1) for i, y in sorted(self.state["samples"].items())]
+            self.state["replay"] = self.state["replay"][-cfg.replay_size:]
         if self.demos:
             didx = np.unique(np.concatenate([
                 micro_batch_indices(first + s, j, M, len(self.demos), cfg.demos_per_batch, cfg.seed, DEMOS)
@@ -256,7 +275,7 @@ class RewardRLTrainer(Trainer):
         sig = super()._run_signature()
         c = self.cfg
         for key in ("prompts", "reward_model", "reward_fn", "sample_policy", "rloo_k", "prompts_per_batch", "rm_steps",
-                    "rl_steps", "rl_epochs", "kl_target", "clip_range"):
+                    "rl_steps", "rl_epochs", "kl_target", "clip_range", "replay_size", "replay_per_batch"):
             sig[key] = getattr(c, key)
         sig["num_prompts"] = len(self.rl_prompts)
         return sig
