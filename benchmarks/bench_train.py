@@ -160,6 +160,8 @@ def run_one_rl(provider: str, p: dict, device: str, steps: int, warmup: int) -> 
         sync()
         t3 = time.perf_counter()
         losses.append(float(loss.detach()))
+        if i == 0:  # what the two log-prob paths must agree on (the RLOO loss is ~0 on a fresh batch)
+            first_logp_sum = float(old.double().sum())
         if i >= warmup:
             for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[name].append(dt)
@@ -172,7 +174,8 @@ def run_one_rl(provider: str, p: dict, device: str, steps: int, warmup: int) -> 
                 generation_s=med["generation"], scoring_s=med["scoring"], update_s=med["update"],
                 generation_tokens_per_s=n_new / med["generation"], scoring_tokens_per_s=3 * n_tokens / med["scoring"],
                 update_tokens_per_s=n_tokens / med["update"], tokens_per_s=n_tokens / step_s,
-                peak_transient_bytes=int(peak), first_loss=losses[0], params=sum(q.numel() for q in model.parameters()))
+                peak_transient_bytes=int(peak), first_loss=losses[0], first_logp_sum=first_logp_sum,
+                params=sum(q.numel() for q in model.parameters()))
 
 
 def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dict:
@@ -301,6 +304,8 @@ def main(argv=None):
         ratios = dict(tokens_per_s=f["tokens_per_s"] / b["tokens_per_s"],
                       peak_transient_memory=f["peak_transient_bytes"] / max(b["peak_transient_bytes"], 1),
                       loss_abs_diff=abs(f["first_loss"] - b["first_loss"]))
+        if "first_logp_sum" in f:
+            ratios["logp_sum_rel_diff"] = abs(f["first_logp_sum"] - b["first_logp_sum"]) / abs(b["first_logp_sum"])
         for phase in ("generation", "scoring", "update"):
             if f"{phase}_tokens_per_s" in f:
                 ratios[f"{phase}_tokens_per_s"] = f[f"{phase}_tokens_per_s"] / b[f"{phase}_tokens_per_s"]

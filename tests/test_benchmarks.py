@@ -68,6 +68,7 @@ def test_bench_train_rl_step_tiny(tmp_path):
         assert r["status"] == "ok" and r["tokens"] == 6 * 12 and r["new_tokens"] == 6 * 8
         assert r["generation_s"] > 0 and r["scoring_s"] > 0 and r["update_s"] > 0
     assert abs(rows["aihf_fast"]["first_loss"] - rows["full_logit"]["first_loss"]) < 1e-5
+    assert report["ratios"]["logp_sum_rel_diff"] < 1e-5 and rows["aihf_fast"]["first_logp_sum"] < 0
     assert report["step"] == "rl" and report["ratios"]["update_tokens_per_s"] > 0
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("deepspeed")
 transformers = pytest.importorskip("transformers")
 
 from aihf_fast.data.synthetic import true_reward  # noqa: E402
-from aihf_fast.train.llm import LLMTrainConfig, train  # noqa: E402
+from aihf_fast.train.llm import ConfigError, LLMTrainConfig, train  # noqa: E402
 from aihf_fast.train.llm.batches import build_inputs  # noqa: E402
 from aihf_fast.train.llm.cli import main  # noqa: E402
 from aihf_fast.train.llm.model import RewardModel  # noqa: E402
@@ -116,19 +116,69 @@ def test_adaptive_kl_controller():
 
 
 # ----------------------------------------------------------------------------- the reward model
-def test_reward_model_reads_the_last_token_in_both_layouts(task):
+@pytest.mark.parametrize("pad", [0, 2])  # 2 = EOS: a tokenizer that pads with EOS
+def test_reward_model_reads_where_transformers_reads(task, pad):
+    """Both layouts equal transformers' own forward of each sequence alone (the last token that is
+    not the pad token: with pad = EOS, the token before the final EOS)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     m = AutoModelForSequenceClassification.from_pretrained(task["model"], num_labels=1).eval()
-    m.config.pad_token_id = 0
+    m.config.pad_token_id = pad
     rm = RewardModel(m)
-    seqs = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 13, 2]), ([1, 5, 6, 7], [2])]
-    want = torch.stack([m(input_ids=torch.tensor([p + c])).logits[0, 0] for p, c in seqs])
+    seqs = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 13, 2]), ([1, 5, 6, 7], [9])]
     with torch.no_grad():
+        want = torch.stack([m(input_ids=torch.tensor([p + c])).logits[0, 0] for p, c in seqs])
         for packed in (True, False):
-            got = rm(build_inputs(seqs, 0, packed, "cpu"))
-            torch.testing.assert_close(got, want.detach().float(), atol=1e-5, rtol=1e-5)
+            got = rm(build_inputs(seqs, pad, packed, "cpu"))
+            torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    if pad == 2:  # the final EOS is not read: the reward equals that of the sequence without it
+        with torch.no_grad():
+            assert abs(float(rm(build_inputs(seqs[:1], pad, True, "cpu"))[0])
+                       - float(m(input_ids=torch.tensor([[1, 5, 6, 7, 8]])).logits[0, 0])) < 1e-5
+
+
+def test_reward_model_with_its_own_packing_check(task, tmp_path):
+    """A reward model whose attention ignores packed boundaries (OPT) is scored padded, while the
+    policy (Llama) stays packed; and rlhf refuses a backbone without a trained head."""
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    torch.manual_seed(0)
+    conf = OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                     max_position_embeddings=64, word_embed_proj_dim=16, num_labels=1, pad_token_id=0)
+    OPTForSequenceClassification(conf).save_pretrained(tmp_path / "opt_rm")
+    tr = RewardRLTrainer(_cfg(task, tmp_path / "o", method="rlhf", reward_model=str(tmp_path / "opt_rm")))
+    assert tr.packed and not tr.rm_packed
+    seqs = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 13, 2])]
+    with torch.no_grad():
+        one = [float(tr.rm(build_inputs([x], 0, False, "cpu"))[0]) for x in seqs]
+    torch.testing.assert_close(tr._score_rm(seqs).double(), torch.tensor(one, dtype=torch.float64), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="is not a reward model"):
+        RewardRLTrainer(_cfg(task, tmp_path / "o2", method="rlhf", reward_model=task["model"]))
+
+
+def test_rl_ratio_is_one_on_a_fresh_batch_with_dropout_and_temperature(task, tmp_path):
+    """Dropout in the model's config (switched off by the RL methods) and sampling at temperature
+    0.7 (log-probs at the same temperature): the first update's importance ratio is 1; with 3
+    updates per batch at a large rate, later ones move away and get clipped."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(task["model"], attention_dropout=0.5)
+    m.save_pretrained(tmp_path / "drop")
+    out = tmp_path / "o"
+    train(_cfg(task, out, model=str(tmp_path / "drop"), method="rlhf", reward_fn=REWARD, steps=2, rl_epochs=3, lr=3e-2,
+               sample_temperature=0.7, rloo_k=4, prompts_per_batch=4))
+    recs = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
+    assert len(recs) == 2
+    assert all(isinstance(r["tokens"], int) for r in recs)
+    one = RewardRLTrainer(_cfg(task, tmp_path / "o1", model=str(tmp_path / "drop"), method="rlhf", reward_fn=REWARD,
+                               sample_temperature=0.7, rloo_k=4, prompts_per_batch=4))
+    roll = one._rollout(0)
+    _, met, _ = one._rl_micro(roll, 0)
+    assert abs(float(met["rl/ratio"]) - 1) < 1e-6 and float(met["rl/clip_fraction"]) == 0
+    assert recs[1]["rl/clip_fraction"] > 0  # epochs 2-3 of a batch: ratios off 1, some clipped
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -265,8 +315,16 @@ def test_aihf_rm_logs_the_reward_model_on_the_policy_samples(task, tmp_path):
     (dict(method="rlhf", reward_fn=REWARD, kl_coef=-0.1), "kl_coef must be >= 0"),
     (dict(method="rlhf", reward_fn=REWARD, kl_target=0), "kl_target must be > 0"),
     (dict(method="rlhf", reward_fn=REWARD, clip_range=1.5), "clip_range must be in (0, 1)"),
-    (dict(method="rm", preferences=None), "method 'rm' needs preferences"),
-    (dict(method="rm", eval_prompts="p", eval_reward=REWARD), "method 'rm' trains a reward model"),
+    (dict(method="rm", preferences=None, demonstrations=None), "method 'rm' needs preferences"),
+    (dict(method="rm", demonstrations=None, w_P=0), "otherwise it has nothing to fit"),
+    (dict(method="rm"), "method 'rm' uses demonstrations only as (demo > sample of sample_policy) pairs"),
+    (dict(method="rm", demonstrations=None, eval_prompts="p", eval_reward=REWARD), "method 'rm' trains a reward model"),
+    (dict(method="rm", sample_policy="/nonexistent/pol"), "sample_policy: no such directory"),
+    (dict(method="rlhf", reward_fn=REWARD, eval_preferences="p"), "rlhf with reward_fn has no reward model"),
+    (dict(method="rlhf", reward_fn=REWARD, kl_coef=0, kl_target=1.0), "give an initial kl_coef > 0"),
+    (dict(method="rlhf", reward_fn=REWARD, sample_top_p=0.9), "needs sample_top_p = 1"),
+    (dict(method="aihf_rm", replay_per_batch=2), "goes with replay_size > 0"),
+    (dict(method="aihf_rm", replay_size=4, w_D=0), "replay_size keeps (demonstration, own sample) pairs"),
     (dict(method="aihf_rm", rm_steps=0), "rm_steps must be >= 1"),
     (dict(method="aihf_rm", preferences=None), "aihf_rm with w_P > 0 needs preferences"),
     (dict(method="aihf", sample_policy="x"), "sample_policy is an option of the explicit-reward methods"),

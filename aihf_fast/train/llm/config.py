@@ -36,7 +36,7 @@ class LLMTrainConfig:
     eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for sampling evaluations"})
     eval_reward: str | None = field(default=None, metadata={"help": "'module:function'(prompts, completions) -> rewards, for evaluations"})
     eval_demonstrations: str | None = field(default=None, metadata={"help": "held-out demonstrations: evaluations log eval/demo_nll (per token)"})
-    eval_preferences: str | None = field(default=None, metadata={"help": "held-out preference pairs: evaluations log eval/pref_accuracy of the implicit reward log pi - log pi_eval_ref"})
+    eval_preferences: str | None = field(default=None, metadata={"help": "held-out preference pairs: evaluations log eval/pref_accuracy of the implicit reward log pi - log pi_eval_ref; for rm and aihf_rm eval/rm_accuracy and eval/rm_nll of the reward model"})
     eval_reference: str | None = field(default=None, metadata={"help": "model for eval/kl and eval/pref_accuracy (default: the initial model)"})
     max_length: int = field(default=512, metadata={"help": "max prompt + completion tokens"})
     append_eos: bool = field(default=True, metadata={"help": "append EOS to string completions"})
@@ -224,10 +224,17 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
                 raise ConfigError(f"{name} is an option of the explicit-reward methods {REWARD_METHODS}, not {m!r}")
         return
     if m == "rm":
-        if not cfg.preferences and not (cfg.demonstrations and cfg.sample_policy):
-            raise ConfigError("method 'rm' needs preferences, or demonstrations with sample_policy (demo > sample pairs)")
+        if not (cfg.preferences and cfg.w_P > 0) and not (cfg.demonstrations and cfg.sample_policy and cfg.w_D > 0):
+            raise ConfigError("method 'rm' needs preferences with w_P > 0, or demonstrations with sample_policy and "
+                              "w_D > 0 (demo > sample pairs): otherwise it has nothing to fit")
         if cfg.sample_policy and not cfg.demonstrations:
             raise ConfigError("sample_policy is used for (demo > sample) pairs: give demonstrations too")
+        if cfg.demonstrations and not cfg.sample_policy:
+            raise ConfigError("method 'rm' uses demonstrations only as (demo > sample of sample_policy) pairs: "
+                              "give sample_policy, or leave demonstrations out")
+        for name in ("prompts", "eval_reference", "eval_demonstrations"):
+            if getattr(cfg, name):
+                raise ConfigError(f"{name} does not apply to method 'rm' (it trains a reward model, not a policy)")
         if cfg.demonstrations and cfg.sample_policy and cfg.demos_per_batch < 1:
             raise ConfigError("demos_per_batch must be >= 1 for (demo > sample) pairs")
         if cfg.preferences and cfg.pairs_per_batch < 1:
@@ -245,8 +252,15 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
             raise ConfigError(f"reward_fn is an option of method 'rlhf', not {m!r}")
         if ":" not in cfg.reward_fn:
             raise ConfigError(f"reward_fn must be 'module:function', got {cfg.reward_fn!r}")
-    if cfg.reward_model is not None and not os.path.isdir(cfg.reward_model) and _looks_like_path(cfg.reward_model):
-        raise ConfigError(f"reward_model: no such directory: {cfg.reward_model!r}")
+    for name in ("reward_model", "sample_policy"):
+        v = getattr(cfg, name)
+        if v is not None and not os.path.isdir(v) and _looks_like_path(v):
+            raise ConfigError(f"{name}: no such directory: {v!r}")
+    if m != "rm" and cfg.eval_reference and not cfg.eval_kl:
+        raise ConfigError(f"eval_reference is used by eval_kl for method {m!r}: give eval_kl too")
+    if m == "rlhf" and cfg.reward_fn and cfg.eval_preferences:
+        raise ConfigError("eval_preferences measures the reward model's held-out accuracy: rlhf with reward_fn has "
+                          "no reward model")
     if m in ("rlhf", "aihf_rm"):
         if not (cfg.prompts or cfg.demonstrations or cfg.preferences):
             raise ConfigError(f"method {m!r} needs prompts (or demonstrations / preferences to take them from)")
@@ -260,6 +274,11 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
             raise ConfigError(f"kl_coef must be >= 0, got {cfg.kl_coef}")
         if cfg.kl_target is not None and not cfg.kl_target > 0:
             raise ConfigError(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {cfg.kl_target}")
+        if cfg.kl_target is not None and cfg.kl_coef == 0:
+            raise ConfigError("kl_target adapts kl_coef multiplicatively: give an initial kl_coef > 0")
+        if cfg.sample_top_p != 1:
+            raise ConfigError(f"method {m!r} needs sample_top_p = 1: RLOO's importance ratios and KL are of the "
+                              f"distribution sampled from, which top-p truncation changes (got {cfg.sample_top_p})")
         if not 0 < cfg.clip_range < 1:
             raise ConfigError(f"clip_range must be in (0, 1), got {cfg.clip_range}")
     if m == "aihf_rm":
@@ -276,8 +295,9 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
             raise ConfigError(f"replay_size must be >= 0, got {cfg.replay_size}")
         if cfg.replay_size and cfg.w_D == 0:
             raise ConfigError("replay_size keeps (demonstration, own sample) pairs: it needs w_D > 0")
-        if cfg.replay_per_batch is not None and cfg.replay_per_batch < (1 if cfg.replay_size else 0):
-            raise ConfigError(f"replay_per_batch must be >= 1 with replay_size > 0, got {cfg.replay_per_batch}")
+        if cfg.replay_per_batch is not None and (cfg.replay_per_batch < 1 or not cfg.replay_size):
+            raise ConfigError(f"replay_per_batch must be >= 1 and goes with replay_size > 0, got replay_per_batch="
+                              f"{cfg.replay_per_batch}, replay_size={cfg.replay_size}")
         if cfg.rm_lr is not None and not cfg.rm_lr > 0:
             raise ConfigError(f"rm_lr must be > 0, got {cfg.rm_lr}")
         if cfg.w_D > 0 and cfg.demos_per_batch < 1:

@@ -29,7 +29,8 @@ def _fused_head_ok(model) -> bool:
 class PolicyWithLoss(torch.nn.Module):
     """forward(inputs, loss_kwargs) -> {"loss", "metrics"} of ``aihf_loss`` (training) or, with loss_kwargs=None,
     per-sequence summed completion log-probs (S,) fp32 (scoring, e.g. reference log-probs), or with
-    per_token=True the fp32 log-prob of each label, shaped like ``labels`` (0 where ignored).
+    per_token=True the fp32 log-prob of each label, shaped like ``labels`` (0 where ignored), of
+    softmax(logits / temperature).
 
     inputs: ``batches.build_inputs``'s dict (packed: input_ids/position_ids (1, N), labels (N,),
     cu_seqlens (S+1,); padded: input_ids/attention_mask (S, T), labels (S, T))."""
@@ -57,7 +58,7 @@ class PolicyWithLoss(torch.nn.Module):
         logits = self.model(**kw).logits
         return dict(logits=logits[0] if "position_ids" in inputs else logits)
 
-    def forward(self, inputs, loss_kwargs=None, per_token: bool = False):
+    def forward(self, inputs, loss_kwargs=None, per_token: bool = False, temperature: float = 1.0):
         pol = self._run(inputs)
         labels = inputs["labels"]
         if loss_kwargs is not None:
@@ -67,9 +68,9 @@ class PolicyWithLoss(torch.nn.Module):
             # LM-head weight must be gathered again in backward
             return {"loss": out.loss, "metrics": out.metrics}
         if "hidden" in pol:
-            tok = linear_token_logprobs(pol["hidden"], pol["weight"], labels)
+            tok = linear_token_logprobs(pol["hidden"], pol["weight"], labels, temperature=temperature)
         else:
-            tok = token_logprobs(pol["logits"], labels)
+            tok = token_logprobs(pol["logits"], labels, temperature=temperature)
         if per_token:  # (N,) packed / (S, T) padded, 0 where labels == -100
             return tok
         if "cu_seqlens" in inputs:
@@ -81,7 +82,10 @@ class PolicyWithLoss(torch.nn.Module):
 
 class RewardModel(torch.nn.Module):
     """A scalar reward per sequence: a transformers sequence-classification model (num_labels=1)
-    read at each sequence's last token (the last completion token), whatever the padding.
+    read where transformers reads it: at each sequence's last token that is not the pad token
+    (the last completion token; the one before a final EOS when the tokenizer pads with EOS), in
+    packed and padded batches alike, so a reward model trained here scores the same in
+    transformers / TRL and the other way round.
 
     forward(inputs) -> rewards (S,) fp32; forward(inputs, loss_kwargs) -> {"loss", "metrics"} of
     ``rl.bradley_terry_loss(rewards, **loss_kwargs)`` on the ``[chosen, rejected, demo, sample]`` layout.
@@ -92,19 +96,34 @@ class RewardModel(torch.nn.Module):
         self.model = model
         self._head = _score_head_name(model)  # a name, not a second reference: one owner per parameter
 
+    def read_positions(self, inputs) -> torch.Tensor:
+        """Index of the token each sequence's reward is read at: (S,) into the packed (N,) tokens,
+        or (S,) columns of the padded (S, T) batch."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        ids = inputs["input_ids"]
+        if "cu_seqlens" in inputs:
+            ids, cu = ids[0], inputs["cu_seqlens"].long()
+            n_seq = cu.numel() - 1
+            if pad is None:
+                return cu[1:] - 1
+            seg = torch.repeat_interleave(torch.arange(n_seq, device=ids.device), cu[1:] - cu[:-1])
+            pos = torch.where(ids != pad, torch.arange(ids.numel(), device=ids.device), -1)
+            last = torch.full((n_seq,), -1, dtype=torch.long, device=ids.device).scatter_reduce(0, seg, pos, "amax")
+            return torch.where(last >= 0, last, cu[:-1])  # all padding: the first token, as transformers
+        att = inputs["attention_mask"].bool()
+        valid = att if pad is None else att & (ids != pad)
+        return (torch.arange(ids.shape[1], device=ids.device) * valid).argmax(1)
+
     def forward(self, inputs, loss_kwargs=None):
         kw = dict(input_ids=inputs["input_ids"], use_cache=False)
+        where = self.read_positions(inputs)
         if "position_ids" in inputs:
             kw["position_ids"] = inputs["position_ids"]
-            h = self.model.base_model(**kw).last_hidden_state[0]
-            last = inputs["cu_seqlens"][1:].long() - 1
+            h = self.model.base_model(**kw).last_hidden_state[0][where]
         else:
             kw["attention_mask"] = inputs["attention_mask"]
             h = self.model.base_model(**kw).last_hidden_state
-            h = h[torch.arange(h.shape[0], device=h.device), inputs["attention_mask"].sum(1) - 1]
-            last = None
-        if last is not None:
-            h = h[last]
+            h = h[torch.arange(h.shape[0], device=h.device), where]
         rewards = getattr(self.model, self._head)(h).squeeze(-1).float()
         if loss_kwargs is None:
             return rewards
@@ -112,6 +131,18 @@ class RewardModel(torch.nn.Module):
 
         loss, metrics = bradley_terry_loss(rewards, **loss_kwargs)
         return {"loss": loss, "metrics": metrics}
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere in ``model`` (nn.Dropout modules and float ``*dropout*`` attributes
+    that attention implementations read), as TRL's RL trainers do: the log-probs of a training
+    forward then equal those of the scoring forward (importance ratio 1 on a fresh batch)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        for name, v in list(vars(mod).items()):
+            if "dropout" in name and isinstance(v, float):
+                setattr(mod, name, 0.0)
 
 
 def _score_head_name(model) -> str:
@@ -164,13 +195,25 @@ def deepspeed_config(cfg: LLMTrainConfig) -> dict:
     return ds
 
 
-def build_reward_model(cfg: LLMTrainConfig, source: str | None, pad_token_id: int):
+def build_reward_model(cfg: LLMTrainConfig, source: str | None, pad_token_id: int, trained: bool = False):
     """The reward model: ``AutoModelForSequenceClassification`` with one label, loaded from
     ``source`` (a reward model, or a causal LM whose backbone gets a new head initialised with
-    seed cfg.seed), or, with ``source=None``, built like the policy (cfg.model / cfg.model_config)."""
+    seed cfg.seed), or, with ``source=None``, built like the policy (cfg.model / cfg.model_config).
+    trained=True: ``source`` must be a reward model (a saved sequence-classification model with
+    one label), never a backbone with a new random head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if trained:
+        try:
+            conf = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"reward_model: cannot load {source!r}: {e}") from e
+        arch = list(getattr(conf, "architectures", None) or [])
+        if not any(a.endswith("ForSequenceClassification") for a in arch) or getattr(conf, "num_labels", None) != 1:
+            raise ConfigError(f"reward_model {source!r} is not a reward model (architectures {arch}, num_labels "
+                              f"{getattr(conf, 'num_labels', None)}): its head would be random. Train one with "
+                              "method 'rm', or give a sequence-classification model with one label")
     torch.manual_seed(cfg.seed)
     try:
         if source is None and cfg.model_config is not None:

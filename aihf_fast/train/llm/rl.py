@@ -12,9 +12,10 @@ token-level clipped importance ratio (PPO's surrogate):
     R_i   = r(x, y_i) - kl_coef * KL_i,    KL_i = sum_t [log pi_old(y_it) - log pi_ref(y_it)]
     A_i   = R_i - 1/(k-1) sum_{j != i} R_j                       (leave-one-out baseline)
     rho_t = exp(log pi(y_it) - log pi_old(y_it))
-    L_rl  = sum_{i,t} max(-rho_t A_i, -clip(rho_t, 1 - eps, 1 + eps) A_i) / (number of tokens)
+    L_rl  = sum_{i,t} max(-rho_t A_i, -clip(rho_t, 1 - eps, 1 + eps) A_i) / (completion tokens)
 
-pi_old is the policy that sampled the batch (rho = 1 on the first update of a batch).
+per micro-batch (the trainer averages micro-batches, as for every method). pi_old is the policy
+that sampled the batch (rho = 1 on the first update of a batch).
 """
 from __future__ import annotations
 

@@ -123,14 +123,16 @@ def score(module, seqs: list, *, batch_size: int, packed: bool, pad_id: int, dev
 
 
 @torch.no_grad()
-def score_tokens(module, seqs: list, *, batch_size: int, packed: bool, pad_id: int, device) -> list:
+def score_tokens(module, seqs: list, *, batch_size: int, packed: bool, pad_id: int, device,
+                 temperature: float = 1.0) -> list:
     """Per-token completion log-probs of seqs (list of (prompt, completion) ids) under ``module``
-    (a ``PolicyWithLoss``): a list of fp32 CPU tensors, one (len(completion),) per sequence."""
+    (a ``PolicyWithLoss``) at ``temperature``: a list of fp32 CPU tensors, one (len(completion),)
+    per sequence."""
     chunks = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
 
     def run(c):
         inputs = build_inputs(chunks[c], pad_id, packed, device)
-        tok = module(inputs, per_token=True)
+        tok = module(inputs, per_token=True, temperature=temperature)
         vals = tok[inputs["labels"] != -100].float().cpu()
         return list(torch.split(vals, [len(comp) for _, comp in chunks[c]]))
 

@@ -140,7 +140,8 @@ def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_
     cfg.model = sft_model
     if cfg.method == "rm":
         cfg.eval_prompts = cfg.eval_reward = None
-        cfg.demonstrations = None
+        if not cfg.sample_policy:  # demonstrations enter rm only as (demo > sample of sample_policy) pairs
+            cfg.demonstrations = None
         cfg.eval_preferences = cfg.eval_preferences or _held_out_pairs(root, rank)
         s = train(cfg)
         if rank == 0 and s["evals"]:

@@ -121,9 +121,11 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(self.ckpt_dir)
-                for f in ("ref_logps.pt", "summary.json"):
-                    if os.path.isfile(os.path.join(cfg.output_dir, f)):
+                for f in os.listdir(cfg.output_dir):  # outputs of the run being replaced
+                    if f in ("ref_logps.pt", "summary.json") or f.startswith("eval_samples_step"):
                         os.remove(os.path.join(cfg.output_dir, f))
+                    elif f in ("model", "reward_model"):
+                        shutil.rmtree(os.path.join(cfg.output_dir, f))
             if self.world > 1:
                 dist.barrier()
         elif has_ckpt and not cfg.resume:
@@ -462,7 +464,8 @@ class Trainer:
         """The options that decide data order, windows and targets: a resume must keep them."""
         c = self.cfg
         keys = ("method", "seed", "pairs_per_batch", "demos_per_batch", "refresh_every", "reference", "sft_steps",
-                "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight")
+                "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight",
+                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size")
         sig = {k: getattr(c, k) for k in keys}
         sig.update(micro_batches_per_step=self.micro_per_step, num_pairs=len(self.prefs), num_demos=len(self.demos))
         return sig
@@ -562,7 +565,7 @@ class Trainer:
             tok_total += m["tokens"]
             last = dict(step=step + 1, method=self.method_at(step), lr=lr,
                         tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "rm/loss" in m:  # reward phases: always
                 self._log(last)
             if bar is not None:
                 bar.update(1)

@@ -20,8 +20,11 @@
 A rollout batch of step g: micro-batch j holds ``prompts_per_batch`` prompts (stream PROMPTS,
 position g * M + j as for every stream) x ``rloo_k`` samples, generated with seed (seed, g) in
 fixed chunks, so the rollouts, rewards and advantages do not depend on the number of processes.
-Rewards, policy and reference log-probs of the whole batch are computed sharded and gathered;
-each process then trains on its own micro-batches.
+The reward model's scores and the policy and reference log-probs of the whole batch are computed
+sharded and gathered; a reward function runs on rank 0 and its values are broadcast; each process
+then trains on its own micro-batches. Log-probs are of softmax(logits / sample_temperature), the
+distribution sampled from; dropout is off in every model of these methods (ratio 1 on the first
+update of a batch).
 """
 from __future__ import annotations
 
@@ -30,12 +33,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ...data.records import DataError, load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from . import sampling
 from .batches import DEMOS, PAIRS, PROMPTS, REPLAY, build_inputs, micro_batch_indices
-from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model
+from .config import ConfigError
+from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model, disable_dropout
 from .rl import AdaptiveKLController, rloo_advantages, rloo_loss
 from .trainer import Trainer, load_reward_fn
 
@@ -70,6 +75,9 @@ class RewardRLTrainer(Trainer):
                 raise DataError(f"no RL prompts in {cfg.prompts or cfg.demonstrations or cfg.preferences!r}")
         if cfg.eval_prompts:
             self.eval_prompts = [(r.prompt, encode_prompt(self.tok, r.prompt, r.where)) for r in load_prompts(cfg.eval_prompts)]
+        if cfg.eval_demonstrations and m != "rm":  # eval/demo_nll of the policy
+            self.eval_demos = tokenize_records(self.tok, load_demonstrations(cfg.eval_demonstrations), cfg.max_length,
+                                               "demonstrations", cfg.append_eos).items
         self.eval_prefs = []  # the base class's implicit-reward evaluation does not apply
         self.eval_rm_prefs = tokenize_records(self.tok, load_preferences(cfg.eval_preferences), cfg.max_length,
                                               "preferences", cfg.append_eos).items if cfg.eval_preferences else []
@@ -86,34 +94,63 @@ class RewardRLTrainer(Trainer):
         pad = self.tok.pad_token_id
         self.rm = self.rm_engine = self.ref = self.eval_ref = self.sampler = self.reward_fn = None
         if m == "rm":
-            self.engine, self.sched = self._engine(RewardModel(build_reward_model(cfg, cfg.reward_model, pad)),
-                                                   cfg.lr, cfg.steps)
-            self.policy = self.rm = self.engine.module  # the trained module
-            self.packed = cfg.packing and self._packing_works(self.rm)
-            if cfg.sample_policy:
+            if cfg.sample_policy:  # first: a bad path fails before the reward model is built
                 import dataclasses
 
                 scfg = dataclasses.replace(cfg, model=cfg.sample_policy, model_config=None)
-                self.sampler = self._frozen(PolicyWithLoss(build_model(scfg, self.zero3), self.zero3))
+                try:
+                    sampler = build_model(scfg, self.zero3)
+                except ConfigError as e:
+                    raise ConfigError(str(e).replace("model:", "sample_policy:", 1)) from e
+                self.sampler = self._frozen(PolicyWithLoss(sampler, self.zero3))
+            self.engine, self.sched = self._engine(RewardModel(self._reward_model(cfg.reward_model)), cfg.lr, cfg.steps)
+            self.policy = self.rm = self.engine.module  # the trained module
+            self.packed = self.rm_packed = cfg.packing and self._packing_works(self.rm)
         else:
-            policy = PolicyWithLoss(build_model(cfg, self.zero3), self.zero3)
-            self.engine, self.sched = self._engine(policy, cfg.lr, cfg.steps * cfg.rl_epochs)
+            model = build_model(cfg, self.zero3)
+            disable_dropout(model)
+            self.engine, self.sched = self._engine(PolicyWithLoss(model, self.zero3), cfg.lr, cfg.steps * cfg.rl_epochs)
             self.policy = self.engine.module
             self.packed = cfg.packing and self._packing_works()
             self.ref = self._build_reference()
-            self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
+            if cfg.eval_kl:
+                self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
             if cfg.reward_fn:
                 self.reward_fn = load_reward_fn(cfg.reward_fn, "reward_fn")
             elif m == "rlhf":
-                self.rm = self._frozen(RewardModel(build_reward_model(cfg, cfg.reward_model, pad)))
+                self.rm = self._frozen(RewardModel(self._reward_model(cfg.reward_model, trained=True)))
             else:
-                rm = RewardModel(build_reward_model(cfg, cfg.reward_model, pad))
+                rm = RewardModel(self._reward_model(cfg.reward_model))
                 self.rm_engine, _ = self._engine(rm, cfg.rm_lr or cfg.lr, None)
                 self.rm = self.rm_engine.module
+            # the reward model's own check: its attention may ignore packed boundaries when the policy's does not
+            self.rm_packed = cfg.packing and self.rm is not None and self._packing_works(self.rm)
         self.kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         # replay: [(demo index, own sample ids, outer iteration)] of earlier iterations, oldest first
         self.state = dict(step=0, samples={}, kl=self.kl.state_dict(), replay=[])
         self._rm_metrics = {}
+
+    def _reward_model(self, source, trained: bool = False):
+        model = build_reward_model(self.cfg, source, self.tok.pad_token_id, trained)
+        disable_dropout(model)
+        return model
+
+    def _score_rm(self, seqs) -> torch.Tensor:
+        """Rewards (S,) fp32 of (prompt, completion) ids under the reward model; finite or an error."""
+        r = sampling.score(self.rm, seqs, batch_size=self.cfg.gen_batch_size, packed=self.rm_packed,
+                           pad_id=self.tok.pad_token_id, device=self.device)
+        if not torch.isfinite(r).all():
+            raise FloatingPointError(f"the reward model gave {int((~torch.isfinite(r)).sum())} non-finite rewards "
+                                     f"of {r.numel()} (diverged? lower rm_lr / lr, or check reward_model)")
+        return r
+
+    def _on_rank0(self, fn):
+        """fn() computed on rank 0 only and sent to every rank (a reward function may be random or
+        costly, e.g. a judge: every rank must see the same rewards)."""
+        box = [fn() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ------------------------------------------------------------------ reward model
     def _rm_micro(self, engine, step: int, j: int):
@@ -124,7 +161,7 @@ class RewardRLTrainer(Trainer):
         pairs = [(self.demos[i].prompt, self.demos[i].completions[0], self.state["samples"][int(i)]) for i in D]
         pairs += [(self.demos[i].prompt, self.demos[i].completions[0], y) for i, y, _ in self.replayed(step, j)]
         seqs = self._pair_seqs(P) + [(x, d) for x, d, _ in pairs] + [(x, y) for x, _, y in pairs]
-        inputs = build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device)
+        inputs = build_inputs(seqs, self.tok.pad_token_id, self.rm_packed, self.device)
         out = engine(inputs, dict(num_pairs=len(P), num_demos=len(pairs), w_P=cfg.w_P if len(P) else 0.0,
                                   w_D=cfg.w_D if pairs else 0.0))
         return out["loss"], out["metrics"], inputs["num_tokens"]
@@ -193,17 +230,13 @@ class RewardRLTrainer(Trainer):
                                   max_length=cfg.max_length, synced=self.zero3 and self.world > 1, device=self.device)
         t1 = time.time()
         seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
-        texts = None
+        texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         if self.reward_fn is not None:
-            texts = self.tok.batch_decode(comps, skip_special_tokens=True)
-            reward = torch.as_tensor(np.asarray(self.reward_fn([p for p, _ in prompts], texts), dtype=np.float64))
-            if reward.shape != (len(seqs),) or not torch.isfinite(reward).all():
-                raise ValueError(f"reward_fn {cfg.reward_fn!r} returned {tuple(reward.shape)} values (finite: "
-                                 f"{bool(torch.isfinite(reward).all())}) for {len(seqs)} completions; it must "
-                                 "return one finite number per completion")
+            reward = self._on_rank0(lambda: _call_reward(self.reward_fn, cfg.reward_fn, [p for p, _ in prompts], texts))
         else:
-            reward = self._score(self.rm, seqs).double()
-        kw = dict(batch_size=cfg.gen_batch_size, packed=self.packed, pad_id=self.tok.pad_token_id, device=self.device)
+            reward = self._score_rm(seqs).double()
+        kw = dict(batch_size=cfg.gen_batch_size, packed=self.packed, pad_id=self.tok.pad_token_id, device=self.device,
+                  temperature=cfg.sample_temperature)
         old = sampling.score_tokens(self.policy, seqs, **kw)
         ref = sampling.score_tokens(self.ref, seqs, **kw)
         kl = torch.stack([(o - r).double().sum() for o, r in zip(old, ref)])
@@ -218,8 +251,7 @@ class RewardRLTrainer(Trainer):
                "generation_tokens_per_s": n_gen / max(t1 - t0, 1e-9),
                "scoring_tokens_per_s": sum(len(p) + len(c) for p, c in seqs) * (2 + (self.rm is not None)) / max(t2 - t1, 1e-9)}
         if self.rm is not None and self.eval_reward is not None:  # is the learned reward right on these samples?
-            texts = self.tok.batch_decode(comps, skip_special_tokens=True)
-            true = torch.as_tensor(np.asarray(self.eval_reward([p for p, _ in prompts], texts), dtype=np.float64))
+            true = self._on_rank0(lambda: _call_reward(self.eval_reward, cfg.eval_reward, [p for p, _ in prompts], texts))
             met.update(_reward_agreement(reward, true, k))
         self._gen_time += t1 - t0
         return dict(seqs=seqs, old=old, adv=adv, metrics=met)
@@ -230,7 +262,7 @@ class RewardRLTrainer(Trainer):
         sl = slice(j * n, (j + 1) * n)
         seqs = roll["seqs"][sl]
         inputs = build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device)
-        tok = self.engine(inputs, None, True)
+        tok = self.engine(inputs, None, True, self.cfg.sample_temperature)
         mask = inputs["labels"] != -100
         old = torch.zeros_like(tok)
         old[mask] = torch.cat(roll["old"][sl]).to(self.device)
@@ -251,7 +283,7 @@ class RewardRLTrainer(Trainer):
             for key, v in self.optimizer_step(self.engine, lambda j: self._rl_micro(roll, j)).items():
                 sums[key] = sums.get(key, 0.0) + v
         dt = time.time() - t0
-        out = {key: (v if key == "tokens" else v / cfg.rl_epochs) for key, v in sums.items()}
+        out = {key: (int(v) if key == "tokens" else v / cfg.rl_epochs) for key, v in sums.items()}
         out.update(roll["metrics"], **{"time/update_s": dt, "update_tokens_per_s": out["tokens"] / max(dt, 1e-9)})
         out.update(self._rm_metrics)
         self._rm_metrics = {}
@@ -261,10 +293,10 @@ class RewardRLTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, step: int) -> dict | None:
         res = (super().evaluate(step) if self.cfg.method != "rm" else None) or {"step": step}
-        if self.eval_rm_prefs:  # the reward model on held-out pairs: accuracy and BT likelihood
+        if self.eval_rm_prefs and self.rm is not None:  # the reward model on held-out pairs: accuracy, BT likelihood
             t0 = time.time()
             seqs = self._pair_seqs_of(self.eval_rm_prefs, range(len(self.eval_rm_prefs)))
-            r = self._score(self.rm, seqs).double().view(2, -1)
+            r = self._score_rm(seqs).double().view(2, -1)
             h = r[0] - r[1]
             res["eval/rm_accuracy"] = float(((h > 0).double() + 0.5 * (h == 0).double()).mean())
             res["eval/rm_nll"] = float(-torch.nn.functional.logsigmoid(h).mean())
@@ -275,7 +307,8 @@ class RewardRLTrainer(Trainer):
         sig = super()._run_signature()
         c = self.cfg
         for key in ("prompts", "reward_model", "reward_fn", "sample_policy", "rloo_k", "prompts_per_batch", "rm_steps",
-                    "rl_steps", "rl_epochs", "kl_target", "clip_range", "replay_size", "replay_per_batch"):
+                    "rl_steps", "rl_epochs", "kl_coef", "kl_target", "kl_horizon", "clip_range", "replay_size",
+                    "replay_per_batch", "rm_lr"):
             sig[key] = getattr(c, key)
         sig["num_prompts"] = len(self.rl_prompts)
         return sig
@@ -301,6 +334,15 @@ class RewardRLTrainer(Trainer):
         if engine is None and self.rm_engine is not None:
             super().save_model(self.rm_engine, "reward_model")
         return out
+
+
+def _call_reward(fn, name: str, prompts: list, completions: list) -> torch.Tensor:
+    """fn(prompts, completions) as float64 (n,), checked: one finite number per completion."""
+    r = torch.as_tensor(np.asarray(fn(prompts, completions), dtype=np.float64))
+    if r.shape != (len(completions),) or not torch.isfinite(r).all():
+        raise ValueError(f"{name!r} returned {tuple(r.shape)} values (finite: {bool(torch.isfinite(r).all())}) for "
+                         f"{len(completions)} completions; it must return one finite number per completion")
+    return r
 
 
 def _reward_agreement(learned: torch.Tensor, true: torch.Tensor, k: int) -> dict:
