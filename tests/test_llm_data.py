@@ -144,6 +144,10 @@ def _run(task, tmp_path, capsys, **kw):
     (dict(eval_reference="/some/model"), "eval_reference is used by eval_kl and eval_preferences"),
     (dict(eval_reward="aihf_fast.data.synthetic:true_reward"), "eval_reward and eval_prompts go together"),
     (dict(steps="abc"), "argument --steps: invalid int value"),
+    (dict(method="dpo", lr_P=1e-4), "lr_P (a step size of its own for the preference terms) is an option"),
+    (dict(lr_P=0), "lr_P must be > 0"),
+    (dict(lr_P=1e-4, preferences=None), "lr_P is the preference terms' step size: it needs preferences"),
+    (dict(lr_P=1e-4, w_D=0), "there are no demonstration terms"),
 ])
 def test_bad_config_fails_early_with_a_clear_message(task, tmp_path, capsys, kw, msg):
     try:

@@ -129,3 +129,21 @@ def test_aihf_rm_kill_and_resume_matches_uninterrupted(task, tmp_path):
     _assert_same_run(full, cut, tol=1e-7)
     _assert_same_reward_model(full, cut, 1e-7)
     assert sorted(losses(cut)) == list(range(1, 7))
+
+
+def test_two_rate_aihf_zero3_and_resume(task, tmp_path):
+    """aihf with lr_P (two AdamW updates per step, moments per term, TermAdamW under DeepSpeed):
+    2 processes with ZeRO-3 equal to 1 process, and SIGKILL + --resume (the per-term moments
+    restored from DeepSpeed's checkpoint) equal to the uninterrupted run."""
+    kw = dict(lr_P=5e-4, steps=4, save_every=2)
+    one = str(tmp_path / "one")
+    _check(run_trainer(_args(task, one, zero_stage=0, grad_accum=2, **kw)))
+    two = str(tmp_path / "two")
+    _check(run_trainer(_args(task, two, zero_stage=3, grad_accum=1, **kw), nproc=2))
+    _assert_same_run(one, two)
+    assert all("loss/pref_terms" in r for r in read_log(one) if "loss" in r)
+    cut = str(tmp_path / "cut")
+    r = run_trainer(_args(task, cut, zero_stage=0, grad_accum=2, **kw), env_extra={"AIHF_FAST_KILL_AFTER_STEP": "3"})
+    assert r.returncode != 0
+    _check(run_trainer(_args(task, cut, zero_stage=0, grad_accum=2, resume="true", **kw)))
+    _assert_same_run(one, cut, tol=1e-7)

@@ -79,6 +79,7 @@ class LLMTrainConfig:
     demos_per_batch: int = 4
     grad_accum: int = 1
     lr: float = 1e-5
+    lr_P: float | None = field(default=None, metadata={"help": "aihf: learning rate of the preference terms; given, each step takes two AdamW updates with their own moments: the demonstration terms (demo > own sample, NLL) at lr, then the preference pairs at lr_P"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine (after warmup)"})
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -187,6 +188,17 @@ def validate(cfg: LLMTrainConfig) -> None:
     if cfg.method == "aihf" and cfg.w_D == 0 and not (cfg.preferences and cfg.w_P > 0):
         raise ConfigError("aihf with w_D = 0 (DPO on the pairs + nll_weight * demonstration NLL, no own samples) "
                           "needs preferences and w_P > 0")
+    if cfg.lr_P is not None:
+        if cfg.method != "aihf":
+            raise ConfigError(f"lr_P (a step size of its own for the preference terms) is an option of method "
+                              f"'aihf', not {cfg.method!r}")
+        if not cfg.lr_P > 0:
+            raise ConfigError(f"lr_P must be > 0, got {cfg.lr_P}")
+        if not (cfg.preferences and cfg.w_P > 0):
+            raise ConfigError("lr_P is the preference terms' step size: it needs preferences and w_P > 0")
+        if cfg.w_D == 0 and cfg.nll_weight == 0:
+            raise ConfigError("lr_P splits the update into demonstration and preference terms: with w_D = 0 and "
+                              "nll_weight = 0 there are no demonstration terms (use lr alone)")
     if cfg.method == "sft_then_dpo" and not 0 < cfg.sft_steps < cfg.steps:
         raise ConfigError(f"sft_then_dpo needs 0 < sft_steps < steps, got sft_steps={cfg.sft_steps}, steps={cfg.steps}")
     if cfg.uses_samples and cfg.refresh_every < 1:

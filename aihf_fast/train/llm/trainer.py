@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ...data.records import load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
+from ..optim import TermAdamW
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices
 from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
@@ -139,22 +140,31 @@ class Trainer:
         self._gen_time = self._eval_time = 0.0
         self._build()
 
-    def _engine(self, module, lr: float, total_steps: int | None):
+    def _engine(self, module, lr: float, total_steps: int | None, term_lr_scale: dict | None = None):
         """A trainable DeepSpeed engine of ``module`` with AdamW at ``lr`` and the configured
-        schedule over ``total_steps`` optimiser steps (None: constant) -> (engine, scheduler)."""
+        schedule over ``total_steps`` training steps (None: constant) -> (engine, scheduler).
+        term_lr_scale: ``TermAdamW`` with those terms, one optimiser update per term and step
+        (the schedule advances once per training step)."""
         import deepspeed
 
         cfg = self.cfg
         params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps) if total_steps else lambda _: 1.0)
-        engine, _, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
+        kw = dict(lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        opt = TermAdamW(params, term_lr_scale, **kw) if term_lr_scale else torch.optim.AdamW(params, **kw)
+        per_step = len(term_lr_scale) if term_lr_scale else 1
+        base = _lr_lambda(cfg, total_steps) if total_steps else (lambda _: 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k: base(k // per_step)) if per_step > 1 else base)
+        ds = dict(self.ds_config, zero_allow_untested_optimizer=True) if term_lr_scale else self.ds_config
+        engine, _, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds)
         return engine, sched
 
     def _build(self):
         """The policy engine, the frozen reference(s) and the method's state."""
         cfg = self.cfg
-        self.engine, self.sched = self._engine(PolicyWithLoss(build_model(cfg, self.zero3), self.zero3), cfg.lr, cfg.steps)
+        self.term_lr_scale = {"D": 1.0, "P": cfg.lr_P / cfg.lr} if cfg.lr_P is not None else None
+        self.engine, self.sched = self._engine(PolicyWithLoss(build_model(cfg, self.zero3), self.zero3), cfg.lr, cfg.steps,
+                                               self.term_lr_scale)
+        self.term_opt = self.engine.client_optimizer if self.term_lr_scale else None  # the TermAdamW DeepSpeed steps
         self.policy = self.engine.module
         self.packed = cfg.packing and self._packing_works()
         need_eval_ref = cfg.eval_kl or bool(self.eval_prefs)
@@ -351,11 +361,18 @@ class Trainer:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ one step
-    def micro_batch(self, step: int, j: int):
-        """-> (inputs, loss kwargs) of micro-batch j of `step`."""
+    def micro_batch(self, step: int, j: int, term: str | None = None):
+        """-> (inputs, loss kwargs) of micro-batch j of `step`; term "D" / "P" (aihf with lr_P):
+        only its demonstration / preference blocks, with the comparison weights scaled so that
+        the two terms' losses add up to the joint loss."""
         cfg, st = self.cfg, self.state
         method = self.method_at(step)
         pidx, didx = self.micro_indices(step, j)
+        n_all = len(pidx) + len(didx)
+        if term == "D":
+            pidx = pidx[:0]
+        elif term == "P":
+            didx = didx[:0]
         seqs = self._pair_seqs(pidx)
         refs = [st["ref_pairs"][pidx, 0], st["ref_pairs"][pidx, 1]]
         if len(didx):
@@ -367,18 +384,34 @@ class Trainer:
         mc = method_config(method, len(pidx), len(didx),
                            w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight, device=self.device)
         mc.pop("num_sequences")
+        if term is not None and mc["comparisons"] is not None:  # mean over P + D comparisons, as the joint loss
+            win, lose, w = mc["comparisons"]
+            mc["comparisons"] = (win, lose, w * (len(pidx) + len(didx)) / n_all)
         if method != "sft":
             mc["ref_seq_logps"] = torch.cat(refs).to(self.device)
         mc.update(beta=cfg.beta, label_smoothing=cfg.label_smoothing if mc["loss_type"] == "sigmoid" else 0.0)
         return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), mc
 
     def train_step(self, step: int) -> dict:
-        def micro(j):
-            inputs, kw = self.micro_batch(step, j)
+        def micro(j, term=None):
+            inputs, kw = self.micro_batch(step, j, term)
             out = self.engine(inputs, kw)
             return out["loss"], out["metrics"], inputs["num_tokens"]
 
-        return self.optimizer_step(self.engine, micro)
+        if self.term_opt is None:
+            return self.optimizer_step(self.engine, micro)
+        outs = {}
+        for term in ("D", "P"):  # demonstration terms at lr, then the preference pairs at lr_P
+            self.term_opt.term = term
+            outs[term] = self.optimizer_step(self.engine, lambda j, t=term: micro(j, t))
+        d, p = outs["D"], outs["P"]
+        out = {**{(f"demo_terms/{k}" if k in p else k): v for k, v in d.items()}, **p}
+        out.update(loss=d["loss"] + p["loss"], tokens=d["tokens"] + p["tokens"], **{
+            "loss/demo_terms": d["loss"], "loss/pref_terms": p["loss"],
+            "lr_P": self.sched.get_last_lr()[0] * self.term_lr_scale["P"]})
+        for k in ("demo_terms/loss", "demo_terms/tokens"):
+            out.pop(k, None)
+        return out
 
     def optimizer_step(self, engine, micro) -> dict:
         """One optimiser step of ``engine`` over this process's ``grad_accum`` micro-batches;
@@ -465,7 +498,7 @@ class Trainer:
         c = self.cfg
         keys = ("method", "seed", "pairs_per_batch", "demos_per_batch", "refresh_every", "reference", "sft_steps",
                 "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight",
-                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size")
+                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size", "lr_P")
         sig = {k: getattr(c, k) for k in keys}
         sig.update(micro_batches_per_step=self.micro_per_step, num_pairs=len(self.prefs), num_demos=len(self.demos))
         return sig
