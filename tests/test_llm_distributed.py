@@ -131,11 +131,11 @@ def test_aihf_rm_kill_and_resume_matches_uninterrupted(task, tmp_path):
     assert sorted(losses(cut)) == list(range(1, 7))
 
 
-def test_two_rate_aihf_zero3_and_resume(task, tmp_path):
-    """aihf with lr_P (two AdamW updates per step, moments per term, TermAdamW under DeepSpeed):
-    2 processes with ZeRO-3 equal to 1 process, and SIGKILL + --resume (the per-term moments
-    restored from DeepSpeed's checkpoint) equal to the uninterrupted run."""
-    kw = dict(lr_P=5e-4, steps=4, save_every=2)
+def test_two_rate_aihf_with_replay_zero3_and_resume(task, tmp_path):
+    """aihf with lr_P (two AdamW updates per step, moments per term, TermAdamW under DeepSpeed) and
+    a replay buffer: 2 processes with ZeRO-3 equal to 1 process, and SIGKILL + --resume (the
+    per-term moments and the buffer restored) equal to the uninterrupted run."""
+    kw = dict(lr_P=5e-4, steps=4, save_every=2, refresh_every=2, replay_size=3)
     one = str(tmp_path / "one")
     _check(run_trainer(_args(task, one, zero_stage=0, grad_accum=2, **kw)))
     two = str(tmp_path / "two")

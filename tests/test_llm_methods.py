@@ -148,3 +148,33 @@ def test_moving_reference_follows_the_policy(task, tmp_path):
     for k, i in enumerate(pidx):
         p = tr.prefs[i]
         assert float(tr.state["ref_pairs"][i, 0]) == pytest.approx(_logp(pol, p.prompt, p.completions[0])[0], abs=1e-4)
+
+
+def test_aihf_replay_loss_equals_formula(task, tmp_path):
+    """aihf with replay: at the second refresh the first window's (demo, own sample) pairs join the
+    buffer; micro-batch 0 of step 1 adds replay_per_batch of them to its demonstration
+    comparisons (their reference log-probs those of when they were made), without NLL on them:
+    L = [w_P sum_pairs l(beta h) + w_D sum_(fresh + replayed) l(beta g)] / (P + D + R) + alpha NLL(fresh demos)."""
+    beta, alpha, wP, wD = 0.5, 0.3, 0.7, 1.4
+    tr = _trainer(task, tmp_path, method="aihf", nll_weight=alpha, w_P=wP, w_D=wD, refresh_every=1, replay_size=3,
+                  replay_per_batch=2)
+    tr.refresh(0)
+    first = dict(tr.state["samples"])
+    assert tr.state["replay"] == [] and tr.replayed(0, 0) == []
+    tr.refresh(1)
+    assert [(i, y) for i, y, _, _ in tr.state["replay"]] == sorted(first.items())[-3:]
+    assert all(s == 0 for *_, s in tr.state["replay"])
+    replay = tr.replayed(1, 0)
+    assert len(replay) == 2 and replay == tr.replayed(1, 0)
+    pol, ref = tr.policy.model, _initial_model(task)
+    _perturb(pol, 1)
+    pol.eval()
+    pairs, demos, samples = _blocks(tr, step=1)
+    h = [_rho(pol, ref, p, c) - _rho(pol, ref, p, r) for p, c, r in pairs]
+    g = [_rho(pol, ref, p, d) - _rho(pol, ref, p, s) for (p, d), (_, s) in zip(demos, samples)]
+    g += [_rho(pol, ref, tr.demos[i].prompt, tr.demos[i].completions[0]) - _rho(pol, ref, tr.demos[i].prompt, y)
+          for i, y, _, _ in replay]
+    want = (wP * sum(_sig(beta * x) for x in h) + wD * sum(_sig(beta * x) for x in g)) / (len(h) + len(g))
+    want += alpha * _nll(pol, demos)
+    assert len(g) == 4
+    assert _loss(tr, step=1) == pytest.approx(want, rel=2e-5, abs=2e-6)

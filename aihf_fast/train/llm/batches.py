@@ -42,6 +42,20 @@ def micro_batch_indices(step: int, j: int, micro_per_step: int, n: int, per_batc
     return stream_indices(n, seed, stream, m * per_batch, per_batch)
 
 
+def replay_push(buffer: list, entries: list, size: int) -> list:
+    """A replay buffer (a list, oldest first) after appending ``entries``: the newest ``size`` kept."""
+    return (list(buffer) + list(entries))[-size:] if size > 0 else []
+
+
+def replay_draw(buffer: list, n: int, seed: int, step: int, j: int) -> list:
+    """``n`` entries of ``buffer`` drawn uniformly with replacement for micro-batch j of ``step``:
+    a function of (seed, step, j), so resumed runs and any number of processes draw the same."""
+    if not buffer or n <= 0:
+        return []
+    pick = np.random.default_rng([seed, REPLAY, step, j]).integers(0, len(buffer), n)
+    return [buffer[k] for k in pick]
+
+
 def build_inputs(seqs: list, pad_id: int, packed: bool, device) -> dict:
     """seqs: list of (prompt_ids, completion_ids). Returns model inputs and the loss layout:
 

@@ -65,8 +65,8 @@ class LLMTrainConfig:
     rm_steps: int = field(default=20, metadata={"help": "aihf_rm: reward-model optimiser steps per outer iteration"})
     rl_steps: int = field(default=20, metadata={"help": "aihf_rm: RL steps per outer iteration (steps = RL steps in all)"})
     rm_lr: float | None = field(default=None, metadata={"help": "aihf_rm: reward-model learning rate (default: lr)"})
-    replay_size: int = field(default=0, metadata={"help": "aihf_rm: (demonstration, own sample) pairs of earlier outer iterations kept for the reward steps (newest first out last; 0: none)"})
-    replay_per_batch: int | None = field(default=None, metadata={"help": "aihf_rm: replayed pairs per reward micro-batch (default: demos_per_batch)"})
+    replay_size: int = field(default=0, metadata={"help": "aihf / aihf_rm: (demonstration, own sample) pairs of earlier refreshes / outer iterations kept (the newest replay_size; 0: none)"})
+    replay_per_batch: int | None = field(default=None, metadata={"help": "aihf / aihf_rm: replayed pairs added to each micro-batch's demonstration comparisons (default: demos_per_batch)"})
     # own samples (spin, aihf)
     refresh_every: int = field(default=50, metadata={"help": "steps between regenerating the policy's own samples"})
     max_new_tokens: int = 64
@@ -228,8 +228,19 @@ def validate(cfg: LLMTrainConfig) -> None:
 def _validate_reward(cfg: LLMTrainConfig) -> None:
     """The explicit-reward methods' options (and that other methods are not given them)."""
     m = cfg.method
-    if m != "aihf_rm" and (cfg.replay_size or cfg.replay_per_batch is not None):
-        raise ConfigError(f"replay_size / replay_per_batch are options of method 'aihf_rm', not {m!r}")
+    if cfg.replay_size or cfg.replay_per_batch is not None:
+        if m not in ("aihf", "aihf_rm"):
+            raise ConfigError(f"replay_size / replay_per_batch are options of methods 'aihf' and 'aihf_rm', not {m!r}")
+        if cfg.replay_size < 0:
+            raise ConfigError(f"replay_size must be >= 0, got {cfg.replay_size}")
+        if cfg.replay_size and cfg.w_D == 0:
+            raise ConfigError("replay_size keeps (demonstration, own sample) pairs: it needs w_D > 0")
+        if cfg.replay_per_batch is not None and (cfg.replay_per_batch < 1 or not cfg.replay_size):
+            raise ConfigError(f"replay_per_batch must be >= 1 and goes with replay_size > 0, got replay_per_batch="
+                              f"{cfg.replay_per_batch}, replay_size={cfg.replay_size}")
+        if m == "aihf" and cfg.reference == "moving":
+            raise ConfigError("replay with aihf needs reference 'fixed': an old sample's reference log-prob is "
+                              "that of the reference it was scored by")
     if m not in REWARD_METHODS:
         for name in ("reward_model", "reward_fn", "sample_policy", "prompts"):
             if getattr(cfg, name) is not None:
@@ -303,13 +314,6 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
         for name in ("rm_steps", "rl_steps"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.replay_size < 0:
-            raise ConfigError(f"replay_size must be >= 0, got {cfg.replay_size}")
-        if cfg.replay_size and cfg.w_D == 0:
-            raise ConfigError("replay_size keeps (demonstration, own sample) pairs: it needs w_D > 0")
-        if cfg.replay_per_batch is not None and (cfg.replay_per_batch < 1 or not cfg.replay_size):
-            raise ConfigError(f"replay_per_batch must be >= 1 and goes with replay_size > 0, got replay_per_batch="
-                              f"{cfg.replay_per_batch}, replay_size={cfg.replay_size}")
         if cfg.rm_lr is not None and not cfg.rm_lr > 0:
             raise ConfigError(f"rm_lr must be > 0, got {cfg.rm_lr}")
         if cfg.w_D > 0 and cfg.demos_per_batch < 1:

@@ -16,6 +16,14 @@ per-sequence reference log-probs:
                       / (P + D)  + nll_weight * NLL(demos)
     (rho = log pi - log pi_ref summed over completion tokens; l = -log sigmoid, IPO's square)
 
+    aihf, lr_P    two updates per step, each from its own terms' gradient with its own AdamW
+                  moments (``TermAdamW``): the demonstration terms (w_D comparisons + NLL) at lr,
+                  then the preference pairs at lr_P; the two losses add up to the joint one
+    aihf, replay  replay_size > 0: each refresh moves the outgoing window's (demo, own sample)
+                  pairs into a buffer (the newest replay_size kept, with their reference
+                  log-probs); each micro-batch adds replay_per_batch of them (drawn with a
+                  fixed seed per step and micro-batch) as more w_D comparisons, without NLL
+
 Own samples and reference log-probs are refreshed every ``refresh_every`` steps for the examples
 that the next window of steps will use. The reference is either fixed (the initial model: data
 log-probs computed once and cached; samples scored by a frozen copy) or moving (the policy at
@@ -41,7 +49,7 @@ from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
 from ..optim import TermAdamW
 from . import sampling
-from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices
+from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
 from .model import PolicyWithLoss, build_model, deepspeed_config, load_tokenizer
 
@@ -176,7 +184,9 @@ class Trainer:
                                               os.path.realpath(cfg.eval_reference) == os.path.realpath(cfg.model))
             self.eval_ref = self.ref if same else self._build_reference(cfg.eval_reference)
         nP, nD = len(self.prefs), len(self.demos)
-        self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={})
+        # replay (aihf, replay_size > 0): [(demo index, own sample ids, its reference log-prob, step made)], oldest first
+        self.state = dict(step=0, ref_pairs=torch.zeros(nP, 2), ref_demos=torch.zeros(nD), samples={}, sample_ref={},
+                          sample_step=0, replay=[])
 
     # ------------------------------------------------------------------ set-up
     def _agree(self, value):
@@ -302,6 +312,9 @@ class Trainer:
             if len(didx):
                 st["ref_demos"][didx] = self._score(self.policy, [(self.demos[i].prompt, self.demos[i].completions[0]) for i in didx])
         if cfg.uses_samples and len(didx):
+            if cfg.replay_size and st["samples"]:  # the outgoing window's pairs join the replay buffer
+                st["replay"] = replay_push(st["replay"], [(i, y, st["sample_ref"][i], st["sample_step"])
+                                                          for i, y in sorted(st["samples"].items())], cfg.replay_size)
             t0 = time.time()
             comps = sampling.generate(self.policy.model, self.tok, [self.demos[i].prompt for i in didx],
                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
@@ -312,6 +325,7 @@ class Trainer:
             refs = self._score(scorer, [(self.demos[i].prompt, c) for i, c in zip(didx, comps)])
             st["samples"] = {int(i): c for i, c in zip(didx, comps)}
             st["sample_ref"] = {int(i): float(r) for i, r in zip(didx, refs)}
+            st["sample_step"] = step
             self._gen_time += time.time() - t0
 
     def _fixed_reference_logps(self):
@@ -368,29 +382,42 @@ class Trainer:
         cfg, st = self.cfg, self.state
         method = self.method_at(step)
         pidx, didx = self.micro_indices(step, j)
-        n_all = len(pidx) + len(didx)
+        replay = self.replayed(step, j) if len(didx) else []
+        n_all = len(pidx) + len(didx) + len(replay)
         if term == "D":
             pidx = pidx[:0]
         elif term == "P":
-            didx = didx[:0]
+            didx, replay = didx[:0], []
         seqs = self._pair_seqs(pidx)
         refs = [st["ref_pairs"][pidx, 0], st["ref_pairs"][pidx, 1]]
         if len(didx):
-            seqs += [(self.demos[i].prompt, self.demos[i].completions[0]) for i in didx]
-            refs.append(st["ref_demos"][didx])
+            rd = np.asarray([i for i, *_ in replay], dtype=np.int64)  # replayed demonstrations, in the demo block
+            seqs += [(self.demos[i].prompt, self.demos[i].completions[0]) for i in np.concatenate([didx, rd])]
+            refs.append(st["ref_demos"][np.concatenate([didx, rd])])
             if method in ("spin", "aihf") and cfg.uses_samples:
-                seqs += [(self.demos[i].prompt, st["samples"][int(i)]) for i in didx]
-                refs.append(torch.tensor([st["sample_ref"][int(i)] for i in didx]))
-        mc = method_config(method, len(pidx), len(didx),
-                           w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight, device=self.device)
+                seqs += [(self.demos[i].prompt, st["samples"][int(i)]) for i in didx] + [
+                    (self.demos[i].prompt, y) for i, y, *_ in replay]
+                refs.append(torch.tensor([st["sample_ref"][int(i)] for i in didx] + [r for _, _, r, _ in replay]))
+        P, D, R = len(pidx), len(didx), len(replay)
+        mc = method_config(method, P, D + R, w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight, device=self.device)
         mc.pop("num_sequences")
-        if term is not None and mc["comparisons"] is not None:  # mean over P + D comparisons, as the joint loss
+        if R and mc["nll_weights"] is not None:  # a replayed demonstration is a comparison only, not NLL again
+            mc["nll_weights"][2 * P + D: 2 * P + D + R] = 0.0
+        if term is not None and mc["comparisons"] is not None:  # mean over all comparisons, as the joint loss
             win, lose, w = mc["comparisons"]
-            mc["comparisons"] = (win, lose, w * (len(pidx) + len(didx)) / n_all)
+            mc["comparisons"] = (win, lose, w * (P + D + R) / n_all)
         if method != "sft":
             mc["ref_seq_logps"] = torch.cat(refs).to(self.device)
         mc.update(beta=cfg.beta, label_smoothing=cfg.label_smoothing if mc["loss_type"] == "sigmoid" else 0.0)
         return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), mc
+
+    def replayed(self, step: int, j: int) -> list:
+        """Replayed (demo index, own sample, reference log-prob, step made) entries of micro-batch j
+        of ``step`` (aihf with replay_size > 0)."""
+        cfg = self.cfg
+        if cfg.method != "aihf" or not cfg.replay_size:
+            return []
+        return replay_draw(self.state["replay"], cfg.replay_per_batch or cfg.demos_per_batch, cfg.seed, step, j)
 
     def train_step(self, step: int) -> dict:
         def micro(j, term=None):
@@ -498,7 +525,8 @@ class Trainer:
         c = self.cfg
         keys = ("method", "seed", "pairs_per_batch", "demos_per_batch", "refresh_every", "reference", "sft_steps",
                 "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight",
-                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size", "lr_P")
+                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size", "lr_P", "replay_size",
+                "replay_per_batch")
         sig = {k: getattr(c, k) for k in keys}
         sig.update(micro_batches_per_step=self.micro_per_step, num_pairs=len(self.prefs), num_demos=len(self.demos))
         return sig

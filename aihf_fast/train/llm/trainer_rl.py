@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ...data.records import DataError, load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from . import sampling
-from .batches import DEMOS, PAIRS, PROMPTS, REPLAY, build_inputs, micro_batch_indices
+from .batches import DEMOS, PAIRS, PROMPTS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .config import ConfigError
 from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model, disable_dropout
 from .rl import AdaptiveKLController, rloo_advantages, rloo_loss
@@ -168,13 +168,11 @@ class RewardRLTrainer(Trainer):
 
     def replayed(self, step: int, j: int) -> list:
         """The replayed (demo index, own sample, iteration) entries of reward micro-batch j of reward
-        step ``step`` (aihf_rm): drawn uniformly with replacement from the buffer."""
-        cfg, buf = self.cfg, self.state["replay"]
-        if self.cfg.method != "aihf_rm" or not cfg.replay_size or not buf:
+        step ``step`` (aihf_rm)."""
+        cfg = self.cfg
+        if cfg.method != "aihf_rm" or not cfg.replay_size:
             return []
-        n = cfg.replay_per_batch or cfg.demos_per_batch
-        pick = np.random.default_rng([cfg.seed, REPLAY, step, j]).integers(0, len(buf), n)
-        return [buf[k] for k in pick]
+        return replay_draw(self.state["replay"], cfg.replay_per_batch or cfg.demos_per_batch, cfg.seed, step, j)
 
     def _own_samples(self, module, didx, seed: int):
         """state["samples"] = {demo index: the answer of ``module``'s model to its prompt}."""
@@ -201,8 +199,9 @@ class RewardRLTrainer(Trainer):
         cfg, M = self.cfg, self.micro_per_step
         first = it * cfg.rm_steps
         if cfg.replay_size and self.state["samples"]:  # the last iteration's pairs join the buffer
-            self.state["replay"] += [(i, y, it - 1) for i, y in sorted(self.state["samples"].items())]
-            self.state["replay"] = self.state["replay"][-cfg.replay_size:]
+            self.state["replay"] = replay_push(self.state["replay"], [(i, y, it - 1) for i, y in
+                                                                      sorted(self.state["samples"].items())],
+                                               cfg.replay_size)
         if self.demos:
             didx = np.unique(np.concatenate([
                 micro_batch_indices(first + s, j, M, len(self.demos), cfg.demos_per_batch, cfg.seed, DEMOS)
@@ -307,8 +306,7 @@ class RewardRLTrainer(Trainer):
         sig = super()._run_signature()
         c = self.cfg
         for key in ("prompts", "reward_model", "reward_fn", "sample_policy", "rloo_k", "prompts_per_batch", "rm_steps",
-                    "rl_steps", "rl_epochs", "kl_coef", "kl_target", "kl_horizon", "clip_range", "replay_size",
-                    "replay_per_batch", "rm_lr"):
+                    "rl_steps", "rl_epochs", "kl_coef", "kl_target", "kl_horizon", "clip_range", "rm_lr"):
             sig[key] = getattr(c, key)
         sig["num_prompts"] = len(self.rl_prompts)
         return sig
