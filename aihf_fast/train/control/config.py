@@ -40,6 +40,8 @@ class ControlConfig:
     w_P: float = field(default=1.0, metadata={"help": "aihf: weight of the segment preferences"})
     reward_hidden: int = field(default=64, metadata={"help": "width of the reward MLP's 2 hidden layers"})
     reward_lr: float = 3e-4
+    reward_lr_P: float | None = field(default=None, metadata={"help": "aihf: step size of the preference term; given, each reward step takes two Adam updates with their own moments: the demonstration term at reward_lr, then the pairs at reward_lr_P"})
+    reward_replay: int = field(default=0, metadata={"help": "irl/aihf: policy state-actions of earlier iterations kept (the newest N); each reward step adds reward_batch of them to the current rollout's samples"})
     reward_steps: int = field(default=5, metadata={"help": "irl/aihf: reward steps per PPO iteration"})
     reward_batch: int = field(default=256, metadata={"help": "state-actions per term per reward step"})
     pair_batch: int = field(default=64, metadata={"help": "preference pairs per reward step"})
@@ -94,6 +96,19 @@ def validate(cfg: ControlConfig) -> None:
     for name in ("ppo_lr", "reward_lr", "reward_clip"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.reward_lr_P is not None:
+        if cfg.method != "aihf":
+            raise ConfigError(f"reward_lr_P is an option of method 'aihf', not {cfg.method!r}")
+        if not cfg.reward_lr_P > 0:
+            raise ConfigError(f"reward_lr_P must be > 0, got {cfg.reward_lr_P}")
+        if cfg.w_D == 0 or cfg.w_P == 0:
+            raise ConfigError("reward_lr_P gives the preference term a step size of its own: it needs both terms "
+                              f"(w_D > 0 and w_P > 0), got w_D={cfg.w_D}, w_P={cfg.w_P}")
+    if cfg.reward_replay < 0:
+        raise ConfigError(f"reward_replay must be >= 0, got {cfg.reward_replay}")
+    if cfg.reward_replay and not (cfg.method == "irl" or (cfg.method == "aihf" and cfg.w_D > 0)):
+        raise ConfigError("reward_replay keeps policy samples for the demonstration term: methods irl and aihf "
+                          "(w_D > 0) only")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
         raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
     if cfg.rl_reward not in ("sigmoid", "raw"):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...envs import make_vec
+from ..optim import TermAdamW
 from ..options import ConfigError
 from .config import ControlConfig, validate
 from .data import SegmentPairs, Trajectories
@@ -95,12 +96,19 @@ class Trainer:
         if cfg.method == "aihf" and (self.prefs is None or len(self.prefs) == 0):
             self.w_P = 0.0  # no pairs at this budget: the demonstration term alone (= irl)
         self.reward = None
+        self._two_rates = cfg.reward_lr_P is not None and self.w_D > 0 and self.w_P > 0
         if cfg.uses_reward_model:
             self.reward = RewardModel(D, A, hidden=(cfg.reward_hidden, cfg.reward_hidden),
                                       use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip)
             ref = self.demos.obs if self.demos is not None and len(self.demos) else self.prefs.obs.reshape(-1, D)
             self.reward.fit_normalizer(ref)
-            self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
+            if self._two_rates:  # Adam per term (TermAdamW without decay is Adam)
+                self.ropt = TermAdamW(self.reward.parameters(), {"D": 1.0, "P": cfg.reward_lr_P / cfg.reward_lr},
+                                      lr=cfg.reward_lr, weight_decay=0.0)
+            else:
+                self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
+        # policy state-actions of earlier iterations (reward_replay > 0), newest last
+        self.replay = None
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.it = 0
         self.iterations = cfg.env_steps // (cfg.num_envs * cfg.rollout_steps) if cfg.method != "bc" else 0
@@ -120,6 +128,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _reward_step(self, batch=None):
+        """One reward step (``reward_step_loss``); with reward_lr_P two Adam updates, the
+        demonstration term then the preference term, each from its own gradient and moments."""
         cfg = self.cfg
         demo = samples = pairs = None
         if self.w_D > 0:
@@ -129,14 +139,39 @@ class Trainer:
             flat = lambda k: batch[k].reshape(T * N, -1)[j]  # noqa: E731
             demo = (self.demos.obs[i], self.demos.act[i]) + ((self.demos.next_obs[i],) if cfg.reward_next_obs else ())
             samples = (flat("obs"), flat("actions")) + ((flat("next_obs"),) if cfg.reward_next_obs else ())
+            if self.replay is not None:  # and as many policy samples of earlier iterations
+                k = self.rng.integers(len(self.replay[0]), size=cfg.reward_batch)
+                samples = tuple(torch.cat([torch.as_tensor(a), b[k]]) for a, b in zip(samples, self.replay))
         if self.w_P > 0:
             pairs = self.prefs.take(self.rng.integers(len(self.prefs), size=min(cfg.pair_batch, len(self.prefs))))
-        loss, m = reward_step_loss(self.reward, demo=demo, samples=samples, pairs=pairs, w_D=self.w_D, w_P=self.w_P,
-                                   l2=cfg.reward_l2)
+        if not self._two_rates:
+            loss, m = reward_step_loss(self.reward, demo=demo, samples=samples, pairs=pairs, w_D=self.w_D, w_P=self.w_P,
+                                       l2=cfg.reward_l2)
+            self._update(loss)
+            return m
+        loss_D, m = reward_step_loss(self.reward, demo=demo, samples=samples, w_D=self.w_D, w_P=0.0, l2=cfg.reward_l2)
+        self._update(loss_D, "D")
+        loss_P, m_P = reward_step_loss(self.reward, pairs=pairs, w_D=0.0, w_P=self.w_P)
+        self._update(loss_P, "P")
+        return {**m, **m_P, "loss": m["loss"] + m_P["loss"]}
+
+    def _update(self, loss, term=None):
+        if term is not None:
+            self.ropt.term = term
         self.ropt.zero_grad()
         loss.backward()
         self.ropt.step()
-        return m
+
+    def _remember_samples(self, batch):
+        """reward_replay: this iteration's policy state-actions join the buffer (the newest kept)."""
+        cfg = self.cfg
+        if not cfg.reward_replay or self.w_D == 0:
+            return
+        T, N = batch["rewards"].shape
+        keys = ("obs", "actions") + (("next_obs",) if cfg.reward_next_obs else ())
+        new = [torch.as_tensor(batch[k]).reshape(T * N, -1) for k in keys]
+        joined = new if self.replay is None else [torch.cat([a, b]) for a, b in zip(self.replay, new)]
+        self.replay = [x[-cfg.reward_replay:].clone() for x in joined]
 
     @torch.no_grad()
     def _learned_rewards(self, batch):
@@ -163,9 +198,10 @@ class Trainer:
         st = dict(it=self.it, agent=self.agent.state_dict(), sim_s=self.sim_s, learn_s=self.learn_s,
                   rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(), np_rng=np.random.get_state(),
                   reward=self.reward.state_dict() if self.reward is not None else None,
-                  ropt=self.ropt.state_dict() if self.reward is not None else None,
+                  ropt=self.ropt.state_dict() if self.reward is not None else None, replay=self.replay,
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
-                                                         "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P")})
+                                                         "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
+                                                         "reward_lr_P", "reward_replay")})
         tmp = self.ckpt + ".tmp"
         torch.save(st, tmp)
         os.replace(tmp, self.ckpt)
@@ -174,7 +210,8 @@ class Trainer:
         if not os.path.isfile(self.ckpt):
             return False
         st = torch.load(self.ckpt, weights_only=False)
-        now = {k: getattr(self.cfg, k) for k in st["run"]}
+        now = {k: getattr(self.cfg, k) for k in set(st["run"]) | {"reward_lr_P", "reward_replay"}}
+        st["run"].setdefault("reward_lr_P", None), st["run"].setdefault("reward_replay", 0)
         diff = sorted(k for k in now if now[k] != st["run"][k])
         if diff:
             raise ConfigError("--resume: options differ from the checkpointed run: " +
@@ -187,6 +224,7 @@ class Trainer:
         if self.reward is not None:
             self.reward.load_state_dict(st["reward"])
             self.ropt.load_state_dict(st["ropt"])
+            self.replay = st.get("replay")
         return True
 
     def _snapshot(self, ev):
@@ -238,6 +276,7 @@ class Trainer:
                 for _ in range(cfg.reward_steps):
                     m = self._reward_step(batch)
                 rec.update({f"reward_step/{k}": v for k, v in m.items()})
+                self._remember_samples(batch)
             if self.reward is not None:
                 rewards = self._learned_rewards(batch)
                 true = batch["rewards"].reshape(-1)
