@@ -226,7 +226,10 @@ def test_two_reward_rates_and_replay(data, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     tr._remember_samples(batch)
     tr._remember_samples(batch)
-    assert tr.replay[0].shape[0] == 200 and torch.equal(tr.replay[0][-128:], torch.as_tensor(batch["obs"]).reshape(128, -1))
+    obs = torch.as_tensor(batch["obs"]).reshape(128, -1).float()
+    assert tr.replay[0].shape[0] == 200 and tr.replay[0].dtype == torch.float32
+    newest = tr.replay[0][-128:]  # the last batch, shuffled: all of its rows
+    assert sorted(map(tuple, newest.tolist())) == sorted(map(tuple, obs.tolist()))
     # end to end: resumed = uninterrupted, with the buffer in the checkpoint
     full = train(ControlConfig(**base, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "full")))
     train(ControlConfig(**base, env_steps=2 * 4 * 32, output_dir=str(tmp_path / "part")))

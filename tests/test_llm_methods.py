@@ -162,7 +162,8 @@ def test_aihf_replay_loss_equals_formula(task, tmp_path):
     first = dict(tr.state["samples"])
     assert tr.state["replay"] == [] and tr.replayed(0, 0) == []
     tr.refresh(1)
-    assert [(i, y) for i, y, _, _ in tr.state["replay"]] == sorted(first.items())[-3:]
+    kept = [(i, y) for i, y, _, _ in tr.state["replay"]]  # 3 of the window's pairs, in a seeded shuffled order
+    assert len(kept) == min(3, len(first)) and all(first[i] == y for i, y in kept) and len(dict(kept)) == len(kept)
     assert all(s == 0 for *_, s in tr.state["replay"])
     replay = tr.replayed(1, 0)
     assert len(replay) == 2 and replay == tr.replayed(1, 0)

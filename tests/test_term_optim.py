@@ -103,3 +103,29 @@ def test_two_rate_aihf_step_is_the_two_updates(tmp_path):
     assert abs(m["lr_P"] - 2e-3) < 1e-12 and "loss/demo_terms" in m and "loss/pref_terms" in m
     for (name, a), b in zip(tr.policy.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=0, msg=name)
+
+
+def test_two_rate_split_without_demonstration_comparisons_and_copy(tmp_path):
+    """w_D = 0 with an NLL term: the pairs keep their full weight in the P update (L_D + L_P = the
+    joint loss), and a copied TermAdamW keeps its terms."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    from llm_helpers import make_task
+
+    from aihf_fast.train.llm import LLMTrainConfig, Trainer
+
+    task = make_task(str(tmp_path / "t"), num_demos=12, num_pairs=8)
+    tr = Trainer(LLMTrainConfig(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
+                                preferences=task["preferences"], method="aihf", w_D=0.0, nll_weight=0.2, lr_P=1e-4,
+                                pairs_per_batch=3, demos_per_batch=2, max_length=24, steps=2,
+                                output_dir=str(tmp_path / "o"), progress=False))
+    tr.refresh(0)
+    with torch.no_grad():
+        joint = float(tr.policy(*tr.micro_batch(0, 0))["loss"])
+        split = sum(float(tr.policy(*tr.micro_batch(0, 0, t))["loss"]) for t in ("D", "P"))
+    assert abs(joint - split) < 1e-5 * max(1.0, abs(joint))
+    w = torch.zeros(2, requires_grad=True)
+    opt = TermAdamW([w], {"D": 1.0, "P": 0.5}, lr=0.1)
+    opt.term = "P"
+    c = copy.deepcopy(opt)
+    assert c.term == "P" and c.term_lr_scale == {"D": 1.0, "P": 0.5}

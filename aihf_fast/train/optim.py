@@ -31,7 +31,10 @@ class TermAdamW(torch.optim.AdamW):
         self.term_lr_scale = {str(k): float(v) for k, v in term_lr_scale.items()}
         self.term = next(iter(self.term_lr_scale))
 
-    def __setstate__(self, state):  # load_state_dict: AdamW's own fix-ups, on each term's state
+    def __getstate__(self):  # copy / pickle keep the terms
+        return {**super().__getstate__(), "term_lr_scale": self.term_lr_scale, "term": self.term}
+
+    def __setstate__(self, state):  # load_state_dict and unpickling: AdamW's own fix-ups, on each term's state
         nested = {p: st.pop("terms") for p, st in state.get("state", {}).items() if "terms" in st}
         super().__setstate__(state)
         for p, terms in nested.items():

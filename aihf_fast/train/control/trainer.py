@@ -97,6 +97,9 @@ class Trainer:
             self.w_P = 0.0  # no pairs at this budget: the demonstration term alone (= irl)
         self.reward = None
         self._two_rates = cfg.reward_lr_P is not None and self.w_D > 0 and self.w_P > 0
+        if cfg.reward_lr_P is not None and not self._two_rates:
+            print("[aihf_fast] note: no preference pairs at this budget (num_pairs=0): one reward term, "
+                  "reward_lr_P unused", flush=True)
         if cfg.uses_reward_model:
             self.reward = RewardModel(D, A, hidden=(cfg.reward_hidden, cfg.reward_hidden),
                                       use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip)
@@ -169,7 +172,9 @@ class Trainer:
             return
         T, N = batch["rewards"].shape
         keys = ("obs", "actions") + (("next_obs",) if cfg.reward_next_obs else ())
-        new = [torch.as_tensor(batch[k]).reshape(T * N, -1) for k in keys]
+        # shuffled (seed, iteration) so that a buffer smaller than a batch keeps a uniform subset of it
+        order = torch.as_tensor(np.random.default_rng([cfg.seed, 4, self.it]).permutation(T * N))
+        new = [torch.as_tensor(batch[k]).reshape(T * N, -1)[order].float() for k in keys]
         joined = new if self.replay is None else [torch.cat([a, b]) for a, b in zip(self.replay, new)]
         self.replay = [x[-cfg.reward_replay:].clone() for x in joined]
 
@@ -201,7 +206,7 @@ class Trainer:
                   ropt=self.ropt.state_dict() if self.reward is not None else None, replay=self.replay,
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
-                                                         "reward_lr_P", "reward_replay")})
+                                                         "reward_lr", "reward_lr_P", "reward_replay")})
         tmp = self.ckpt + ".tmp"
         torch.save(st, tmp)
         os.replace(tmp, self.ckpt)
@@ -210,8 +215,7 @@ class Trainer:
         if not os.path.isfile(self.ckpt):
             return False
         st = torch.load(self.ckpt, weights_only=False)
-        now = {k: getattr(self.cfg, k) for k in set(st["run"]) | {"reward_lr_P", "reward_replay"}}
-        st["run"].setdefault("reward_lr_P", None), st["run"].setdefault("reward_replay", 0)
+        now = {k: getattr(self.cfg, k) for k in st["run"]}  # options a checkpoint predates: not compared
         diff = sorted(k for k in now if now[k] != st["run"][k])
         if diff:
             raise ConfigError("--resume: options differ from the checkpointed run: " +

@@ -42,9 +42,14 @@ def micro_batch_indices(step: int, j: int, micro_per_step: int, n: int, per_batc
     return stream_indices(n, seed, stream, m * per_batch, per_batch)
 
 
-def replay_push(buffer: list, entries: list, size: int) -> list:
-    """A replay buffer (a list, oldest first) after appending ``entries``: the newest ``size`` kept."""
-    return (list(buffer) + list(entries))[-size:] if size > 0 else []
+def replay_push(buffer: list, entries: list, size: int, order_seed: tuple) -> list:
+    """A replay buffer (a list, oldest first) after appending ``entries`` in an order shuffled by
+    ``order_seed`` (so that a batch larger than the room left keeps a uniform subset of itself):
+    the newest ``size`` kept."""
+    if size <= 0:
+        return []
+    order = np.random.default_rng([*order_seed, REPLAY]).permutation(len(entries))
+    return (list(buffer) + [entries[k] for k in order])[-size:]
 
 
 def replay_draw(buffer: list, n: int, seed: int, step: int, j: int) -> list:

@@ -238,6 +238,12 @@ def _validate_reward(cfg: LLMTrainConfig) -> None:
         if cfg.replay_per_batch is not None and (cfg.replay_per_batch < 1 or not cfg.replay_size):
             raise ConfigError(f"replay_per_batch must be >= 1 and goes with replay_size > 0, got replay_per_batch="
                               f"{cfg.replay_per_batch}, replay_size={cfg.replay_size}")
+        if cfg.replay_size and m == "aihf" and cfg.refresh_every >= cfg.steps:
+            raise ConfigError(f"replay_size replays the pairs of earlier refreshes: with refresh_every="
+                              f"{cfg.refresh_every} >= steps={cfg.steps} there are none")
+        if cfg.replay_size and m == "aihf_rm" and cfg.rl_steps >= cfg.steps:
+            raise ConfigError(f"replay_size replays the pairs of earlier outer iterations: with rl_steps="
+                              f"{cfg.rl_steps} >= steps={cfg.steps} there are none")
         if m == "aihf" and cfg.reference == "moving":
             raise ConfigError("replay with aihf needs reference 'fixed': an old sample's reference log-prob is "
                               "that of the reference it was scored by")

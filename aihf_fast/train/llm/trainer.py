@@ -314,7 +314,8 @@ class Trainer:
         if cfg.uses_samples and len(didx):
             if cfg.replay_size and st["samples"]:  # the outgoing window's pairs join the replay buffer
                 st["replay"] = replay_push(st["replay"], [(i, y, st["sample_ref"][i], st["sample_step"])
-                                                          for i, y in sorted(st["samples"].items())], cfg.replay_size)
+                                                          for i, y in sorted(st["samples"].items())], cfg.replay_size,
+                                           order_seed=(cfg.seed, step))
             t0 = time.time()
             comps = sampling.generate(self.policy.model, self.tok, [self.demos[i].prompt for i in didx],
                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
@@ -383,7 +384,8 @@ class Trainer:
         method = self.method_at(step)
         pidx, didx = self.micro_indices(step, j)
         replay = self.replayed(step, j) if len(didx) else []
-        n_all = len(pidx) + len(didx) + len(replay)
+        with_samples = method in ("spin", "aihf") and cfg.uses_samples
+        n_all = len(pidx) + (len(didx) + len(replay) if with_samples else 0)  # comparisons of the joint loss
         if term == "D":
             pidx = pidx[:0]
         elif term == "P":
@@ -405,7 +407,7 @@ class Trainer:
             mc["nll_weights"][2 * P + D: 2 * P + D + R] = 0.0
         if term is not None and mc["comparisons"] is not None:  # mean over all comparisons, as the joint loss
             win, lose, w = mc["comparisons"]
-            mc["comparisons"] = (win, lose, w * (P + D + R) / n_all)
+            mc["comparisons"] = (win, lose, w * len(w) / n_all)
         if method != "sft":
             mc["ref_seq_logps"] = torch.cat(refs).to(self.device)
         mc.update(beta=cfg.beta, label_smoothing=cfg.label_smoothing if mc["loss_type"] == "sigmoid" else 0.0)
@@ -427,6 +429,7 @@ class Trainer:
 
         if self.term_opt is None:
             return self.optimizer_step(self.engine, micro)
+        lr_P = self.sched.get_last_lr()[0] * self.term_lr_scale["P"]  # this step's, before the schedule moves
         outs = {}
         for term in ("D", "P"):  # demonstration terms at lr, then the preference pairs at lr_P
             self.term_opt.term = term
@@ -435,7 +438,7 @@ class Trainer:
         out = {**{(f"demo_terms/{k}" if k in p else k): v for k, v in d.items()}, **p}
         out.update(loss=d["loss"] + p["loss"], tokens=d["tokens"] + p["tokens"], **{
             "loss/demo_terms": d["loss"], "loss/pref_terms": p["loss"],
-            "lr_P": self.sched.get_last_lr()[0] * self.term_lr_scale["P"]})
+            "lr_P": lr_P})
         for k in ("demo_terms/loss", "demo_terms/tokens"):
             out.pop(k, None)
         return out
@@ -525,8 +528,8 @@ class Trainer:
         c = self.cfg
         keys = ("method", "seed", "pairs_per_batch", "demos_per_batch", "refresh_every", "reference", "sft_steps",
                 "demonstrations", "preferences", "max_length", "append_eos", "beta", "w_P", "w_D", "nll_weight",
-                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size", "lr_P", "replay_size",
-                "replay_per_batch")
+                "max_new_tokens", "sample_temperature", "sample_top_p", "gen_batch_size", "lr", "lr_P",
+                "replay_size", "replay_per_batch")  # lr: the checkpoint's optimiser and schedule carry it on
         sig = {k: getattr(c, k) for k in keys}
         sig.update(micro_batches_per_step=self.micro_per_step, num_pairs=len(self.prefs), num_demos=len(self.demos))
         return sig
@@ -542,11 +545,14 @@ class Trainer:
         d = os.path.join(self.ckpt_dir, open(os.path.join(self.ckpt_dir, "latest")).read().strip())
         state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
         saved, now = state.pop("run", {}), self._run_signature()
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        # options a checkpoint predates are not compared (they did not exist: it ran with their defaults)
+        diff = sorted(k for k in saved if saved.get(k) != now.get(k))
         if diff:
             raise ConfigError("--resume: these options differ from the checkpointed run, so the data order, "
                               "samples or reference would not continue it: "
                               + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in diff))
+        state.setdefault("replay", [])
+        state.setdefault("sample_step", 0)
         self.state = state
         rng_file = os.path.join(d, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng_file):

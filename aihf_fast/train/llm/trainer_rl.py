@@ -201,7 +201,7 @@ class RewardRLTrainer(Trainer):
         if cfg.replay_size and self.state["samples"]:  # the last iteration's pairs join the buffer
             self.state["replay"] = replay_push(self.state["replay"], [(i, y, it - 1) for i, y in
                                                                       sorted(self.state["samples"].items())],
-                                               cfg.replay_size)
+                                               cfg.replay_size, order_seed=(cfg.seed, it))
         if self.demos:
             didx = np.unique(np.concatenate([
                 micro_batch_indices(first + s, j, M, len(self.demos), cfg.demos_per_batch, cfg.seed, DEMOS)
