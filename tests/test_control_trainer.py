@@ -239,3 +239,25 @@ def test_two_reward_rates_and_replay(data, tmp_path):
     a = [strip(json.loads(x)) for x in open(tmp_path / "full" / "log.jsonl")]
     b = [strip(json.loads(x)) for x in open(tmp_path / "part" / "log.jsonl")]
     assert a == b and any("reward_step/loss/preference" in r for r in a)
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM after iteration 3: the run goes on to the next evaluation boundary (iteration 4,
+    where the environments restart from a seeded reset; not a save_every iteration), writes a
+    checkpoint, exits with 143 and a one-line message, and --resume equals the uninterrupted run."""
+    d = data[0]
+    flags = ["--task", TASK, "--method", "aihf", "--demonstrations", os.path.join(d, "demos.npz"), "--preferences",
+             os.path.join(d, "prefs.npz"), "--num-envs", "4", "--rollout-steps", "32", "--eval-every", "2",
+             "--save-every", "5", "--eval-episodes", "2", "--env-steps", str(6 * 4 * 32), "--progress", "false"]
+    assert main([*flags, "--output-dir", str(tmp_path / "full")]) == 0
+    monkeypatch.setenv("AIHF_FAST_SIGNAL_AFTER_STEP", "3")
+    assert main([*flags, "--output-dir", str(tmp_path / "cut")]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM after step 4" in err and "Traceback" not in err
+    assert "checkpoint at the next evaluation boundary (iteration 4)" in err
+    monkeypatch.delenv("AIHF_FAST_SIGNAL_AFTER_STEP")
+    assert main([*flags, "--output-dir", str(tmp_path / "cut"), "--resume", "true"]) == 0
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
+    a = [strip(json.loads(x)) for x in open(tmp_path / "full" / "log.jsonl")]
+    b = [strip(json.loads(x)) for x in open(tmp_path / "cut" / "log.jsonl")]
+    assert a == b

@@ -147,3 +147,60 @@ def test_two_rate_aihf_with_replay_zero3_and_resume(task, tmp_path):
     assert r.returncode != 0
     _check(run_trainer(_args(task, cut, zero_stage=0, grad_accum=2, resume="true", **kw)))
     _assert_same_run(one, cut, tol=1e-7)
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(task, tmp_path):
+    """SIGTERM (a scheduler's preemption): the step in progress finishes, a checkpoint is written
+    (step 3 is not a save_every step), the exit code is 143 with a one-line message, and
+    --resume equals the uninterrupted run. Under 2 ranks only rank 0 is signalled: both stop
+    after the same step."""
+    kw = dict(steps=6, save_every=4, refresh_every=3)
+    full = str(tmp_path / "full")
+    _check(run_trainer(_args(task, full, **kw)))
+    cut = str(tmp_path / "cut")
+    r = run_trainer(_args(task, cut, **kw), env_extra={"AIHF_FAST_SIGNAL_AFTER_STEP": "3"})
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "interrupted by SIGTERM after step 3" in r.stderr and "Traceback" not in r.stderr
+    assert open(os.path.join(cut, "checkpoints", "latest")).read().strip() == "step3"
+    _check(run_trainer(_args(task, cut, resume="true", **kw)))
+    _assert_same_run(full, cut, tol=1e-7)
+    two = str(tmp_path / "two")
+    r = run_trainer(_args(task, two, zero_stage=2, grad_accum=1, **kw), nproc=2,
+                    env_extra={"AIHF_FAST_SIGNAL_AFTER_STEP": "3"})
+    assert r.returncode != 0 and "interrupted by SIGTERM after step 3" in r.stdout + r.stderr
+    assert open(os.path.join(two, "checkpoints", "latest")).read().strip() == "step3"
+    _check(run_trainer(_args(task, two, zero_stage=2, grad_accum=1, resume="true", **kw), nproc=2))
+    one = str(tmp_path / "one")  # the same global batch on one process
+    _check(run_trainer(_args(task, one, grad_accum=2, **kw)))
+    _assert_same_run(one, two)
+
+
+def test_external_sigterm_mid_run(task, tmp_path):
+    """A real SIGTERM from outside at an arbitrary moment: checkpoint, exit 143, exact resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(steps=30, save_every=100, refresh_every=10)
+    full = str(tmp_path / "full")
+    _check(run_trainer(_args(task, full, **kw)))
+    cut = str(tmp_path / "cut")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.Popen([sys.executable, "-m", "aihf_fast.train.llm", *_args(task, cut, **kw)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(cut, "log.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < 300 and p.poll() is None:
+        if os.path.isfile(log) and sum(1 for x in open(log) if '"loss"' in x) >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-2000:]
+    stopped = max(losses(cut))
+    assert 3 <= stopped < 30 and f"after step {stopped}" in err
+    _check(run_trainer(_args(task, cut, resume="true", **kw)))
+    _assert_same_run(full, cut, tol=1e-7)

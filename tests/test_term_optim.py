@@ -129,3 +129,18 @@ def test_two_rate_split_without_demonstration_comparisons_and_copy(tmp_path):
     opt.term = "P"
     c = copy.deepcopy(opt)
     assert c.term == "P" and c.term_lr_scale == {"D": 1.0, "P": 0.5}
+
+
+def test_stop_on_signal_first_records_second_aborts():
+    import os
+    import signal
+
+    from aihf_fast.train.preemption import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..options import ConfigError, build_parser, parse_args
+from ..preemption import Interrupted
 from .config import ControlConfig
 from .data import ControlDataError
 
@@ -61,3 +62,6 @@ def main(argv=None) -> int:
     except (ConfigError, ControlDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written, exit 128 + signal
+        print(f"[aihf_fast] {e}", file=sys.stderr, flush=True)
+        return e.exit_code

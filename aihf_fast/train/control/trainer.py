@@ -30,6 +30,7 @@ import torch
 from ...envs import make_vec
 from ..optim import TermAdamW
 from ..options import ConfigError
+from ..preemption import Interrupted, StopOnSignal, signal_hook
 from .config import ControlConfig, validate
 from .data import SegmentPairs, Trajectories
 from .ppo import PPO, PPOConfig, evaluate
@@ -241,35 +242,10 @@ class Trainer:
                    os.path.join(d, f"iter{self.it}.pt"))
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> dict:
+    def _iterations(self, bar, stop):
+        """PPO iterations until the budget; after each, a stop requested by a signal checkpoints
+        and raises ``Interrupted``."""
         cfg = self.cfg
-        resumed = cfg.resume and self.load()
-        if resumed:  # keep the log up to the checkpoint
-            lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
-            open(self.log_path, "w").write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
-        else:
-            open(self.log_path, "w").close()
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-                json.dump(vars(cfg), f, indent=1)
-            t0 = time.time()
-            pre = {}
-            if cfg.method == "bc" or cfg.bc_init:
-                pre["bc/nll"] = behaviour_clone(self.agent, self.demos, cfg.bc_steps, seed=cfg.seed)
-            if cfg.method == "rlhf":
-                for _ in range(cfg.rlhf_reward_steps):
-                    m = self._reward_step()
-                pre.update({f"rlhf/{k}": v for k, v in m.items()} if cfg.rlhf_reward_steps else {})
-            self.learn_s += time.time() - t0
-            ev = self.evaluate()
-            self._log({**ev, **pre})
-            if cfg.method == "expert":
-                self._snapshot(ev)
-        self.envs.reset(seed=cfg.seed + 1000 * self.it)
-        bar = None
-        if cfg.progress and self.iterations > self.it:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.iterations, initial=self.it, desc=f"{cfg.method} {cfg.task}", dynamic_ncols=True)
         last_eval = None
         while self.it < self.iterations:
             t0 = time.time()
@@ -306,8 +282,55 @@ class Trainer:
                 bar.update(1)
                 if last_eval:
                     bar.set_postfix(ret=f"{last_eval['eval/return']:.0f}")
-        if bar is not None:
-            bar.close()
+            signal_hook(self.it)
+            # a stop waits for an evaluation boundary: there the environments restart from a seeded
+            # reset, as a resumed run's do, so the resume is exact (at most eval_every - 1 more iterations)
+            if stop.requested() and self.it < self.iterations:
+                if self.it % cfg.eval_every == 0:
+                    if self.it % cfg.save_every:
+                        self.save()
+                    raise Interrupted(stop.signum, self.it, self.ckpt)
+                if not getattr(self, "_stop_noted", False):
+                    self._stop_noted = True
+                    nxt = min(self.iterations, (self.it // cfg.eval_every + 1) * cfg.eval_every)
+                    print(f"[aihf_fast] stop requested: checkpoint at the next evaluation boundary (iteration {nxt})",
+                          file=sys.stderr, flush=True)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        resumed = cfg.resume and self.load()
+        if resumed:  # keep the log up to the checkpoint
+            lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
+            open(self.log_path, "w").write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
+        else:
+            open(self.log_path, "w").close()
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(vars(cfg), f, indent=1)
+            t0 = time.time()
+            pre = {}
+            if cfg.method == "bc" or cfg.bc_init:
+                pre["bc/nll"] = behaviour_clone(self.agent, self.demos, cfg.bc_steps, seed=cfg.seed)
+            if cfg.method == "rlhf":
+                for _ in range(cfg.rlhf_reward_steps):
+                    m = self._reward_step()
+                pre.update({f"rlhf/{k}": v for k, v in m.items()} if cfg.rlhf_reward_steps else {})
+            self.learn_s += time.time() - t0
+            ev = self.evaluate()
+            self._log({**ev, **pre})
+            if cfg.method == "expert":
+                self._snapshot(ev)
+        self.envs.reset(seed=cfg.seed + 1000 * self.it)
+        bar = None
+        if cfg.progress and self.iterations > self.it:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.iterations, initial=self.it, desc=f"{cfg.method} {cfg.task}", dynamic_ncols=True)
+        with StopOnSignal() as stop:
+            try:
+                self._iterations(bar, stop)
+            finally:
+                if bar is not None:
+                    bar.close()
         if cfg.method == "bc":
             self.save()
         with open(self.log_path, encoding="utf-8") as f:

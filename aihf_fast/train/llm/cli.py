@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from ...data.records import DataError
+from ..preemption import Interrupted
 from .config import ConfigError, parse_args
 
 
@@ -27,6 +28,10 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written, exit 128 + signal
+        if e.rank == 0:
+            print(f"[aihf_fast] {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 def main_then_exit(argv=None) -> int:

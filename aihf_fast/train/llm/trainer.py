@@ -48,6 +48,7 @@ from ...data.records import load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
 from ..optim import TermAdamW
+from ..preemption import Interrupted, StopOnSignal, signal_hook
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
@@ -589,6 +590,44 @@ class Trainer:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def _steps(self, start: int, evals: list, bar, stop, kill_at: int):
+        """Steps start .. steps-1 (refresh, step, log, evaluate, checkpoint); after each, a stop
+        requested by a signal (on any rank) checkpoints and raises ``Interrupted``.
+        Returns (tokens, the last step's record)."""
+        cfg = self.cfg
+        tok_total, last = 0, {}
+        for step in range(start, cfg.steps):
+            self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
+            lr = self.sched.get_last_lr()[0]  # the rate this step uses
+            t0 = time.time()
+            m = self.train_step(step)
+            dt = time.time() - t0
+            tok_total += m["tokens"]
+            last = dict(step=step + 1, method=self.method_at(step), lr=lr,
+                        tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "rm/loss" in m:  # reward phases: always
+                self._log(last)
+            if bar is not None:
+                bar.update(1)
+                shown = {"reward": f"{m['rl/reward']:.3f}", "kl": f"{m['rl/kl']:.3f}"} if "rl/reward" in m else \
+                    {"loss": f"{m['loss']:.4f}"}  # an RL loss is ~0 by construction (mean-zero advantages)
+                bar.set_postfix(**shown, tok_s=f"{last['tokens_per_s']:.0f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
+                e = self.evaluate(step + 1)
+                if e:
+                    evals.append(e); self._log(e)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                self.save_checkpoint(step + 1)
+            if step + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            signal_hook(step + 1, self.rank)
+            signum = stop.requested(self.world, self.device)
+            if signum and step + 1 < cfg.steps:
+                if not (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    self.save_checkpoint(step + 1)
+                raise Interrupted(signum, step + 1, os.path.join(self.ckpt_dir, f"step{step + 1}"), self.rank)
+        return tok_total, last
+
     def train(self) -> dict:
         cfg = self.cfg
         resumed = cfg.resume and self.load_checkpoint()
@@ -622,33 +661,13 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method}", dynamic_ncols=True)
-        t_start, tok_total, last = time.time(), 0, {}
-        for step in range(start, cfg.steps):
-            self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
-            lr = self.sched.get_last_lr()[0]  # the rate this step uses
-            t0 = time.time()
-            m = self.train_step(step)
-            dt = time.time() - t0
-            tok_total += m["tokens"]
-            last = dict(step=step + 1, method=self.method_at(step), lr=lr,
-                        tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "rm/loss" in m:  # reward phases: always
-                self._log(last)
+        t_start = time.time()
+        try:
+            with StopOnSignal() as stop:
+                tok_total, last = self._steps(start, evals, bar, stop, kill_at)
+        finally:
             if bar is not None:
-                bar.update(1)
-                shown = {"reward": f"{m['rl/reward']:.3f}", "kl": f"{m['rl/kl']:.3f}"} if "rl/reward" in m else \
-                    {"loss": f"{m['loss']:.4f}"}  # an RL loss is ~0 by construction (mean-zero advantages)
-                bar.set_postfix(**shown, tok_s=f"{last['tokens_per_s']:.0f}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
-                e = self.evaluate(step + 1)
-                if e:
-                    evals.append(e); self._log(e)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                self.save_checkpoint(step + 1)
-            if step + 1 == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        if bar is not None:
-            bar.close()
+                bar.close()
         if not evals or evals[-1]["step"] != cfg.steps:
             e = self.evaluate(cfg.steps)
             if e:
