@@ -47,6 +47,7 @@ import torch.distributed as dist
 from ...data.records import load_demonstrations, load_preferences, load_prompts
 from ...data.tokenize import encode_prompt, tokenize_records
 from ...ops import method_config
+from ..checkpoints import MANIFEST, damage, step_tags, write_latest, write_manifest
 from ..optim import TermAdamW
 from ..preemption import Interrupted, StopOnSignal, signal_hook
 from . import sampling
@@ -126,15 +127,17 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         has_ckpt = self._agree(os.path.isfile(os.path.join(self.ckpt_dir, "latest")))  # rank 0 decides
-        if has_ckpt and cfg.overwrite and not cfg.resume:
+        if cfg.overwrite and not cfg.resume:  # always a clean start, checkpoints or not
             if self.rank == 0:
                 import shutil
 
-                shutil.rmtree(self.ckpt_dir)
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+                ours = os.path.isfile(os.path.join(cfg.output_dir, "log.jsonl"))  # a run of this trainer was here
                 for f in os.listdir(cfg.output_dir):  # outputs of the run being replaced
-                    if f in ("ref_logps.pt", "summary.json") or f.startswith("eval_samples_step"):
+                    if f in ("ref_logps.pt", "ref_logps.pt.tmp") or ours and (
+                            f == "summary.json" or f.startswith("eval_samples_step")):
                         os.remove(os.path.join(cfg.output_dir, f))
-                    elif f in ("model", "reward_model"):
+                    elif ours and f in ("model", "reward_model") and os.path.isdir(os.path.join(cfg.output_dir, f)):
                         shutil.rmtree(os.path.join(cfg.output_dir, f))
             if self.world > 1:
                 dist.barrier()
@@ -337,9 +340,12 @@ class Trainer:
         key = self._ref_cache_key()
         hit = None
         if self.rank == 0 and os.path.isfile(cache):
-            c = torch.load(cache)
-            if c.get("key") == key:
-                hit = (c["ref_pairs"], c["ref_demos"])
+            try:
+                c = torch.load(cache)
+                if c.get("key") == key:
+                    hit = (c["ref_pairs"], c["ref_demos"])
+            except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+                print(f"[aihf_fast] note: {cache} is unreadable ({type(e).__name__}); recomputing it", flush=True)
         hit = self._agree(hit)
         if hit is not None:
             st["ref_pairs"], st["ref_demos"] = hit
@@ -349,8 +355,9 @@ class Trainer:
             st["ref_pairs"] = self._score(scorer, self._pair_seqs(np.arange(len(self.prefs)))).view(2, -1).T.contiguous()
         if self.demos and cfg.uses_samples:
             st["ref_demos"] = self._score(scorer, [(d.prompt, d.completions[0]) for d in self.demos])
-        if self.rank == 0:
-            torch.save(dict(key=key, ref_pairs=st["ref_pairs"], ref_demos=st["ref_demos"]), cache)
+        if self.rank == 0:  # a temporary file and a rename: never a half-written cache
+            torch.save(dict(key=key, ref_pairs=st["ref_pairs"], ref_demos=st["ref_demos"]), cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
 
     def _ref_cache_key(self) -> str:
         """What the cached reference log-probs depend on: every token id scored, the reference
@@ -513,16 +520,64 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int):
+        """checkpoints/stepN: our state, every rank's RNG, DeepSpeed's files (and ``_save_extra``'s),
+        then a manifest of sizes and checksums, then ``latest``: a crash mid-save leaves the
+        previous checkpoint the one ``--resume`` takes."""
         tag = f"step{step}"
         path = os.path.join(self.ckpt_dir, tag)
+        if self.rank == 0 and os.path.isdir(path):  # left by a save that did not complete
+            import shutil
+
+            shutil.rmtree(path)
+        if self.world > 1:
+            dist.barrier()
         os.makedirs(path, exist_ok=True)
-        st = dict(self.state, step=step, run=self._run_signature())
-        if self.rank == 0:  # our state first: DeepSpeed writes `latest` last
-            torch.save(st, os.path.join(path, "trainer_state.pt"))
+        if self.rank == 0:
+            torch.save(dict(self.state, step=step, run=self._run_signature()), os.path.join(path, "trainer_state.pt"))
         torch.save(dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
                    os.path.join(path, f"rng_rank{self.rank}.pt"))
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag)
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False)
+        self._save_extra(path)
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            write_manifest(path)
+            write_latest(self.ckpt_dir, tag)
+        if self.world > 1:
+            dist.barrier()
+
+    def _save_extra(self, path: str) -> None:
+        """More engines' files into the checkpoint directory ``path`` (before its manifest)."""
+
+    def _load_extra(self, path: str) -> None:
+        """Load what ``_save_extra`` wrote."""
+
+    def _pick_checkpoint(self):
+        """The newest intact checkpoint tag (rank 0 verifies, every rank gets its answer), or None
+        when there is none; damaged ones passed over are reported; all damaged is an error."""
+        choice = None
+        if self.rank == 0:
+            tags, passed = step_tags(self.ckpt_dir), []
+            latest = os.path.join(self.ckpt_dir, "latest")
+            legacy = open(latest).read().strip() if os.path.isfile(latest) else None
+            for t in tags:
+                why = damage(os.path.join(self.ckpt_dir, t))
+                if why is None or (t == legacy and not passed and not any(
+                        os.path.isfile(os.path.join(self.ckpt_dir, u, MANIFEST)) for u in tags)):
+                    choice = (t, passed)  # intact (or written before manifests existed: unverified)
+                    break
+                passed.append(why)
+            if choice is None:
+                choice = (None, passed)
+        tag, passed = self._agree(choice)
+        if self.rank == 0:
+            for why in passed:
+                print(f"[aihf_fast] --resume: passing over a damaged checkpoint: {why}", flush=True)
+        if tag is None and passed:
+            raise ConfigError(f"--resume: no intact checkpoint in {self.ckpt_dir} ({len(passed)} damaged: "
+                              f"{passed[0]}); start over with --overwrite")
+        return tag
 
     def _run_signature(self) -> dict:
         """The options that decide data order, windows and targets: a resume must keep them."""
@@ -536,15 +591,23 @@ class Trainer:
         return sig
 
     def load_checkpoint(self) -> bool:
-        if not os.path.isfile(os.path.join(self.ckpt_dir, "latest")):
+        tag = self._pick_checkpoint()
+        if tag is None:
             if self.rank == 0:
                 print(f"[aihf_fast] --resume: no checkpoint in {self.ckpt_dir}, starting from step 0", flush=True)
             return False
-        path, _ = self.engine.load_checkpoint(self.ckpt_dir)
+        d = os.path.join(self.ckpt_dir, tag)
+        try:
+            path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+            self._load_extra(d)
+            state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+        except Exception as e:  # noqa: BLE001 - name the checkpoint and what failed
+            raise ConfigError(f"--resume: cannot load checkpoint {d}: {type(e).__name__}: {e}") from e
         if path is None:
-            raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
-        d = os.path.join(self.ckpt_dir, open(os.path.join(self.ckpt_dir, "latest")).read().strip())
-        state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+            raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {d}")
+        if self.rank == 0 and tag != (open(os.path.join(self.ckpt_dir, "latest")).read().strip()
+                                      if os.path.isfile(os.path.join(self.ckpt_dir, "latest")) else tag):
+            print(f"[aihf_fast] --resume: resuming from {tag}", flush=True)
         saved, now = state.pop("run", {}), self._run_signature()
         # options a checkpoint predates are not compared (they did not exist: it ran with their defaults)
         diff = sorted(k for k in saved if saved.get(k) != now.get(k))

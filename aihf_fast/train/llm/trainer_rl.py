@@ -311,19 +311,19 @@ class RewardRLTrainer(Trainer):
         sig["num_prompts"] = len(self.rl_prompts)
         return sig
 
-    def save_checkpoint(self, step: int):
-        if self.rm_engine is not None:  # before the policy's: its `latest` marks a complete checkpoint
-            self.rm_engine.save_checkpoint(os.path.join(self.ckpt_dir, "reward_model"), tag=f"step{step}")
-        super().save_checkpoint(step)
+    def _save_extra(self, path: str) -> None:
+        if self.rm_engine is not None:  # the reward model's engine, inside the step's directory
+            self.rm_engine.save_checkpoint(path, tag="reward_model", save_latest=False)
+
+    def _load_extra(self, path: str) -> None:
+        if self.rm_engine is not None:
+            got, _ = self.rm_engine.load_checkpoint(path, tag="reward_model")
+            if got is None:
+                raise RuntimeError(f"the reward model's checkpoint in {path}/reward_model did not load")
 
     def load_checkpoint(self) -> bool:
         if not super().load_checkpoint():
             return False
-        if self.rm_engine is not None:
-            tag = open(os.path.join(self.ckpt_dir, "latest")).read().strip()
-            path, _ = self.rm_engine.load_checkpoint(os.path.join(self.ckpt_dir, "reward_model"), tag=tag)
-            if path is None:
-                raise RuntimeError(f"--resume: DeepSpeed could not load the reward model's checkpoint {tag}")
         self.kl.load_state_dict(self.state["kl"])
         return True
 

@@ -1,0 +1,93 @@
+"""Checkpoint integrity: every checkpoint has a manifest (sizes, SHA-256) written before
+``latest``; ``--resume`` passes over a damaged or missing newest checkpoint, names the file,
+falls back to the newest intact one and then equals the uninterrupted run; with none intact it is
+a one-line error. A damaged reference-log-prob cache is rebuilt."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from llm_helpers import losses, make_task, run_trainer
+from test_llm_distributed import _args, _assert_same_run, _check
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm_ckpt")
+    task = make_task(str(root / "task"))
+    kw = dict(save_every=2, refresh_every=3)
+    full = str(root / "full")  # 8 steps straight
+    _check(run_trainer(_args(task, full, steps=8, **kw)))
+    part = str(root / "part")  # 6 steps: checkpoints step2, step4, step6
+    _check(run_trainer(_args(task, part, steps=6, **kw)))
+    return task, full, part, kw
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _files(step_dir):
+    return sorted(f for f in os.listdir(step_dir) if os.path.isfile(os.path.join(step_dir, f)) and f != "manifest.json")
+
+
+def test_manifest_lists_every_file(runs):
+    _, _, part, _ = runs
+    d = os.path.join(part, "checkpoints", "step6")
+    man = json.load(open(os.path.join(d, "manifest.json")))["files"]
+    assert sorted(man) == _files(d) and {"trainer_state.pt", "rng_rank0.pt"} <= set(man)
+    assert open(os.path.join(part, "checkpoints", "latest")).read().strip() == "step6"
+
+
+@pytest.mark.parametrize("damage", ["trainer_state.pt", "rng_rank0.pt", "model_states", "manifest", "missing_dir"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(runs, tmp_path, damage):
+    task, full, part, kw = runs
+    out = str(tmp_path / "run")
+    shutil.copytree(part, out)
+    step6 = os.path.join(out, "checkpoints", "step6")
+    if damage == "missing_dir":
+        shutil.rmtree(step6)  # `latest` names a step that is not there
+    elif damage == "manifest":
+        os.remove(os.path.join(step6, "manifest.json"))  # a save that did not complete
+    else:
+        name = next(f for f in _files(step6) if damage in f)
+        _truncate(os.path.join(step6, name))
+    r = run_trainer(_args(task, out, steps=8, resume="true", **kw))
+    _check(r)
+    if damage != "missing_dir":
+        assert "passing over a damaged checkpoint" in r.stdout and "step6" in r.stdout, r.stdout[-2000:]
+        if damage != "manifest":
+            assert damage in r.stdout
+    assert "resuming from step4" in r.stdout
+    _assert_same_run(full, out, tol=1e-7)
+    assert sorted(losses(out)) == list(range(1, 9))
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(runs, tmp_path):
+    task, _, part, kw = runs
+    out = str(tmp_path / "run")
+    shutil.copytree(part, out)
+    for t in ("step2", "step4", "step6"):
+        _truncate(os.path.join(out, "checkpoints", t, "trainer_state.pt"))
+    r = run_trainer(_args(task, out, steps=8, resume="true", **kw))
+    assert r.returncode == 2 and "no intact checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_damaged_reference_cache_is_rebuilt(runs, tmp_path):
+    task, _, _, kw = runs
+    out = str(tmp_path / "run")
+    _check(run_trainer(_args(task, out, steps=2, **kw)))
+    shutil.rmtree(os.path.join(out, "checkpoints"))
+    _truncate(os.path.join(out, "ref_logps.pt"))
+    r = run_trainer(_args(task, out, steps=2, **kw))  # no checkpoints: a fresh run over the damaged cache
+    _check(r)
+    assert "is unreadable" in r.stdout
+    _truncate(os.path.join(out, "ref_logps.pt"))
+    _check(run_trainer(_args(task, out, steps=2, overwrite="true", **kw)))  # --overwrite starts clean
