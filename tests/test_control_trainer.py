@@ -254,7 +254,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, ca
     assert main([*flags, "--output-dir", str(tmp_path / "cut")]) == 143
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM after step 4" in err and "Traceback" not in err
-    assert "checkpoint at the next evaluation boundary (iteration 4)" in err
+    assert "continuing to iteration 4 (the next evaluation boundary" in err
     monkeypatch.delenv("AIHF_FAST_SIGNAL_AFTER_STEP")
     assert main([*flags, "--output-dir", str(tmp_path / "cut"), "--resume", "true"]) == 0
     strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs

@@ -91,3 +91,28 @@ def test_damaged_reference_cache_is_rebuilt(runs, tmp_path):
     assert "is unreadable" in r.stdout
     _truncate(os.path.join(out, "ref_logps.pt"))
     _check(run_trainer(_args(task, out, steps=2, overwrite="true", **kw)))  # --overwrite starts clean
+
+
+def test_legacy_and_unfinished_saves(runs, tmp_path):
+    """Checkpoints without manifests (written before them) resume from `latest` even with a newer
+    unfinished step directory; a run whose first save never completed (no `latest`) starts over
+    from step 0 under --resume instead of failing."""
+    task, full, part, kw = runs
+    out = str(tmp_path / "legacy")
+    shutil.copytree(part, out)
+    for t in ("step2", "step4", "step6"):
+        os.remove(os.path.join(out, "checkpoints", t, "manifest.json"))
+    shutil.rmtree(os.path.join(out, "checkpoints", "step6"))
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write("step4")
+    os.makedirs(os.path.join(out, "checkpoints", "step6"))  # an unfinished newer save
+    shutil.copy(os.path.join(part, "checkpoints", "step6", "trainer_state.pt"), os.path.join(out, "checkpoints", "step6"))
+    _check(run_trainer(_args(task, out, steps=8, resume="true", **kw)))
+    _assert_same_run(full, out, tol=1e-7)
+    first = str(tmp_path / "first")
+    os.makedirs(os.path.join(first, "checkpoints", "step2"))
+    shutil.copy(os.path.join(part, "checkpoints", "step2", "trainer_state.pt"), os.path.join(first, "checkpoints", "step2"))
+    r = run_trainer(_args(task, first, steps=8, resume="true", **kw))
+    _check(r)
+    assert "starting from step 0" in r.stdout
+    _assert_same_run(full, first, tol=1e-7)

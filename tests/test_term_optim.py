@@ -131,16 +131,21 @@ def test_two_rate_split_without_demonstration_comparisons_and_copy(tmp_path):
     assert c.term == "P" and c.term_lr_scale == {"D": 1.0, "P": 0.5}
 
 
-def test_stop_on_signal_first_records_second_aborts():
+def test_stop_on_signal_first_records_second_aborts(monkeypatch):
+    """The first signal is recorded; a second within the grace window is the same stop (Ctrl-C
+    plus the launcher's forwarded SIGTERM); a later one aborts."""
     import os
     import signal
 
-    from aihf_fast.train.preemption import StopOnSignal
+    from aihf_fast.train import preemption
 
     before = signal.getsignal(signal.SIGINT)
-    with StopOnSignal() as stop:
+    with preemption.StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested() == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # at once: the same stop
+        assert stop.requested() == signal.SIGINT
+        monkeypatch.setattr(preemption, "GRACE_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before

@@ -5,20 +5,24 @@ loop checks it after every step (under several processes all of them agree, so e
 after the same step, even when only one was signalled), writes a checkpoint unless that step
 just wrote one, and raises ``Interrupted``. The command lines turn it into a one-line message
 and exit code ``128 + signal`` (143 for SIGTERM, 130 for SIGINT); ``--resume`` continues
-exactly. A second signal aborts at once. (Under the ``deepspeed`` launcher, which forwards the
-signal to the ranks and kills them 30 s later, the launcher's own exit code is what the
-scheduler sees.)
+exactly. A second signal at least ``GRACE_S`` seconds after the first aborts at once (one
+sooner is the same stop arriving twice: Ctrl-C reaches every rank and DeepSpeed's per-node
+launcher then sends each a SIGTERM too). Signal the whole process group, as Slurm and Ctrl-C
+do: the single-node ``deepspeed`` runner does not forward a signal sent to it alone, and the
+per-node launcher kills the ranks 30 s after forwarding one.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+GRACE_S = 5.0  # a second signal sooner than this after the first is the same stop, not an abort
 
 
 class Interrupted(Exception):
@@ -53,7 +57,9 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._t = signum, time.monotonic()
+            return
+        if time.monotonic() - self._t < GRACE_S:  # the same stop, delivered twice
             return
         self.__exit__()  # a second signal: the default action, now
         if signum == signal.SIGINT:

@@ -293,8 +293,8 @@ class Trainer:
                 if not getattr(self, "_stop_noted", False):
                     self._stop_noted = True
                     nxt = min(self.iterations, (self.it // cfg.eval_every + 1) * cfg.eval_every)
-                    print(f"[aihf_fast] stop requested: checkpoint at the next evaluation boundary (iteration {nxt})",
-                          file=sys.stderr, flush=True)
+                    print(f"[aihf_fast] stop requested: continuing to iteration {nxt} (the next evaluation boundary, "
+                          "or the end), then a checkpoint", file=sys.stderr, flush=True)
 
     def train(self) -> dict:
         cfg = self.cfg

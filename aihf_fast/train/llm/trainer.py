@@ -76,6 +76,15 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(get_accelerator().current_device_name())
 
 
+def _read_latest(ckpt_dir: str) -> str | None:
+    """The tag named by ``ckpt_dir/latest``, or None (absent or unreadable)."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def shutdown_distributed(barrier: bool = True) -> None:
     """Leave the process group cleanly: all ranks meet at a barrier (only after a run that
     succeeded, as a failed rank may never arrive), then the group is destroyed.
@@ -131,7 +140,8 @@ class Trainer:
             if self.rank == 0:
                 import shutil
 
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+                if os.path.isfile(os.path.join(self.ckpt_dir, "latest")) or step_tags(self.ckpt_dir):
+                    shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # this trainer's checkpoints, finished or not
                 ours = os.path.isfile(os.path.join(cfg.output_dir, "log.jsonl"))  # a run of this trainer was here
                 for f in os.listdir(cfg.output_dir):  # outputs of the run being replaced
                     if f in ("ref_logps.pt", "ref_logps.pt.tmp") or ours and (
@@ -559,25 +569,24 @@ class Trainer:
         choice = None
         if self.rank == 0:
             tags, passed = step_tags(self.ckpt_dir), []
-            latest = os.path.join(self.ckpt_dir, "latest")
-            legacy = open(latest).read().strip() if os.path.isfile(latest) else None
+            latest = _read_latest(self.ckpt_dir)
             for t in tags:
                 why = damage(os.path.join(self.ckpt_dir, t))
-                if why is None or (t == legacy and not passed and not any(
-                        os.path.isfile(os.path.join(self.ckpt_dir, u, MANIFEST)) for u in tags)):
-                    choice = (t, passed)  # intact (or written before manifests existed: unverified)
+                legacy = t == latest and not os.path.exists(os.path.join(self.ckpt_dir, t, MANIFEST))
+                if why is None or legacy:  # intact, or written before manifests existed (not verified)
+                    choice = (t, passed)
                     break
                 passed.append(why)
             if choice is None:
-                choice = (None, passed)
-        tag, passed = self._agree(choice)
+                choice = (None, passed, latest is not None)
+        tag, passed, *completed = self._agree(choice)
         if self.rank == 0:
             for why in passed:
                 print(f"[aihf_fast] --resume: passing over a damaged checkpoint: {why}", flush=True)
-        if tag is None and passed:
+        if tag is None and passed and completed and completed[0]:
             raise ConfigError(f"--resume: no intact checkpoint in {self.ckpt_dir} ({len(passed)} damaged: "
                               f"{passed[0]}); start over with --overwrite")
-        return tag
+        return tag  # None with only unfinished saves and no `latest`: the run never completed one
 
     def _run_signature(self) -> dict:
         """The options that decide data order, windows and targets: a resume must keep them."""
@@ -605,8 +614,7 @@ class Trainer:
             raise ConfigError(f"--resume: cannot load checkpoint {d}: {type(e).__name__}: {e}") from e
         if path is None:
             raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {d}")
-        if self.rank == 0 and tag != (open(os.path.join(self.ckpt_dir, "latest")).read().strip()
-                                      if os.path.isfile(os.path.join(self.ckpt_dir, "latest")) else tag):
+        if self.rank == 0 and tag != _read_latest(self.ckpt_dir):
             print(f"[aihf_fast] --resume: resuming from {tag}", flush=True)
         saved, now = state.pop("run", {}), self._run_signature()
         # options a checkpoint predates are not compared (they did not exist: it ran with their defaults)

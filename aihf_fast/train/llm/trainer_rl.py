@@ -317,7 +317,10 @@ class RewardRLTrainer(Trainer):
 
     def _load_extra(self, path: str) -> None:
         if self.rm_engine is not None:
-            got, _ = self.rm_engine.load_checkpoint(path, tag="reward_model")
+            got, _ = (self.rm_engine.load_checkpoint(path, tag="reward_model")
+                      if os.path.isdir(os.path.join(path, "reward_model")) else  # the earlier layout:
+                      self.rm_engine.load_checkpoint(os.path.join(os.path.dirname(path), "reward_model"),
+                                                     tag=os.path.basename(path)))  # checkpoints/reward_model/stepN
             if got is None:
                 raise RuntimeError(f"the reward model's checkpoint in {path}/reward_model did not load")
 
