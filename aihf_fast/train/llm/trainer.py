@@ -570,9 +570,12 @@ class Trainer:
         if self.rank == 0:
             tags, passed = step_tags(self.ckpt_dir), []
             latest = _read_latest(self.ckpt_dir)
+            # written before manifests existed: no checkpoint of the run has one (a save cut short
+            # leaves `latest` on the previous, complete checkpoint)
+            pre_manifest = not any(os.path.exists(os.path.join(self.ckpt_dir, t, MANIFEST)) for t in tags)
             for t in tags:
                 why = damage(os.path.join(self.ckpt_dir, t))
-                legacy = t == latest and not os.path.exists(os.path.join(self.ckpt_dir, t, MANIFEST))
+                legacy = pre_manifest and t == latest
                 if why is None or legacy:  # intact, or written before manifests existed (not verified)
                     choice = (t, passed)
                     break
