@@ -67,6 +67,22 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _start_measuring(model, opt, device):
+    """Allocate the optimizer state (not part of what is measured), then start the memory count
+    -> (cuda, sync, baseline bytes: CUDA allocated memory or the process's RSS)."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return cuda, sync, torch.cuda.memory_allocated()
+    return cuda, sync, _rss_bytes()
+
+
 def _llama_config(p: dict):
     from transformers import LlamaConfig
 
@@ -116,18 +132,7 @@ def run_one_rl(provider: str, p: dict, device: str, steps: int, warmup: int) -> 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, p["vocab"], (p["prompt"],), generator=g).tolist() for _ in range(B)]
     tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for q in model.parameters():  # optimizer state allocated before measuring
-        q.grad = torch.zeros_like(q)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
+    cuda, sync, base = _start_measuring(model, opt, device)
     phases = {"generation": [], "scoring": [], "update": []}
     losses, n_tokens, n_new = [], 0, 0
     for i in range(warmup + steps):
@@ -222,19 +227,7 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # optimizer state allocated before measuring (it is not part of the loss path)
-    for q in model.parameters():
-        q.grad = torch.zeros_like(q)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
+    cuda, sync, base = _start_measuring(model, opt, device)
     losses, times = [], []
     for i in range(warmup + steps):
         sync()

@@ -229,7 +229,8 @@ class RewardRLTrainer(Trainer):
                                   max_length=cfg.max_length, synced=self.zero3 and self.world > 1, device=self.device)
         t1 = time.time()
         seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
-        texts = self.tok.batch_decode(comps, skip_special_tokens=True)
+        texts = (self.tok.batch_decode(comps, skip_special_tokens=True)  # only for a reward function
+                 if self.reward_fn is not None or (self.rm is not None and self.eval_reward is not None) else None)
         if self.reward_fn is not None:
             reward = self._on_rank0(lambda: _call_reward(self.reward_fn, cfg.reward_fn, [p for p, _ in prompts], texts))
         else:
