@@ -102,6 +102,10 @@ def test_rloo_advantages_and_loss_and_gradient_against_the_formula():
     assert 0 < float(met["rl/clip_fraction"]) < 1
     with pytest.raises(ValueError, match="k >= 2"):
         rloo_advantages(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"advantages must have token_logps' shape \(6, 4\), got \(6, 1\)"):
+        rloo_loss(lp, old, A.reshape(6, 1), mask, eps)
+    with pytest.raises(ValueError, match="clip_range must be in"):
+        rloo_loss(lp, old, adv, mask, 1.5)
 
 
 def test_adaptive_kl_controller():

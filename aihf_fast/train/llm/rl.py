@@ -62,6 +62,11 @@ def rloo_loss(token_logps: torch.Tensor, old_token_logps: torch.Tensor, advantag
     token_logps: (...) fp32 log pi of the sampled tokens (with grad); old_token_logps: same shape,
     log pi_old; advantages: same shape, each token carrying its sequence's A_i; mask: same shape,
     bool, the completion tokens. Returns (loss (), metrics of 0-d tensors)."""
+    for name, t in (("old_token_logps", old_token_logps), ("advantages", advantages), ("mask", mask)):
+        if t.shape != token_logps.shape:
+            raise ValueError(f"{name} must have token_logps' shape {tuple(token_logps.shape)}, got {tuple(t.shape)}")
+    if not 0 < clip_range < 1:
+        raise ValueError(f"clip_range must be in (0, 1), got {clip_range}")
     m = mask.to(token_logps.dtype)
     n = m.sum().clamp_min(1.0)
     ratio = torch.exp((token_logps - old_token_logps) * m)
