@@ -103,6 +103,71 @@ def test_resume_is_exact(data, tmp_path):
         train(ControlConfig(**{**base, "w_P": 0.5}, env_steps=4 * 4 * 32, output_dir=str(tmp_path / "part"), resume=True))
 
 
+def _damage(path, how):
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif how == "flip":  # same size, one byte changed
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+    elif how == "no_manifest":  # a save cut short before its manifest was written
+        os.remove(str(path) + ".manifest.json")
+    else:  # garbage in place of the checkpoint and a manifest that matches it
+        from aihf_fast.train.checkpoints import write_file_manifest
+
+        open(path, "wb").write(b"not a checkpoint")
+        write_file_manifest(str(path))
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys):
+    """checkpoint.pt damaged in each way: --resume names it, continues from checkpoint.prev.pt
+    and equals the uninterrupted run; both damaged: a one-line error (exit 2 from the CLI)."""
+    import shutil
+
+    d = data[0]
+    base = dict(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),
+                preferences=os.path.join(d, "prefs.npz"), num_envs=4, rollout_steps=32, eval_every=2, save_every=2,
+                eval_episodes=2, progress=False)
+    n = 4 * 32
+    train(ControlConfig(**base, env_steps=6 * n, output_dir=str(tmp_path / "full")))
+    part = tmp_path / "part"
+    train(ControlConfig(**base, env_steps=4 * n, output_dir=str(part)))
+    assert torch.load(part / "checkpoint.prev.pt", weights_only=False)["it"] == 2
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["it"] == 4
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
+    want = [strip(json.loads(x)) for x in open(tmp_path / "full" / "log.jsonl")]
+    capsys.readouterr()
+    for how in ("truncate", "flip", "no_manifest", "garbage"):
+        out = tmp_path / how
+        shutil.copytree(part, out)
+        _damage(out / "checkpoint.pt", how)
+        train(ControlConfig(**base, env_steps=6 * n, output_dir=str(out), resume=True))
+        err = capsys.readouterr().err
+        assert f"passing over a damaged checkpoint: {out / 'checkpoint.pt'}" in err, (how, err)
+        assert "(iteration 2)" in err, err
+        assert [strip(json.loads(x)) for x in open(out / "log.jsonl")] == want, how
+    both = tmp_path / "both"
+    shutil.copytree(part, both)
+    _damage(both / "checkpoint.pt", "truncate")
+    _damage(both / "checkpoint.prev.pt", "flip")
+    with pytest.raises(ConfigError, match="no intact checkpoint") as e:
+        train(ControlConfig(**base, env_steps=6 * n, output_dir=str(both), resume=True))
+    assert "checkpoint.prev.pt: checksum differs" in str(e.value)
+    flags = ["--task", TASK, "--method", "aihf", "--demonstrations", base["demonstrations"], "--preferences",
+             base["preferences"], "--num-envs", "4", "--rollout-steps", "32", "--eval-every", "2", "--save-every", "2",
+             "--eval-episodes", "2", "--env-steps", str(6 * n), "--progress", "false"]
+    capsys.readouterr()
+    assert main([*flags, "--output-dir", str(both), "--resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: no intact checkpoint") and err.count("\n") == 1, err
+    # --overwrite starts clean: no checkpoint of the earlier run is left to fall back to
+    assert main([*flags, "--output-dir", str(both), "--overwrite", "true", "--env-steps", str(2 * n)]) == 0
+    assert not (both / "checkpoint.prev.pt").exists() and (both / "checkpoint.pt.manifest.json").exists()
+
+
 def test_sim_threads_do_not_change_the_run(data, tmp_path):
     d = data[0]
     base = dict(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),

@@ -3,7 +3,8 @@
 
 A checkpoint directory is intact when its manifest exists and every file it lists has that size
 and checksum. ``--resume`` takes the newest intact checkpoint and says which damaged ones it
-passed over and why (the file, what is wrong with it).
+passed over and why (the file, what is wrong with it). A single-file checkpoint (the control
+trainer's) has its manifest beside it: ``checkpoint.pt`` + ``checkpoint.pt.manifest.json``.
 """
 from __future__ import annotations
 
@@ -42,10 +43,25 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _entry(path: str) -> dict:
+    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def _mismatch(path: str, want: dict) -> str | None:
+    """What is wrong with the file ``path`` against its manifest entry, or None."""
+    if not os.path.isfile(path):
+        return f"{path}: missing"
+    size = os.path.getsize(path)
+    if size != want["size"]:
+        return f"{path}: {size} bytes, the manifest says {want['size']} (truncated or rewritten)"
+    if _sha256(path) != want["sha256"]:
+        return f"{path}: checksum differs from the manifest (corrupted)"
+    return None
+
+
 def write_manifest(path: str) -> None:
     """Record size and SHA-256 of every file under the checkpoint directory ``path``."""
-    files = {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": _sha256(os.path.join(path, rel))}
-             for rel in _files(path)}
+    files = {rel: _entry(os.path.join(path, rel)) for rel in _files(path)}
     _write_atomic(os.path.join(path, MANIFEST), json.dumps({"files": files}, indent=1))
 
 
@@ -60,15 +76,31 @@ def damage(path: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{man}: missing or unreadable (the checkpoint was not completed)"
     for rel, want in files.items():
-        p = os.path.join(path, rel)
-        if not os.path.isfile(p):
-            return f"{p}: missing"
-        size = os.path.getsize(p)
-        if size != want["size"]:
-            return f"{p}: {size} bytes, the manifest says {want['size']} (truncated or rewritten)"
-        if _sha256(p) != want["sha256"]:
-            return f"{p}: checksum differs from the manifest (corrupted)"
+        why = _mismatch(os.path.join(path, rel), want)
+        if why:
+            return why
     return None
+
+
+def file_manifest(path: str) -> str:
+    """The manifest path of the single-file checkpoint ``path``."""
+    return path + ".manifest.json"
+
+
+def write_file_manifest(path: str) -> None:
+    """Record size and SHA-256 of the single-file checkpoint ``path`` beside it."""
+    _write_atomic(file_manifest(path), json.dumps(_entry(path)))
+
+
+def file_damage(path: str) -> str | None:
+    """None when the single-file checkpoint ``path`` matches its manifest; else what is wrong."""
+    try:
+        with open(file_manifest(path), encoding="utf-8") as f:
+            want = json.load(f)
+        want["size"], want["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{file_manifest(path)}: missing or unreadable (the checkpoint was not completed)"
+    return _mismatch(path, want)
 
 
 def write_latest(ckpt_dir: str, tag: str) -> None:

@@ -14,7 +14,9 @@ five methods.
 Every evaluation runs the deterministic policy for ``eval_episodes`` episodes in the C++ rollouts
 and logs the true return; every iteration logs the Pearson correlation of r_theta with the true
 reward on the batch, and the wall-clock split between simulation (rollouts) and learning.
-Outputs in output_dir: log.jsonl, checkpoint.pt (--resume continues it), summary.json, curves.png.
+Outputs in output_dir: log.jsonl, checkpoint.pt (--resume continues it; the one before it is kept
+as checkpoint.prev.pt, each with a manifest of size and SHA-256, and --resume falls back to the
+previous one when the newest is damaged), summary.json, curves.png.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from ...envs import make_vec
+from ..checkpoints import file_damage, file_manifest, write_file_manifest
 from ..optim import TermAdamW
 from ..options import ConfigError
 from ..preemption import Interrupted, StopOnSignal, signal_hook
@@ -64,15 +67,18 @@ class Trainer:
         self.cfg = cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt = os.path.join(cfg.output_dir, "checkpoint.pt")
-        if os.path.isfile(self.ckpt) and not (cfg.resume or cfg.overwrite):
+        self.prev_ckpt = os.path.join(cfg.output_dir, "checkpoint.prev.pt")
+        ckpts = (self.ckpt, self.prev_ckpt)
+        if any(os.path.isfile(p) for c in ckpts for p in (c, file_manifest(c))) and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"output_dir {cfg.output_dir!r} holds a checkpoint: pass --resume to continue it or "
                               "--overwrite to start over")
         if cfg.overwrite and not cfg.resume:
             import shutil
 
             shutil.rmtree(os.path.join(cfg.output_dir, "policies"), ignore_errors=True)
-            if os.path.isfile(self.ckpt):
-                os.remove(self.ckpt)
+            for p in (p for c in ckpts for p in (c, file_manifest(c), c + ".tmp")):
+                if os.path.isfile(p):
+                    os.remove(p)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -209,13 +215,51 @@ class Trainer:
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
                                                          "reward_lr", "reward_lr_P", "reward_replay")})
         tmp = self.ckpt + ".tmp"
-        torch.save(st, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(st, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isfile(self.ckpt):  # the previous checkpoint stays as the fallback
+            os.replace(self.ckpt, self.prev_ckpt)
+            if os.path.isfile(file_manifest(self.ckpt)):
+                os.replace(file_manifest(self.ckpt), file_manifest(self.prev_ckpt))
         os.replace(tmp, self.ckpt)
+        write_file_manifest(self.ckpt)  # last: a checkpoint without it is one whose save was cut short
+
+    def _read_checkpoint(self):
+        """The state of the newest intact checkpoint (checkpoint.pt, else checkpoint.prev.pt, saying
+        why the newer one was passed over), None when there is none, ConfigError when all are damaged."""
+        found = [p for p in (self.ckpt, self.prev_ckpt) if os.path.isfile(p)]
+        if not found:
+            return None
+        # written before manifests existed: no checkpoint of the run has one (not verified)
+        legacy = not any(os.path.isfile(file_manifest(p)) for p in found)
+        passed = []
+        for p in found:
+            why = None if legacy else file_damage(p)
+            if why is None:
+                try:
+                    st = torch.load(p, weights_only=False)
+                    if not isinstance(st, dict) or "run" not in st:
+                        raise ValueError("not a control trainer checkpoint")
+                    for w in passed:
+                        print(f"[aihf_fast] --resume: passing over a damaged checkpoint: {w}", file=sys.stderr, flush=True)
+                    if passed:
+                        print(f"[aihf_fast] --resume: resuming from {p} (iteration {st.get('it')})", file=sys.stderr,
+                              flush=True)
+                    return st
+                except Exception as e:  # noqa: BLE001 - an unreadable file: name it, try the older one
+                    why = f"{p}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            passed.append(why)
+        raise ConfigError(f"--resume: no intact checkpoint in {self.cfg.output_dir} ({'; '.join(passed)}); "
+                          "start over with --overwrite")
 
     def load(self) -> bool:
-        if not os.path.isfile(self.ckpt):
+        st = self._read_checkpoint()
+        if st is None:
+            print(f"[aihf_fast] --resume: no checkpoint in {self.cfg.output_dir}, starting from iteration 0",
+                  file=sys.stderr, flush=True)
             return False
-        st = torch.load(self.ckpt, weights_only=False)
         now = {k: getattr(self.cfg, k) for k in st["run"]}  # options a checkpoint predates: not compared
         diff = sorted(k for k in now if now[k] != st["run"][k])
         if diff:
@@ -236,10 +280,11 @@ class Trainer:
         """expert: keep the policy (deterministic and stochastic) and its evaluation."""
         d = os.path.join(self.cfg.output_dir, "policies")
         os.makedirs(d, exist_ok=True)
+        out = os.path.join(d, f"iter{self.it}.pt")
         torch.save(dict(iter=self.it, env_steps=self.agent.env_steps, eval_return=ev["eval/return"],
                         policy=self.agent.policy(deterministic=True).__dict__,
-                        stochastic=self.agent.policy(deterministic=False).__dict__),
-                   os.path.join(d, f"iter{self.it}.pt"))
+                        stochastic=self.agent.policy(deterministic=False).__dict__), out + ".tmp")
+        os.replace(out + ".tmp", out)
 
     # ------------------------------------------------------------------ loop
     def _iterations(self, bar, stop):
