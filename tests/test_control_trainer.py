@@ -229,11 +229,21 @@ def test_cli_failures_are_one_line_errors_with_exit_code_2(data, tmp_path, capsy
         (["--method", "aihf", "--demonstrations", prefs, "--preferences", demos], "missing arrays"),  # swapped
         (["data", "--expert-dir", str(tmp_path / "no_expert"), "--out-dir", str(tmp_path / "d")], "no config.json"),
     ]
+    import shutil
+
+    bad_expert = tmp_path / "bad_expert"  # a truncated policy snapshot
+    shutil.copytree(data[1]["expert_dir"], bad_expert)
+    snap = sorted((bad_expert / "policies").iterdir())[0]
+    snap.write_bytes(snap.read_bytes()[:100])
+    cases.append((["data", "--expert-dir", str(bad_expert), "--out-dir", str(tmp_path / "d")],
+                  f"snapshot {snap} cannot be read"))
     for flags, msg in cases:
         extra = [] if flags[0] == "data" else ["--output-dir", str(tmp_path / "o"), "--progress", "false"]
         rc = main([*flags, *extra])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ConfigError, match="no config.json"):  # --debug: the error itself, with its traceback
+        main(["data", "--expert-dir", str(tmp_path / "no_expert"), "--out-dir", str(tmp_path / "d"), "--debug"])
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
@@ -326,3 +336,8 @@ def test_sigterm_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, ca
     a = [strip(json.loads(x)) for x in open(tmp_path / "full" / "log.jsonl")]
     b = [strip(json.loads(x)) for x in open(tmp_path / "cut" / "log.jsonl")]
     assert a == b
+    monkeypatch.setenv("AIHF_FAST_SIGNAL_AFTER_STEP", "0")  # during start-up: stop at once, nothing written
+    assert main([*flags, "--output-dir", str(tmp_path / "early")]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM while a run was starting" in err and "Traceback" not in err
+    assert not (tmp_path / "early" / "checkpoint.pt").exists()

@@ -116,3 +116,19 @@ def test_legacy_and_unfinished_saves(runs, tmp_path):
     _check(r)
     assert "starting from step 0" in r.stdout
     _assert_same_run(full, first, tol=1e-7)
+
+
+def test_signal_at_start_up_stops_at_once_and_after_the_last_step_completes(runs, tmp_path):
+    """SIGTERM while the run is starting (models loaded, nothing trained): exit 143 at once, one
+    line, no checkpoint; after the last step (final evaluation, model saved): the run completes."""
+    task, _, _, kw = runs
+    out = str(tmp_path / "early")
+    r = run_trainer(_args(task, out, steps=4, **kw), env_extra={"AIHF_FAST_SIGNAL_AFTER_STEP": "0"})
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "interrupted by SIGTERM while a run was starting" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+    late = str(tmp_path / "late")
+    r = run_trainer(_args(task, late, steps=4, **kw), env_extra={"AIHF_FAST_SIGNAL_AFTER_STEP": "4"})
+    _check(r)
+    assert "SIGTERM arrived after the last step: the run was completed" in r.stderr
+    assert os.path.isfile(os.path.join(late, "model", "model.safetensors"))

@@ -157,6 +157,47 @@ def test_bad_config_fails_early_with_a_clear_message(task, tmp_path, capsys, kw,
     assert rc == 2 and msg in err, err
 
 
+def test_models_that_cannot_load_are_one_line_errors(task, tmp_path, capsys, monkeypatch):
+    """A directory without a model, a truncated weights file, and a hub id that is not cached while
+    the hub cannot be reached (refused at once here; an unreachable one waits HUB_TIMEOUT_S, not
+    transformers' ~25 s of retries): exit 2, one line naming the option; --debug shows the traceback."""
+    import shutil
+    import time
+
+    from aihf_fast.train.llm import model as model_mod
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model_mod._hub_reachable.cache_clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(task["model"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases = [(dict(model=str(empty)), f"model: cannot load {str(empty)!r}: "),
+             (dict(model=task["tokenizer"]), "model: cannot load"),
+             (dict(model=str(broken)), "SafetensorError"),
+             (dict(model="no-such-org/no-such-model"), "not a local directory, and not in the Hugging Face cache"),
+             (dict(tokenizer="no-such-org/no-such-tokenizer"), "tokenizer: cannot load 'no-such-org/no-such-tokenizer'"),
+             (dict(method="rlhf", reward_model=str(empty), prompts=task["demonstrations"]), "reward_model: cannot load"),
+             (dict(method="dpo", eval_kl="true", eval_reference=str(empty), eval_prompts=task["eval_prompts"],
+                   eval_reward="aihf_fast.data.synthetic:true_reward"),
+              "eval_reference: cannot load")]
+    for kw, msg in cases:
+        t0 = time.time()
+        rc, err = _run(task, tmp_path, capsys, **kw)
+        last = err.rstrip("\n").split("\n")[-1]  # (a model loaded before the failing one draws a bar above)
+        assert rc == 2 and last.startswith("error: ") and msg in last and "Traceback" not in err, (kw, err)
+        assert time.time() - t0 < 60, kw
+    from aihf_fast.train.llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model: cannot load"):
+        main(["--model", str(empty), "--tokenizer", task["tokenizer"], "--demonstrations", task["demonstrations"],
+              "--method", "sft", "--steps", "1", "--output-dir", str(tmp_path / "o"), "--debug"])
+    model_mod._hub_reachable.cache_clear()
+
+
 def test_bad_data_names_file_and_line(task, tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "t1 =", "completion": " t2"}, "{oops"])
     rc, err = _run(task, tmp_path, capsys, demonstrations=bad)

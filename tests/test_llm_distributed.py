@@ -6,6 +6,7 @@ accumulating them, so losses agree to 1e-5 relative and final weights to 1e-5 ab
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -204,3 +205,20 @@ def test_external_sigterm_mid_run(task, tmp_path):
     assert 3 <= stopped < 30 and f"after step {stopped}" in err
     _check(run_trainer(_args(task, cut, resume="true", **kw)))
     _assert_same_run(full, cut, tol=1e-7)
+
+
+def test_repeated_two_rank_launches_exit_cleanly(task, tmp_path):
+    """20 launches in a row under the deepspeed launcher (2 ranks): the launcher's exit code is 0
+    every time (no rank aborting at exit), and the final message comes from rank 0 only."""
+    n = int(os.environ.get("AIHF_FAST_LAUNCHES", "20"))
+    for i in range(n):
+        out = str(tmp_path / f"run{i}")
+        r = run_trainer(flags(dict(model=task["model"], tokenizer=task["tokenizer"], method="sft",
+                                   demonstrations=task["demonstrations"], steps=1, demos_per_batch=2, max_length=24,
+                                   max_new_tokens=4, eval_prompts=task["eval_prompts"],
+                                   eval_reward="aihf_fast.data.synthetic:true_reward", zero_stage=2,
+                                   output_dir=out, progress="false")), nproc=2)
+        assert r.returncode == 0, (i, r.stdout[-2000:] + r.stderr[-2000:])
+        assert "terminate called" not in r.stderr, (i, r.stderr[-2000:])
+        assert (r.stdout + r.stderr).count("eval/reward:") == 1, (i, r.stdout[-2000:])
+        shutil.rmtree(out)

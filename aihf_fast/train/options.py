@@ -92,6 +92,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
     for f in dataclasses.fields(cls):
         kw = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
         t = _type_name(f)

@@ -3,7 +3,8 @@ expert|bc|irl|rlhf|aihf``); ``python -m aihf_fast.train.control data --expert-di
 draws demonstrations and preferences from an expert run.
 
 A failure the user can fix (bad config, missing or malformed data files, a missing expert run)
-is one line on stderr and exit code 2."""
+is one line on stderr and exit code 2 (``--debug``: the traceback); a signal is one line and exit
+code 128 + signal (``aihf_fast.train.preemption``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import os
 import sys
 
 from ..options import ConfigError, build_parser, parse_args
-from ..preemption import Interrupted
+from ..preemption import Interrupted, StopOnSignal
 from .config import ControlConfig
 from .data import ControlDataError
 
@@ -36,7 +37,9 @@ def _data_main(argv) -> int:
     p.add_argument("--label-noise", type=float, default=0.0)
     p.add_argument("--pool-episodes", type=int, default=8, help="episodes per policy in the preference pool")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
     a = vars(p.parse_args(argv))
+    a.pop("debug")
     expert_dir = a.pop("expert_dir")
     if not os.path.isfile(os.path.join(expert_dir, "config.json")):
         raise ConfigError(f"expert_dir {expert_dir!r}: no config.json there (train one with --method expert "
@@ -46,20 +49,29 @@ def _data_main(argv) -> int:
     return 0
 
 
+def _run(argv) -> int:
+    if argv[:1] == ["data"]:
+        return _data_main(argv[1:])
+    from .trainer import train
+
+    parser = build_parser(ControlConfig, "python -m aihf_fast.train.control", DESCRIPTION)
+    cfg, _ = parse_args(ControlConfig, parser, argv)
+    s = train(cfg)
+    print(f"[control] {cfg.method} on {cfg.task}: true return {s['final_return']:.1f} after {s['env_steps']} env "
+          f"steps (simulation {s['sim_seconds']:.1f}s, learning {s['learn_seconds']:.1f}s); {cfg.output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
-        if argv[:1] == ["data"]:
-            return _data_main(argv[1:])
-        from .trainer import train
-
-        parser = build_parser(ControlConfig, "python -m aihf_fast.train.control", DESCRIPTION)
-        cfg, _ = parse_args(ControlConfig, parser, argv)
-        s = train(cfg)
-        print(f"[control] {cfg.method} on {cfg.task}: true return {s['final_return']:.1f} after {s['env_steps']} env "
-              f"steps (simulation {s['sim_seconds']:.1f}s, learning {s['learn_seconds']:.1f}s); {cfg.output_dir}")
-        return 0
+        with StopOnSignal() as stop:  # until the training loop starts, a signal stops at once
+            stop.starting()
+            return _run(argv)
     except (ConfigError, ControlDataError) as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written, exit 128 + signal

@@ -30,7 +30,15 @@ def load_snapshots(expert_dir: str) -> list[dict]:
     files = glob.glob(os.path.join(expert_dir, "policies", "iter*.pt"))
     if not files:
         raise ConfigError(f"expert_dir {expert_dir!r}: no policies/iter*.pt (run method=expert there first)")
-    snaps = [torch.load(f, weights_only=False) for f in files]
+    snaps = []
+    for f in files:
+        try:
+            snap = torch.load(f, weights_only=False)
+            snap["iter"], snap["eval_return"], snap["policy"], snap["stochastic"]
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it
+            raise ConfigError(f"expert_dir {expert_dir!r}: snapshot {f} cannot be read ({type(e).__name__}); "
+                              "delete it or re-run the expert") from e
+        snaps.append(snap)
     return sorted(snaps, key=lambda s: s["iter"])
 
 
@@ -51,8 +59,12 @@ def make_data(expert_dir: str, out_dir: str, *, num_demos: int = 10, demo_qualit
         raise ConfigError("need num_demos >= 1, num_pairs >= 0, segment_len >= 1, pool_episodes >= 1")
     if not 0 < demo_quality <= 1 or action_noise < 0:
         raise ConfigError(f"need 0 < demo_quality <= 1 and action_noise >= 0, got {demo_quality}, {action_noise}")
-    with open(os.path.join(expert_dir, "config.json")) as f:
-        task = json.load(f)["task"]
+    try:
+        with open(os.path.join(expert_dir, "config.json")) as f:
+            task = json.load(f)["task"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"expert_dir {expert_dir!r}: config.json is missing or not a control run's "
+                          f"({type(e).__name__})") from e
     snaps = load_snapshots(expert_dir)
     import gymnasium
 

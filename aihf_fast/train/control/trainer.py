@@ -342,6 +342,15 @@ class Trainer:
                           "or the end), then a checkpoint", file=sys.stderr, flush=True)
 
     def train(self) -> dict:
+        """Run (or continue, with resume) to ``env_steps`` -> the summary (also summary.json). A
+        signal during start-up (incl. behaviour cloning and rlhf's reward fit) stops at once, in
+        the loop at the next evaluation boundary (with a checkpoint)."""
+        with StopOnSignal() as stop:
+            stop.starting()
+            signal_hook(0, 0)  # test hook: a signal during start-up
+            return self._run(stop)
+
+    def _run(self, stop) -> dict:
         cfg = self.cfg
         resumed = cfg.resume and self.load()
         if resumed:  # keep the log up to the checkpoint
@@ -370,12 +379,12 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.iterations, initial=self.it, desc=f"{cfg.method} {cfg.task}", dynamic_ncols=True)
-        with StopOnSignal() as stop:
-            try:
-                self._iterations(bar, stop)
-            finally:
-                if bar is not None:
-                    bar.close()
+        stop.in_loop()
+        try:
+            self._iterations(bar, stop)
+        finally:
+            if bar is not None:
+                bar.close()
         if cfg.method == "bc":
             self.save()
         with open(self.log_path, encoding="utf-8") as f:
@@ -421,4 +430,6 @@ def _plot(log_path, out, title):
 
 def train(cfg: ControlConfig) -> dict:
     """Run one control job; returns its summary (also output_dir/summary.json)."""
-    return Trainer(cfg).train()
+    with StopOnSignal() as stop:  # start-up (environments, data): a signal stops at once
+        stop.starting()
+        return Trainer(cfg).train()

@@ -1,35 +1,57 @@
-"""Command line of the LLM trainer (``python -m aihf_fast.train.llm``, ``aihf-fast train-llm``)."""
+"""Command line of the LLM trainer (``python -m aihf_fast.train.llm``, ``aihf-fast train-llm``).
+
+A failure the user can fix (an option, a data file, a model or tokenizer that cannot load, a
+damaged checkpoint) is one line on stderr and exit code 2 (``--debug``: the traceback); a signal
+is one line and exit code 128 + signal (``aihf_fast.train.preemption``). Final messages come
+from rank 0 only."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ...data.records import DataError
-from ..preemption import Interrupted
+from ..preemption import Interrupted, StopOnSignal
 from .config import ConfigError, parse_args
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if "--synthetic" in argv:
-            from .synthetic_job import run
+def _rank() -> int:
+    import torch.distributed as dist
 
-            run(argv)
-            return 0
-        cfg, _ = parse_args(argv)
-        from .trainer import train
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
-        s = train(cfg)
+
+def _run(argv) -> int:
+    if "--synthetic" in argv:
+        from .synthetic_job import run
+
+        run(argv)
+        return 0
+    cfg, _ = parse_args(argv)
+    from .trainer import train
+
+    s = train(cfg)
+    if _rank() == 0:
         first, last = (s["evals"][0], s["evals"][-1]) if s["evals"] else ({}, {})
         for key in ("eval/reward", "eval/rm_accuracy", "eval/pref_accuracy", "eval/demo_nll"):
             if key in first and key in last:
                 print(f"{key}: {first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
-        return 0
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        with StopOnSignal() as stop:  # until a run's loop starts, a signal stops at once
+            stop.starting()
+            return _run(argv)
     except (ConfigError, DataError) as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written, exit 128 + signal
-        if e.rank == 0:
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written (or start-up cut short), exit 128 + signal
+        if e.rank == 0 and _rank() == 0:
             print(f"[aihf_fast] {e}", file=sys.stderr, flush=True)
         return e.exit_code
 

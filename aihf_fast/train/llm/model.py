@@ -9,6 +9,11 @@ weight is registered as an external parameter of this module, so it is gathered 
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import socket
+import threading
+from urllib.parse import urlparse
 
 import torch
 
@@ -154,14 +159,57 @@ def _score_head_name(model) -> str:
                       "with one output); use a model type with a sequence-classification class")
 
 
+HUB_TIMEOUT_S = 5.0  # how long a hub id waits for the hub before the local cache alone is used
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to the hub opens within HUB_TIMEOUT_S (name lookup included)."""
+    u = urlparse(endpoint)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
+                                     timeout=HUB_TIMEOUT_S).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # a name lookup ignores socket timeouts
+    t.start()
+    t.join(HUB_TIMEOUT_S)
+    return bool(ok)
+
+
+def from_pretrained(option: str, load, src: str, **kw):
+    """``load(src, **kw)`` (a transformers ``from_pretrained``), or a one-line ConfigError naming
+    ``option`` and the reason. A hub id (not a local directory) is read from the local cache alone
+    when HF_HUB_OFFLINE is set or the hub cannot be reached within HUB_TIMEOUT_S, instead of
+    transformers' retries (about 25 s)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = not os.path.isdir(src) and (
+        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or not _hub_reachable(endpoint))
+    if offline:
+        kw["local_files_only"] = True
+    try:
+        return load(src, **kw)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the option, the source, and what went wrong in one line
+        if offline:
+            why = f"not a local directory, and not in the Hugging Face cache ({endpoint} is offline or unreachable)"
+        else:
+            lines = str(e).strip().splitlines()
+            why = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        raise ConfigError(f"{option}: cannot load {src!r}: {why}") from e
+
+
 def load_tokenizer(cfg: LLMTrainConfig):
     from transformers import AutoTokenizer
 
     src = cfg.tokenizer or cfg.model
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except Exception as e:  # noqa: BLE001 - name the option and what transformers said
-        raise ConfigError(f"tokenizer: cannot load {src!r}: {e}") from e
+    tok = from_pretrained("tokenizer" if cfg.tokenizer else "model (its tokenizer)", AutoTokenizer.from_pretrained, src)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError(f"tokenizer {src!r} has neither a pad nor an eos token")
@@ -205,29 +253,25 @@ def build_reward_model(cfg: LLMTrainConfig, source: str | None, pad_token_id: in
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     if trained:
-        try:
-            conf = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"reward_model: cannot load {source!r}: {e}") from e
+        conf = from_pretrained("reward_model", AutoConfig.from_pretrained, source)
         arch = list(getattr(conf, "architectures", None) or [])
         if not any(a.endswith("ForSequenceClassification") for a in arch) or getattr(conf, "num_labels", None) != 1:
             raise ConfigError(f"reward_model {source!r} is not a reward model (architectures {arch}, num_labels "
                               f"{getattr(conf, 'num_labels', None)}): its head would be random. Train one with "
                               "method 'rm', or give a sequence-classification model with one label")
     torch.manual_seed(cfg.seed)
-    try:
-        if source is None and cfg.model_config is not None:
-            mc = copy.deepcopy(load_mapping("model_config", cfg.model_config))
+    if source is None and cfg.model_config is not None:
+        mc = copy.deepcopy(load_mapping("model_config", cfg.model_config))
+        try:
             conf = AutoConfig.for_model(mc.pop("model_type"), **mc, num_labels=1, pad_token_id=pad_token_id)
-            model = AutoModelForSequenceClassification.from_config(conf, attn_implementation=cfg.attn_implementation,
-                                                                   dtype=dtype)
-        else:
-            src = source or cfg.model
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src, num_labels=1, attn_implementation=cfg.attn_implementation, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"reward_model: cannot load {source or cfg.model!r} as a sequence-classification "
-                          f"model: {e}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"model_config: {e}") from e
+        model = AutoModelForSequenceClassification.from_config(conf, attn_implementation=cfg.attn_implementation,
+                                                               dtype=dtype)
+    else:
+        option = "reward_model" if source is not None and source != cfg.model else "model (as a reward model)"
+        model = from_pretrained(option, AutoModelForSequenceClassification.from_pretrained, source or cfg.model,
+                                num_labels=1, attn_implementation=cfg.attn_implementation, dtype=dtype)
     model.config.pad_token_id = pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -235,9 +279,9 @@ def build_reward_model(cfg: LLMTrainConfig, source: str | None, pad_token_id: in
     return model
 
 
-def build_model(cfg: LLMTrainConfig, zero3: bool):
+def build_model(cfg: LLMTrainConfig, zero3: bool, option: str = "model"):
     """The causal LM (fp32, or bf16 with cfg.bf16), randomly initialised from cfg.model_config
-    with seed cfg.seed, or loaded from cfg.model. Under ZeRO-3 the caller holds an
+    with seed cfg.seed, or loaded from cfg.model (errors name ``option``). Under ZeRO-3 the caller holds an
     ``HfDeepSpeedConfig`` so that transformers partitions the weights while loading."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -253,10 +297,8 @@ def build_model(cfg: LLMTrainConfig, zero3: bool):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation, dtype=dtype)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype)
-        except OSError as e:
-            raise ConfigError(f"model: cannot load {cfg.model!r}: {e}") from e
+        model = from_pretrained(option, AutoModelForCausalLM.from_pretrained, cfg.model,
+                                attn_implementation=cfg.attn_implementation, dtype=dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 
 import numpy as np
@@ -259,7 +260,8 @@ class Trainer:
         import deepspeed
 
         cfg = dataclasses.replace(self.cfg, model=path, model_config=None) if path else self.cfg
-        return self._frozen(PolicyWithLoss(build_model(cfg, self.zero3), self.zero3))
+        return self._frozen(PolicyWithLoss(build_model(cfg, self.zero3, "eval_reference" if path else "model"),
+                                           self.zero3))
 
     def _frozen(self, module):
         """``module`` without gradients, in eval mode, on the device (under ZeRO-3: a DeepSpeed
@@ -703,6 +705,14 @@ class Trainer:
         return tok_total, last
 
     def train(self) -> dict:
+        """Run (or continue, with resume) to ``steps`` -> the summary (also output_dir/summary.json).
+        A signal during start-up stops at once, in the loop after the step (with a checkpoint)."""
+        with StopOnSignal() as stop:
+            stop.starting()
+            signal_hook(0, self.rank)  # test hook: a signal during start-up
+            return self._run(stop)
+
+    def _run(self, stop) -> dict:
         cfg = self.cfg
         resumed = cfg.resume and self.load_checkpoint()
         start = self.state["step"]
@@ -736,12 +746,13 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method}", dynamic_ncols=True)
         t_start = time.time()
+        stop.in_loop()
         try:
-            with StopOnSignal() as stop:
-                tok_total, last = self._steps(start, evals, bar, stop, kill_at)
+            tok_total, last = self._steps(start, evals, bar, stop, kill_at)
         finally:
             if bar is not None:
                 bar.close()
+        # from here a signal is recorded and the run completes (final evaluation, model saved)
         if not evals or evals[-1]["step"] != cfg.steps:
             e = self.evaluate(cfg.steps)
             if e:
@@ -755,13 +766,18 @@ class Trainer:
         if self.rank == 0:
             with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=1)
+            if stop.signum:
+                print(f"[aihf_fast] {signal.Signals(stop.signum).name} arrived after the last step: the run was "
+                      "completed", file=sys.stderr, flush=True)
         return summary
 
 
 def train(cfg: LLMTrainConfig) -> dict:
     """Run one training job; returns its summary (also written to output_dir/summary.json)."""
-    if cfg.method in REWARD_METHODS:
-        from .trainer_rl import RewardRLTrainer
+    with StopOnSignal() as stop:  # start-up (models, data, caches): a signal stops at once
+        stop.starting()
+        if cfg.method in REWARD_METHODS:
+            from .trainer_rl import RewardRLTrainer
 
-        return RewardRLTrainer(cfg).train()
-    return Trainer(cfg).train()
+            return RewardRLTrainer(cfg).train()
+        return Trainer(cfg).train()

@@ -98,10 +98,7 @@ class RewardRLTrainer(Trainer):
                 import dataclasses
 
                 scfg = dataclasses.replace(cfg, model=cfg.sample_policy, model_config=None)
-                try:
-                    sampler = build_model(scfg, self.zero3)
-                except ConfigError as e:
-                    raise ConfigError(str(e).replace("model:", "sample_policy:", 1)) from e
+                sampler = build_model(scfg, self.zero3, "sample_policy")
                 self.sampler = self._frozen(PolicyWithLoss(sampler, self.zero3))
             self.engine, self.sched = self._engine(RewardModel(self._reward_model(cfg.reward_model)), cfg.lr, cfg.steps)
             self.policy = self.rm = self.engine.module  # the trained module
