@@ -132,3 +132,31 @@ def test_signal_at_start_up_stops_at_once_and_after_the_last_step_completes(runs
     _check(r)
     assert "SIGTERM arrived after the last step: the run was completed" in r.stderr
     assert os.path.isfile(os.path.join(late, "model", "model.safetensors"))
+
+
+def test_synthetic_job_resumes_its_stages_and_says_when_it_replaces_a_result(tmp_path, capsys, monkeypatch):
+    """--synthetic stopped by SIGTERM inside its base-model stage: exit 143; --resume true continues
+    that stage from its checkpoint and then equals an uninterrupted job. A rerun says it replaces
+    the earlier result and reuses the base model."""
+    from aihf_fast.train.llm.cli import main
+
+    tiny = ["--synthetic", "--num-demos", "32", "--num-pairs", "16", "--num-base", "64", "--num-eval-prompts", "8",
+            "--base-steps", "4", "--steps", "3", "--pairs-per-batch", "4", "--demos-per-batch", "4",
+            "--refresh-every", "2", "--gen-batch-size", "32", "--progress", "false"]
+    full = str(tmp_path / "full")
+    assert main(tiny + ["--output-dir", full]) == 0
+    cut = str(tmp_path / "cut")
+    monkeypatch.setenv("AIHF_FAST_SIGNAL_AFTER_STEP", "2")  # step 2 of the base model's pretraining
+    assert main(tiny + ["--output-dir", cut]) == 143
+    assert "interrupted by SIGTERM after step 2" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(cut, "aihf"))
+    monkeypatch.delenv("AIHF_FAST_SIGNAL_AFTER_STEP")
+    assert main(tiny + ["--output-dir", cut, "--resume", "true"]) == 0
+    for stage in ("base", "aihf"):
+        _assert_same_run(os.path.join(full, stage), os.path.join(cut, stage), tol=1e-6)
+    stamp = os.path.getmtime(os.path.join(cut, "base", "model", "model.safetensors"))
+    capsys.readouterr()
+    assert main(tiny + ["--output-dir", cut]) == 0
+    out = capsys.readouterr().out
+    assert f"replacing the earlier result in {os.path.join(cut, 'aihf')}" in out and "pretraining the base" not in out
+    assert os.path.getmtime(os.path.join(cut, "base", "model", "model.safetensors")) == stamp

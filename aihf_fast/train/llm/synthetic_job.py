@@ -5,7 +5,12 @@
    OUTPUT_DIR/base/model: the base policy and the reference (skipped when it exists and was
    trained with the same task options and seed, recorded in OUTPUT_DIR/base/stage_options.json).
 3. Train the base with the chosen method (default ``aihf``) into OUTPUT_DIR/METHOD, and print
-   the true reward r*(x, y) of the policy's samples on held-out prompts before and after.
+   the true reward r*(x, y) of the policy's samples on held-out prompts before and after. An
+   earlier result there is replaced, saying so (``--overwrite false``: stop instead).
+
+``--resume true`` continues a job that was stopped (a signal writes a checkpoint): finished
+stages are reused, the stage that was running continues from its checkpoint when it was started
+with the same options (else it starts over, saying so).
 
 The explicit-reward methods run the paper's pipelines from an SFT policy (the base after SFT on
 the demonstrations, OUTPUT_DIR/sft/model, cached like the base; also the KL reference):
@@ -75,16 +80,18 @@ def run(argv) -> dict:
     if world > 1:
         dist.barrier()
     files = dict(tokenizer=os.path.join(task, "tokenizer"), eval_prompts=os.path.join(task, "eval_prompts.jsonl"))
-    base_model = os.path.join(root, "base", "model")
     task_key = dict(vars(targs), seed=cfg.seed)
     task_key.pop("synthetic", None)
-    if not _cached(base_model, dict(task_key, stage=BASE), rank):
-        base = LLMTrainConfig(**{**BASE, **files}, model_config=dict(synthetic.DEFAULT_MODEL_CONFIG),
-                              demonstrations=os.path.join(task, "base.jsonl"), steps=targs.base_steps,
-                              output_dir=os.path.join(root, "base"), seed=cfg.seed, progress=cfg.progress)
-        train(base)
-        _mark_cached(base_model, dict(task_key, stage=BASE), rank)
-    cfg.model, cfg.model_config = base_model, None
+    resume = cfg.resume
+    base = LLMTrainConfig(**{**BASE, **files}, model_config=dict(synthetic.DEFAULT_MODEL_CONFIG),
+                          demonstrations=os.path.join(task, "base.jsonl"), steps=targs.base_steps,
+                          output_dir=os.path.join(root, "base"), seed=cfg.seed, progress=cfg.progress)
+    base_key = dict(task_key, stage=BASE)
+    if _stage_state(base.output_dir, base_key, rank) != "done" and rank == 0:
+        print(f"[synthetic] pretraining the base model (a tiny Llama, {targs.base_steps} steps on the task's "
+              f"mediocre answers) into {base.output_dir}; reused by later runs with the same task options", flush=True)
+    _stage(train, base, base_key, rank, resume)
+    cfg.model, cfg.model_config = os.path.join(root, "base", "model"), None
     cfg.tokenizer = cfg.tokenizer or files["tokenizer"]
     cfg.eval_prompts = cfg.eval_prompts or files["eval_prompts"]
     cfg.demonstrations = cfg.demonstrations or os.path.join(task, "demos.jsonl")
@@ -92,8 +99,8 @@ def run(argv) -> dict:
         cfg.preferences = cfg.preferences or os.path.join(task, "prefs.jsonl")
     cfg.output_dir = os.path.join(root, cfg.method)
     if reward_method:
-        return _run_reward_pipeline(cfg, root, rank, train, task_key)
-    s = train(cfg)
+        return _run_reward_pipeline(cfg, root, rank, train, task_key, resume)
+    s = _stage(train, cfg, dict(base_key, stage="result"), rank, resume, result=True)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
         print(f"[synthetic] true reward of {cfg.method} samples on {b['eval/num_samples']} held-out prompts: "
@@ -102,48 +109,80 @@ def run(argv) -> dict:
     return s
 
 
-def _cached(model_dir: str, key: dict, rank: int) -> bool:
-    """Whether model_dir holds a model trained with exactly these options (task, seed, stage)."""
-    ok = False
+def _agree(value, rank: int):
+    """rank 0's value on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _stage_state(stage_dir: str, key: dict, rank: int) -> str:
+    """'done' when stage_dir/model was trained with exactly these options, 'started' when a run
+    with them began there and did not finish (it may have a checkpoint), else 'new'."""
+    state = "new"
     if rank == 0:
         try:
-            with open(os.path.join(model_dir, "..", "stage_options.json"), encoding="utf-8") as f:
-                ok = json.load(f) == json.loads(json.dumps(key)) and os.path.isfile(os.path.join(model_dir, "config.json"))
-        except (OSError, ValueError):
-            ok = False
-        if not ok and os.path.isfile(os.path.join(model_dir, "..", "stage_options.json")):
-            os.remove(os.path.join(model_dir, "..", "stage_options.json"))  # retrained next: not valid meanwhile
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [ok]
-        dist.broadcast_object_list(box, src=0)
-        ok = box[0]
-    return ok
+            with open(os.path.join(stage_dir, "stage_options.json"), encoding="utf-8") as f:
+                rec = json.load(f)
+            if "options" not in rec:  # written before unfinished stages were recorded: a finished one
+                rec = {"options": rec, "done": True}
+            if rec["options"] == json.loads(json.dumps(key)):
+                done = rec["done"] and os.path.isfile(os.path.join(stage_dir, "model", "config.json"))
+                state = "done" if done else "started"
+        except (OSError, ValueError, KeyError, TypeError):
+            state = "new"
+    return _agree(state, rank)
 
 
-def _mark_cached(model_dir: str, key: dict, rank: int) -> None:
+def _mark_stage(stage_dir: str, key: dict, rank: int, done: bool) -> None:
     if rank == 0:
-        with open(os.path.join(model_dir, "..", "stage_options.json"), "w", encoding="utf-8") as f:
-            json.dump(key, f, indent=1)
+        os.makedirs(stage_dir, exist_ok=True)
+        tmp = os.path.join(stage_dir, "stage_options.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"options": key, "done": done}, f, indent=1)
+        os.replace(tmp, os.path.join(stage_dir, "stage_options.json"))
 
 
-def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_key: dict) -> dict:
+def _stage(train, cfg: LLMTrainConfig, key: dict, rank: int, resume: bool, result: bool = False):
+    """Run one stage of the job into cfg.output_dir -> its summary, or None when it is cached
+    (``result=False``: an intermediate model). With ``resume`` an unfinished stage started with the
+    same options continues from its checkpoint. ``result=True``: the stage is always run, and an
+    earlier finished result is replaced only with a message."""
+    state = _stage_state(cfg.output_dir, key, rank)
+    if state == "done" and not result:
+        return None
+    cfg.resume = resume and state != "new"
+    if rank == 0:
+        if resume and state == "new" and os.path.isdir(os.path.join(cfg.output_dir, "checkpoints")):
+            print(f"[synthetic] {cfg.output_dir}: the run there was started with other task options or another "
+                  "base model: starting it over", flush=True)
+        elif not cfg.resume and cfg.overwrite and os.path.isfile(os.path.join(cfg.output_dir, "summary.json")):
+            print(f"[synthetic] replacing the earlier result in {cfg.output_dir} (--overwrite false keeps it and "
+                  "stops)", flush=True)
+    _mark_stage(cfg.output_dir, key, rank, done=False)
+    s = train(cfg)
+    _mark_stage(cfg.output_dir, key, rank, done=True)
+    return s
+
+
+def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_key: dict, resume: bool) -> dict:
     """SFT policy (cached) -> [reward model on the preferences ->] the chosen explicit-reward method."""
     shared = dict(tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                   gen_batch_size=cfg.gen_batch_size, seed=cfg.seed, progress=cfg.progress, overwrite=True)
     sft_model = os.path.join(root, "sft", "model")
     sft_key = dict(task_key, stage=SFT, demonstrations=cfg.demonstrations)
-    if not _cached(sft_model, sft_key, rank):
-        train(LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
-                             eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
-                             output_dir=os.path.join(root, "sft")))
-        _mark_cached(sft_model, sft_key, rank)
+    _stage(train, LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
+                                 eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
+                                 output_dir=os.path.join(root, "sft")), sft_key, rank, resume)
     cfg.model = sft_model
     if cfg.method == "rm":
         cfg.eval_prompts = cfg.eval_reward = None
         if not cfg.sample_policy:  # demonstrations enter rm only as (demo > sample of sample_policy) pairs
             cfg.demonstrations = None
         cfg.eval_preferences = cfg.eval_preferences or _held_out_pairs(root, rank)
-        s = train(cfg)
+        s = _stage(train, cfg, dict(sft_key, stage="result"), rank, resume, result=True)
         if rank == 0 and s["evals"]:
             b, a = s["evals"][0], s["evals"][-1]
             print(f"[synthetic] reward model accuracy on {_count(cfg.eval_preferences)} held-out pairs: "
@@ -155,15 +194,16 @@ def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_
             from .config import ConfigError
 
             raise ConfigError("--synthetic --method rlhf fits its reward model on preferences: --num-pairs must be > 0")
-        rm = train(LLMTrainConfig(**{**RM, **shared}, model=sft_model, preferences=cfg.preferences,
-                                  eval_preferences=_held_out_pairs(root, rank), output_dir=os.path.join(root, "rm")))
+        rm_cfg = LLMTrainConfig(**{**RM, **shared}, model=sft_model, preferences=cfg.preferences,
+                                eval_preferences=_held_out_pairs(root, rank), output_dir=os.path.join(root, "rm"))
+        rm = _stage(train, rm_cfg, dict(sft_key, stage=RM, preferences=cfg.preferences), rank, resume, result=True)
         if rank == 0 and rm["evals"]:
             print(f"[synthetic] reward model on the preferences: held-out pair accuracy "
                   f"{rm['evals'][0]['eval/rm_accuracy']:.3f} -> {rm['evals'][-1]['eval/rm_accuracy']:.3f}", flush=True)
         cfg.reward_model = rm["model_dir"]
     if cfg.method == "aihf_rm" and cfg.preferences and not cfg.eval_preferences:
         cfg.eval_preferences = _held_out_pairs(root, rank)
-    s = train(cfg)
+    s = _stage(train, cfg, dict(sft_key, stage="result", reward_model=cfg.reward_model), rank, resume, result=True)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
         print(f"[synthetic] true reward of {cfg.method} samples on {b['eval/num_samples']} held-out prompts: "
