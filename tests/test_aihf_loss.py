@@ -265,3 +265,35 @@ def test_single_token_sequences_in_a_pack():
                         comparisons=(torch.tensor([0]), torch.tensor([1])),
                         nll_weights=torch.tensor([0.0, 0.0, 0.5], device=DEVICE))
         assert_close_to(f"{backend} loss", out.loss, want, 1e-5, 1e-5)
+
+
+def test_shift_labels_takes_causal_lm_labels_as_trl_gives_them():
+    """TRL / transformers labels (input_ids, prompt and padding = -100, not shifted) with
+    shift_labels=True: the same loss and gradients as logits[:, :-1] scored against
+    labels[:, 1:] by hand, padded and packed alike (the op's log-probs are fp32: 1e-5)."""
+    S, T, V = 4, 7, 23
+    logits = torch.randn(S, T, V, device=DEVICE, dtype=torch.float64)
+    labels = torch.randint(0, V, (S, T), device=DEVICE)
+    labels[:, :2] = -100  # prompt
+    labels[1, 5:] = -100  # padding
+    ref = torch.randn(S, device=DEVICE, dtype=torch.float64)
+    cmp = (torch.tensor([0, 2]), torch.tensor([1, 3]))
+    nll = torch.tensor([0.5, 0.0, 1.0, 0.0], device=DEVICE)
+    lg = logits.clone().requires_grad_()
+    out = aihf_loss(labels, logits=lg, ref_seq_logps=ref, comparisons=cmp, nll_weights=nll, beta=BETA,
+                    shift_labels=True)
+    out.loss.backward()
+    by_hand_lg = logits.clone().requires_grad_()
+    seq, n = seq_logps_by_hand(by_hand_lg[:, :-1], labels[:, 1:])
+    h = (seq[[0, 2]] - ref[[0, 2]]) - (seq[[1, 3]] - ref[[1, 3]])
+    want = -F.logsigmoid(BETA * h).mean() + (-(nll * seq).sum() / (n * (nll != 0)).sum())
+    want.backward()
+    assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
+    assert_close_to("grad", lg.grad, by_hand_lg.grad, 1e-5, 1e-5)
+    # packed: the shift stays inside each sequence (a sequence's last position reads nothing)
+    cu = torch.arange(0, S * T + 1, T, device=DEVICE)
+    packed = aihf_loss(labels.reshape(-1), logits=logits.reshape(S * T, V), cu_seqlens=cu, ref_seq_logps=ref,
+                       comparisons=cmp, nll_weights=nll, beta=BETA, shift_labels=True)
+    assert_close_to("packed loss", packed.loss, want, 1e-5, 1e-5)
+    unshifted = aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp, nll_weights=nll, beta=BETA)
+    assert (unshifted.loss - want).abs() > 1e-3  # without the flag the labels mean something else

@@ -1,4 +1,6 @@
 """Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+import re
+
 import pytest
 import torch
 
@@ -166,3 +168,39 @@ def test_more_aihf_loss_argument_errors():
     assert torch.isfinite(out.loss)
     with pytest.raises(TypeError, match="integer sequence indices"):
         aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp + 0.5)
+
+
+def test_reference_errors_name_the_reference_argument():
+    """A bad reference is named as the reference (ref_hidden / ref_weight / ref_logits), not as the
+    policy's hidden / weight; a reference with another vocabulary, NaN policy token log-probs at
+    loss positions, and a reference passed with reference_free=True are refused."""
+    S, T, H, V = 2, 5, 8, 11
+    h, w = torch.randn(S, T, H, device=DEVICE), torch.randn(V, H, device=DEVICE)
+    labels = torch.randint(0, V, (S, T), device=DEVICE)
+    cmp = (torch.tensor([0]), torch.tensor([1]))
+    kw = dict(hidden=h, weight=w, comparisons=cmp)
+    nan_h = h.clone()
+    nan_h[0, 1, 2] = float("nan")
+    cases = [
+        (dict(ref_hidden=nan_h, ref_weight=w), "ref_hidden has 1 non-finite"),
+        (dict(ref_hidden=h, ref_weight=w.clone().fill_(float("inf"))), "ref_weight has"),
+        (dict(ref_hidden=h, ref_weight=torch.randn(V, H + 1, device=DEVICE)), "ref_weight must have shape (V, 8)"),
+        (dict(ref_hidden=torch.randn(S, T, H + 1, device=DEVICE), ref_weight=w), "to match ref_hidden's last dim 9"),
+        (dict(ref_hidden=h, ref_weight=torch.randn(V + 3, H, device=DEVICE)), "ref_weight has a vocabulary of 14"),
+        (dict(ref_logits=torch.randn(S, T, V + 1, device=DEVICE)), "ref_logits has a vocabulary of 12"),
+        (dict(ref_logits=torch.full((S, T, V), float("nan"), device=DEVICE)), "ref_logits has"),
+        (dict(ref_weight=w), "pass ref_hidden too"),
+        (dict(ref_seq_logps=torch.zeros(S, device=DEVICE), reference_free=True), "reference_free=True takes no reference"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
+            aihf_loss(labels, **kw, **extra)
+    with pytest.raises(TypeError, match="ref_weight dtype"):
+        aihf_loss(labels, **kw, ref_hidden=h, ref_weight=w.double())
+    tok = torch.randn(S, T, device=DEVICE)
+    tok[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="token_logps has 1 NaN values at loss positions"):
+        aihf_loss(labels, token_logps=tok, comparisons=cmp, reference_free=True)
+    masked = labels.clone()
+    masked[1, 3] = -100  # NaN at an ignored position is not read
+    assert torch.isfinite(aihf_loss(masked, token_logps=tok, comparisons=cmp, reference_free=True).loss)

@@ -36,7 +36,7 @@ import torch
 
 from . import reference
 from .logprobs import linear_token_logprobs, token_logprobs
-from .validation import check_float, check_int, check_same_device, check_shape
+from .validation import check_finite, check_float, check_int, check_same_device, check_shape
 
 REDUCTIONS = ("mean", "sum")
 NLL_NORMALIZATIONS = ("tokens", "length", "sequence", "none")
@@ -153,6 +153,37 @@ def _parse_comparisons(comparisons, S, device, validate):
     return winners, losers, weights
 
 
+def _check_reference_head(ref_hidden, ref_weight, validate):
+    """The reference's hidden states and head, checked under their own names (the op would
+    name them ``hidden`` / ``weight``)."""
+    if ref_weight is None:
+        raise ValueError("ref_hidden needs ref_weight, the reference (V, H) LM-head weight")
+    check_float("ref_hidden", ref_hidden)
+    check_float("ref_weight", ref_weight, ndim=2)
+    if ref_hidden.dim() == 0:
+        raise ValueError("ref_hidden must have a hidden-size dim, got a scalar")
+    H = ref_hidden.shape[-1]
+    if ref_weight.shape[1] != H:
+        raise ValueError(f"ref_weight must have shape (V, {H}) to match ref_hidden's last dim {H}, "
+                         f"got {tuple(ref_weight.shape)}")
+    if ref_weight.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_weight dtype {ref_weight.dtype} must equal ref_hidden dtype {ref_hidden.dtype}")
+    if validate:
+        check_finite("ref_hidden", ref_hidden)
+        check_finite("ref_weight", ref_weight)
+
+
+def _shift(labels, seg, ignore_index):
+    """Next-token labels at each position: labels[t + 1] of the same sequence, ignore_index at a
+    sequence's last position (causal-LM labels as TRL and transformers give them, unshifted)."""
+    flat = labels.reshape(-1)
+    out = torch.full_like(flat, ignore_index)
+    if flat.numel() > 1:
+        same = seg[1:] == seg[:-1]
+        out[:-1] = torch.where(same, flat[1:], torch.full_like(flat[1:], ignore_index))
+    return out.reshape(labels.shape)
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -179,6 +210,7 @@ def aihf_loss(
     reduction: str = "mean",
     nll_normalize: str = "tokens",
     reference_free: bool = False,
+    shift_labels: bool = False,
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
@@ -191,9 +223,14 @@ def aihf_loss(
     ``logits`` (..., V), or precomputed ``token_logps`` (...) with their own graph.
     Reference (at most one): ``ref_hidden`` + ``ref_weight``, ``ref_logits``, ``ref_token_logps``
     (shaped like labels), or ``ref_seq_logps`` (S,); computed without gradient. None only with
-    ``reference_free=True`` or without comparisons.
+    ``reference_free=True`` (which takes no reference) or without comparisons. A reference head
+    must have the policy's vocabulary size.
     Layout: padded ``labels`` (B, T), one sequence per row; or packed ``labels`` (N,) with
     ``cu_seqlens`` (S + 1,) or ``segment_ids`` (N,) (+ ``num_sequences``).
+    ``labels`` at position t are the token that position t predicts (already shifted). With
+    ``shift_labels=True`` they are the causal-LM labels of transformers/TRL instead (``input_ids``
+    with prompt and padding set to ignore_index): the loss reads labels[t + 1] of the same
+    sequence at position t (and nothing at a sequence's last position).
     ``comparisons``: (winners (K,), losers (K,)[, weights (K,)]) sequence indices, or (K, 2|3).
     ``nll_weights``: (S,) demonstration NLL weight a_i per sequence (0 = none).
     """
@@ -214,6 +251,8 @@ def aihf_loss(
     labels = labels.long()  # narrow integer dtypes would wrap ignore_index
     labels_shape = tuple(labels.shape)
     flat_labels, seg, S = _segments(labels, cu_seqlens, segment_ids, num_sequences, validate)
+    if shift_labels:
+        flat_labels = _shift(flat_labels, seg, ignore_index)
     if num_sequences is not None and num_sequences != S:
         raise ValueError(f"num_sequences={num_sequences} but the layout holds {S} sequences")
     N = flat_labels.numel()
@@ -239,6 +278,8 @@ def aihf_loss(
         check_same_device(labels=labels, token_logps=token_logps)
         tok = _flat_tokens("token_logps", token_logps, labels_shape, N, 0).float()
         tok = torch.where(valid, tok, torch.zeros_like(tok))
+        if validate and bool(torch.isnan(tok).any()):  # -inf is a log-prob (of an impossible token); NaN is not
+            raise ValueError(f"token_logps has {int(torch.isnan(tok).sum())} NaN values at loss positions")
 
     # reference per-sequence log-probs
     refs = [
@@ -247,15 +288,29 @@ def aihf_loss(
     ]
     if len(refs) > 1:
         raise ValueError(f"pass at most one reference input, got {refs}")
+    if reference_free and refs:
+        raise ValueError(f"reference_free=True takes no reference, got {refs[0]}; drop one of them")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight is the reference head for ref_hidden: pass ref_hidden too (or neither)")
+    policy_vocab = weight.shape[0] if hidden is not None and weight.dim() == 2 else \
+        logits.shape[-1] if logits is not None and logits.dim() else None
     with torch.no_grad():
         if ref_hidden is not None:
-            if ref_weight is None:
-                raise ValueError("ref_hidden needs ref_weight, the reference (V, H) LM-head weight")
-            check_float("ref_hidden", ref_hidden)
+            _check_reference_head(ref_hidden, ref_weight, validate)
+            if policy_vocab is not None and ref_weight.shape[0] != policy_vocab:
+                raise ValueError(f"ref_weight has a vocabulary of {ref_weight.shape[0]} rows but the policy's has "
+                                 f"{policy_vocab}: the reference must share the policy's tokenizer")
             xr = _flat_tokens("ref_hidden", ref_hidden, labels_shape, N, 1)
             ref_tok = linear_token_logprobs(xr, ref_weight, flat_labels, chunk_size=chunk_size, **op_kw)
         elif ref_logits is not None:
             check_float("ref_logits", ref_logits)
+            if ref_logits.dim() == 0:
+                raise ValueError("ref_logits must have a vocabulary dim, got a scalar")
+            if policy_vocab is not None and ref_logits.shape[-1] != policy_vocab:
+                raise ValueError(f"ref_logits has a vocabulary of {ref_logits.shape[-1]} but the policy's has "
+                                 f"{policy_vocab}: the reference must share the policy's tokenizer")
+            if validate:
+                check_finite("ref_logits", ref_logits)
             ref_tok = token_logprobs(_flat_tokens("ref_logits", ref_logits, labels_shape, N, 1), flat_labels, **op_kw)
         elif ref_token_logps is not None:
             check_float("ref_token_logps", ref_token_logps)

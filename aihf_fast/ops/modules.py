@@ -25,6 +25,7 @@ class AIHFLoss(torch.nn.Module):
         reduction: str = "mean",
         nll_normalize: str = "tokens",
         reference_free: bool = False,
+        shift_labels: bool = False,
         ignore_index: int = -100,
         temperature: float = 1.0,
         chunk_size: int | None = None,
@@ -34,7 +35,8 @@ class AIHFLoss(torch.nn.Module):
         super().__init__()
         self.config = dict(
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
-            nll_normalize=nll_normalize, reference_free=reference_free, ignore_index=ignore_index,
+            nll_normalize=nll_normalize, reference_free=reference_free, shift_labels=shift_labels,
+            ignore_index=ignore_index,
             temperature=temperature, chunk_size=chunk_size, backend=backend, validate=validate,
         )
         # check the hyper-parameters now rather than at the first batch
