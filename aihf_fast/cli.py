@@ -38,8 +38,9 @@ def main(argv=None):
         return main_then_exit(argv[1:])
     if argv[0] == "train-control":
         from .train.control.cli import main as control_main
+        from .train.preemption import main_then_exit
 
-        return control_main(argv[1:])
+        return main_then_exit(control_main, argv[1:])
     from .demo import main as demo_main
 
     return demo_main(argv[1:])

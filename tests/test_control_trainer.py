@@ -147,8 +147,17 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsy
         train(ControlConfig(**base, env_steps=6 * n, output_dir=str(out), resume=True))
         err = capsys.readouterr().err
         assert f"passing over a damaged checkpoint: {out / 'checkpoint.pt'}" in err, (how, err)
-        assert "(iteration 2)" in err, err
+        assert "(iteration 2)" in err and (out / "checkpoint.damaged.pt").exists(), err
         assert [strip(json.loads(x)) for x in open(out / "log.jsonl")] == want, how
+        assert torch.load(out / "checkpoint.prev.pt", weights_only=False)["it"] == 4  # saves at 4, 6 after it
+    # a rotation cut short between its renames: checkpoint.pt already moved to checkpoint.prev.pt,
+    # its manifest not yet: the file matches the other manifest and is resumed (iteration 4)
+    cut = tmp_path / "rotation_cut"
+    shutil.copytree(part, cut)
+    os.replace(cut / "checkpoint.pt", cut / "checkpoint.prev.pt")
+    train(ControlConfig(**base, env_steps=6 * n, output_dir=str(cut), resume=True))
+    assert "damaged" not in capsys.readouterr().err
+    assert [strip(json.loads(x)) for x in open(cut / "log.jsonl")] == want
     both = tmp_path / "both"
     shutil.copytree(part, both)
     _damage(both / "checkpoint.pt", "truncate")

@@ -158,5 +158,11 @@ def test_synthetic_job_resumes_its_stages_and_says_when_it_replaces_a_result(tmp
     capsys.readouterr()
     assert main(tiny + ["--output-dir", cut]) == 0
     out = capsys.readouterr().out
-    assert f"replacing the earlier result in {os.path.join(cut, 'aihf')}" in out and "pretraining the base" not in out
+    assert f"{os.path.join(cut, 'aihf')}: replacing the earlier result" in out and "pretraining the base" not in out
     assert os.path.getmtime(os.path.join(cut, "base", "model", "model.safetensors")) == stamp
+    # --resume with other options for the result stage: it starts over (its checkpoints are not
+    # continued), saying so; --overwrite false refuses instead
+    assert main(tiny + ["--output-dir", cut, "--beta", "0.2", "--overwrite", "false", "--resume", "true"]) == 2
+    assert "made with other options (it cannot be resumed)" in capsys.readouterr().err
+    assert main(tiny + ["--output-dir", cut, "--beta", "0.2", "--resume", "true"]) == 0
+    assert "the run there was made with other options: starting it over" in capsys.readouterr().out

@@ -167,7 +167,9 @@ def test_models_that_cannot_load_are_one_line_errors(task, tmp_path, capsys, mon
     from aihf_fast.train.llm import model as model_mod
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+              "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
     model_mod._hub_reachable.cache_clear()
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -149,3 +149,41 @@ def test_stop_on_signal_first_records_second_aborts(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stop_on_signal_start_up_mode_and_process_exit(tmp_path):
+    """Start-up mode raises Interrupted at once and leaves no handler or active instance behind;
+    under main_then_exit the same stop delivered again while the command reports is ignored (a
+    fresh process, so that a failure cannot kill the test run)."""
+    import signal
+    import subprocess
+    import sys
+
+    from aihf_fast.train import preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preemption.Interrupted, match="while a run was starting"):
+        with preemption.StopOnSignal() as stop:
+            stop.starting()
+            with preemption.StopOnSignal() as inner:  # nested: the same instance
+                assert inner is stop
+                import os
+
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before and preemption.StopOnSignal._active is None
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from aihf_fast.train.preemption import Interrupted, StopOnSignal, main_then_exit\n"
+        "def main(argv):\n"
+        "    try:\n"
+        "        with StopOnSignal() as stop:\n"
+        "            stop.starting()\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "    except Interrupted as e:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # the launcher forwards the stop again\n"
+        "        print('reported', flush=True)\n"
+        "        return e.exit_code\n"
+        "sys.exit(main_then_exit(main))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and "reported" in r.stdout and "Traceback" not in r.stderr, (r.returncode, r.stderr)

@@ -92,15 +92,25 @@ def write_file_manifest(path: str) -> None:
     _write_atomic(file_manifest(path), json.dumps(_entry(path)))
 
 
-def file_damage(path: str) -> str | None:
-    """None when the single-file checkpoint ``path`` matches its manifest; else what is wrong."""
-    try:
-        with open(file_manifest(path), encoding="utf-8") as f:
-            want = json.load(f)
-        want["size"], want["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{file_manifest(path)}: missing or unreadable (the checkpoint was not completed)"
-    return _mismatch(path, want)
+def file_damage(path: str, other_manifests: tuple = ()) -> str | None:
+    """None when the single-file checkpoint ``path`` matches its manifest (or, a rotation cut short
+    between its renames, one of ``other_manifests``); else what is wrong with it."""
+    why = None
+    for i, man in enumerate((file_manifest(path), *other_manifests)):
+        try:
+            with open(man, encoding="utf-8") as f:
+                want = json.load(f)
+            want["size"], want["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            if i == 0:
+                why = f"{man}: missing or unreadable (the checkpoint was not completed)"
+            continue
+        bad = _mismatch(path, want)
+        if bad is None:
+            return None
+        if i == 0:
+            why = bad
+    return why
 
 
 def write_latest(ckpt_dir: str, tag: str) -> None:

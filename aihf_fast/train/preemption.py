@@ -70,19 +70,41 @@ class StopOnSignal:
         if self._outer is not None:
             self._outer = None
             return False
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+        self._restore()
+        return False
+
+    def _restore(self):
+        """Put the earlier handlers back, with the two signals blocked meanwhile (one arriving
+        then is delivered to the restored handler, never half-way through the restore)."""
         if StopOnSignal._active is self:
             StopOnSignal._active = None
-        return False
+        self.at_once = False
+        old, self._old = self._old, {}
+        if not old:
+            return
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            for s, h in old.items():
+                signal.signal(s, h)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def starting(self) -> None:
         """Start-up of a run: a signal stops at once (one already recorded, while an earlier run
-        of this process was finishing, stops now)."""
+        of this process was finishing, stops now; under several processes, one recorded by any
+        rank: call it at the same point on every rank)."""
+        import torch.distributed as dist
+
         self.at_once = True
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+        signum = self.signum
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            signum = self.requested(dist.get_world_size(), device)
+        if signum is not None:
+            self.signum = self.signum or signum
+            raise Interrupted(signum)
 
     def in_loop(self) -> None:
         """The training loop: a signal is recorded, the loop stops at the end of its step."""
@@ -96,7 +118,7 @@ class StopOnSignal:
             return
         if time.monotonic() - self._t < GRACE_S:  # the same stop, delivered twice
             return
-        self.__exit__()  # a second signal: the default action, now
+        self._restore()  # a second signal: the default action, now
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
@@ -113,6 +135,14 @@ class StopOnSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return int(flag.item()) or None
         return self.signum
+
+
+def main_then_exit(main, argv=None) -> int:
+    """``main(argv)`` for a process that exits next (``python -m``, console commands): the
+    handlers stay installed until it returns, so a stop delivered twice (Ctrl-C plus the
+    launcher's SIGTERM) cannot kill the process while it reports and cleans up."""
+    with StopOnSignal():
+        return main(argv)
 
 
 def signal_hook(step: int, rank: int = 0) -> None:

@@ -1,5 +1,6 @@
 import sys
 
+from ..preemption import main_then_exit
 from .cli import main
 
-sys.exit(main())
+sys.exit(main_then_exit(main))

@@ -68,6 +68,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt = os.path.join(cfg.output_dir, "checkpoint.pt")
         self.prev_ckpt = os.path.join(cfg.output_dir, "checkpoint.prev.pt")
+        self.damaged_ckpt = os.path.join(cfg.output_dir, "checkpoint.damaged.pt")  # set aside by --resume
         ckpts = (self.ckpt, self.prev_ckpt)
         if any(os.path.isfile(p) for c in ckpts for p in (c, file_manifest(c))) and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"output_dir {cfg.output_dir!r} holds a checkpoint: pass --resume to continue it or "
@@ -76,7 +77,7 @@ class Trainer:
             import shutil
 
             shutil.rmtree(os.path.join(cfg.output_dir, "policies"), ignore_errors=True)
-            for p in (p for c in ckpts for p in (c, file_manifest(c), c + ".tmp")):
+            for p in (p for c in (*ckpts, self.damaged_ckpt) for p in (c, file_manifest(c), c + ".tmp")):
                 if os.path.isfile(p):
                     os.remove(p)
         random.seed(cfg.seed)
@@ -235,8 +236,9 @@ class Trainer:
         # written before manifests existed: no checkpoint of the run has one (not verified)
         legacy = not any(os.path.isfile(file_manifest(p)) for p in found)
         passed = []
+        manifests = tuple(file_manifest(p) for p in (self.ckpt, self.prev_ckpt))
         for p in found:
-            why = None if legacy else file_damage(p)
+            why = None if legacy else file_damage(p, manifests)
             if why is None:
                 try:
                     st = torch.load(p, weights_only=False)
@@ -244,9 +246,13 @@ class Trainer:
                         raise ValueError("not a control trainer checkpoint")
                     for w in passed:
                         print(f"[aihf_fast] --resume: passing over a damaged checkpoint: {w}", file=sys.stderr, flush=True)
-                    if passed:
-                        print(f"[aihf_fast] --resume: resuming from {p} (iteration {st.get('it')})", file=sys.stderr,
-                              flush=True)
+                    if passed:  # set the damaged one aside: the next save must not make it the fallback
+                        for src, dst in ((self.ckpt, self.damaged_ckpt),
+                                         (file_manifest(self.ckpt), file_manifest(self.damaged_ckpt))):
+                            if os.path.isfile(src):
+                                os.replace(src, dst)
+                        print(f"[aihf_fast] --resume: resuming from {p} (iteration {st.get('it')}); the damaged one is "
+                              f"kept as {self.damaged_ckpt}", file=sys.stderr, flush=True)
                     return st
                 except Exception as e:  # noqa: BLE001 - an unreadable file: name it, try the older one
                     why = f"{p}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -353,9 +359,11 @@ class Trainer:
     def _run(self, stop) -> dict:
         cfg = self.cfg
         resumed = cfg.resume and self.load()
-        if resumed:  # keep the log up to the checkpoint
+        if resumed:  # keep the log up to the checkpoint (a new file renamed over it: never half-written)
             lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
-            open(self.log_path, "w").write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
+            with open(self.log_path + ".tmp", "w", encoding="utf-8") as f:
+                f.write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
+            os.replace(self.log_path + ".tmp", self.log_path)
         else:
             open(self.log_path, "w").close()
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:

@@ -61,12 +61,13 @@ def main_then_exit(argv=None) -> int:
     leaves the process group (a barrier only after success), so no rank aborts at exit with
     ``terminate called without an active exception`` (launcher exit code 250). In-process
     callers use ``main``, which keeps the group for the next run."""
-    ok = False
-    try:
-        rc = main(argv)
-        ok = rc == 0
-        return rc
-    finally:
-        trainer = sys.modules.get(f"{__package__}.trainer")  # imported only if a run started
-        if trainer is not None:
-            trainer.shutdown_distributed(barrier=ok)
+    with StopOnSignal():  # handled until the process exits (see preemption.main_then_exit)
+        ok = False
+        try:
+            rc = main(argv)
+            ok = rc == 0
+            return rc
+        finally:
+            trainer = sys.modules.get(f"{__package__}.trainer")  # imported only if a run started
+            if trainer is not None:
+                trainer.shutdown_distributed(barrier=ok)

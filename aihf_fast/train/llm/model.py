@@ -185,11 +185,13 @@ def _hub_reachable(endpoint: str) -> bool:
 def from_pretrained(option: str, load, src: str, **kw):
     """``load(src, **kw)`` (a transformers ``from_pretrained``), or a one-line ConfigError naming
     ``option`` and the reason. A hub id (not a local directory) is read from the local cache alone
-    when HF_HUB_OFFLINE is set or the hub cannot be reached within HUB_TIMEOUT_S, instead of
-    transformers' retries (about 25 s)."""
+    when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set or, without a proxy configured, the hub
+    cannot be reached within HUB_TIMEOUT_S, instead of transformers' retries (about 25 s)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    offline = not os.path.isdir(src) and (
-        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or not _hub_reachable(endpoint))
+    env = {k.lower(): v for k, v in os.environ.items()}
+    offline_env = any(env.get(k, "0").lower() in ("1", "true", "yes", "on") for k in ("hf_hub_offline", "transformers_offline"))
+    proxied = any(env.get(k) for k in ("https_proxy", "http_proxy", "all_proxy"))  # the probe cannot see past one
+    offline = not os.path.isdir(src) and (offline_env or (not proxied and not _hub_reachable(endpoint)))
     if offline:
         kw["local_files_only"] = True
     try:
@@ -197,11 +199,11 @@ def from_pretrained(option: str, load, src: str, **kw):
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - name the option, the source, and what went wrong in one line
-        if offline:
-            why = f"not a local directory, and not in the Hugging Face cache ({endpoint} is offline or unreachable)"
-        else:
-            lines = str(e).strip().splitlines()
-            why = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        if offline and isinstance(e, OSError):  # a cache miss (transformers raises OSError for it)
+            why = (f"not a local directory, and not in the Hugging Face cache ("
+                   f"{'offline mode is set' if offline_env else endpoint + ' cannot be reached'}; {why})")
         raise ConfigError(f"{option}: cannot load {src!r}: {why}") from e
 
 

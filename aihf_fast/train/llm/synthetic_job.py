@@ -86,7 +86,7 @@ def run(argv) -> dict:
     base = LLMTrainConfig(**{**BASE, **files}, model_config=dict(synthetic.DEFAULT_MODEL_CONFIG),
                           demonstrations=os.path.join(task, "base.jsonl"), steps=targs.base_steps,
                           output_dir=os.path.join(root, "base"), seed=cfg.seed, progress=cfg.progress)
-    base_key = dict(task_key, stage=BASE)
+    base_key = _key(base, task=task_key)
     if _stage_state(base.output_dir, base_key, rank) != "done" and rank == 0:
         print(f"[synthetic] pretraining the base model (a tiny Llama, {targs.base_steps} steps on the task's "
               f"mediocre answers) into {base.output_dir}; reused by later runs with the same task options", flush=True)
@@ -99,8 +99,8 @@ def run(argv) -> dict:
         cfg.preferences = cfg.preferences or os.path.join(task, "prefs.jsonl")
     cfg.output_dir = os.path.join(root, cfg.method)
     if reward_method:
-        return _run_reward_pipeline(cfg, root, rank, train, task_key, resume)
-    s = _stage(train, cfg, dict(base_key, stage="result"), rank, resume, result=True)
+        return _run_reward_pipeline(cfg, root, rank, train, dict(task=task_key, base=base_key), resume)
+    s = _stage(train, cfg, _key(cfg, task=task_key, base=base_key), rank, resume, result=True)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
         print(f"[synthetic] true reward of {cfg.method} samples on {b['eval/num_samples']} held-out prompts: "
@@ -145,44 +145,66 @@ def _mark_stage(stage_dir: str, key: dict, rank: int, done: bool) -> None:
         os.replace(tmp, os.path.join(stage_dir, "stage_options.json"))
 
 
+def _key(cfg: LLMTrainConfig, **extra) -> dict:
+    """What makes a stage's result: every trainer option but where it goes and how it is run,
+    plus ``extra`` (the task options, the stage a model came from)."""
+    skip = ("output_dir", "resume", "overwrite", "progress")
+    return json.loads(json.dumps({**{k: v for k, v in vars(cfg).items() if k not in skip}, **extra}, default=str))
+
+
 def _stage(train, cfg: LLMTrainConfig, key: dict, rank: int, resume: bool, result: bool = False):
     """Run one stage of the job into cfg.output_dir -> its summary, or None when it is cached
     (``result=False``: an intermediate model). With ``resume`` an unfinished stage started with the
-    same options continues from its checkpoint. ``result=True``: the stage is always run, and an
-    earlier finished result is replaced only with a message."""
+    same options (``key``) continues from its checkpoint; otherwise the stage starts clean (its
+    earlier checkpoints removed before it is recorded as started, so that they can never be
+    continued under other options). ``result=True``: the stage is always run, and an earlier
+    result is replaced only with a message (``--overwrite false``: an error instead)."""
+    from .config import ConfigError
+
     state = _stage_state(cfg.output_dir, key, rank)
     if state == "done" and not result:
         return None
     cfg.resume = resume and state != "new"
-    if rank == 0:
-        if resume and state == "new" and os.path.isdir(os.path.join(cfg.output_dir, "checkpoints")):
-            print(f"[synthetic] {cfg.output_dir}: the run there was started with other task options or another "
-                  "base model: starting it over", flush=True)
-        elif not cfg.resume and cfg.overwrite and os.path.isfile(os.path.join(cfg.output_dir, "summary.json")):
-            print(f"[synthetic] replacing the earlier result in {cfg.output_dir} (--overwrite false keeps it and "
-                  "stops)", flush=True)
+    if not cfg.resume:
+        earlier = _agree(os.path.isdir(os.path.join(cfg.output_dir, "checkpoints")) or
+                         os.path.isfile(os.path.join(cfg.output_dir, "summary.json")), rank)
+        if earlier and not cfg.overwrite:
+            raise ConfigError(f"--overwrite false: {cfg.output_dir} holds an earlier run"
+                              + (" made with other options (it cannot be resumed)" if resume else "")
+                              + "; choose another --output-dir, or leave --overwrite on to replace it")
+        if earlier and rank == 0:
+            print(f"[synthetic] {cfg.output_dir}: " + ("the run there was made with other options: starting it over"
+                                                       if resume else "replacing the earlier result")
+                  + " (--overwrite false keeps it and stops)", flush=True)
+            import shutil
+
+            shutil.rmtree(os.path.join(cfg.output_dir, "checkpoints"), ignore_errors=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
     _mark_stage(cfg.output_dir, key, rank, done=False)
     s = train(cfg)
     _mark_stage(cfg.output_dir, key, rank, done=True)
     return s
 
 
-def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_key: dict, resume: bool) -> dict:
-    """SFT policy (cached) -> [reward model on the preferences ->] the chosen explicit-reward method."""
+def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, made_of: dict, resume: bool) -> dict:
+    """SFT policy (cached) -> [reward model on the preferences ->] the chosen explicit-reward method.
+    ``made_of``: the task options and the base model's stage key."""
     shared = dict(tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                   gen_batch_size=cfg.gen_batch_size, seed=cfg.seed, progress=cfg.progress, overwrite=True)
     sft_model = os.path.join(root, "sft", "model")
-    sft_key = dict(task_key, stage=SFT, demonstrations=cfg.demonstrations)
-    _stage(train, LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
-                                 eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
-                                 output_dir=os.path.join(root, "sft")), sft_key, rank, resume)
+    sft_cfg = LLMTrainConfig(**SFT, **shared, model=cfg.model, demonstrations=cfg.demonstrations,
+                             eval_prompts=cfg.eval_prompts, eval_reward=cfg.eval_reward,
+                             output_dir=os.path.join(root, "sft"))
+    sft_key = _key(sft_cfg, **made_of)
+    _stage(train, sft_cfg, sft_key, rank, resume)
     cfg.model = sft_model
     if cfg.method == "rm":
         cfg.eval_prompts = cfg.eval_reward = None
         if not cfg.sample_policy:  # demonstrations enter rm only as (demo > sample of sample_policy) pairs
             cfg.demonstrations = None
         cfg.eval_preferences = cfg.eval_preferences or _held_out_pairs(root, rank)
-        s = _stage(train, cfg, dict(sft_key, stage="result"), rank, resume, result=True)
+        s = _stage(train, cfg, _key(cfg, sft=sft_key), rank, resume, result=True)
         if rank == 0 and s["evals"]:
             b, a = s["evals"][0], s["evals"][-1]
             print(f"[synthetic] reward model accuracy on {_count(cfg.eval_preferences)} held-out pairs: "
@@ -196,14 +218,14 @@ def _run_reward_pipeline(cfg: LLMTrainConfig, root: str, rank: int, train, task_
             raise ConfigError("--synthetic --method rlhf fits its reward model on preferences: --num-pairs must be > 0")
         rm_cfg = LLMTrainConfig(**{**RM, **shared}, model=sft_model, preferences=cfg.preferences,
                                 eval_preferences=_held_out_pairs(root, rank), output_dir=os.path.join(root, "rm"))
-        rm = _stage(train, rm_cfg, dict(sft_key, stage=RM, preferences=cfg.preferences), rank, resume, result=True)
+        rm = _stage(train, rm_cfg, _key(rm_cfg, sft=sft_key), rank, resume, result=True)
         if rank == 0 and rm["evals"]:
             print(f"[synthetic] reward model on the preferences: held-out pair accuracy "
                   f"{rm['evals'][0]['eval/rm_accuracy']:.3f} -> {rm['evals'][-1]['eval/rm_accuracy']:.3f}", flush=True)
         cfg.reward_model = rm["model_dir"]
     if cfg.method == "aihf_rm" and cfg.preferences and not cfg.eval_preferences:
         cfg.eval_preferences = _held_out_pairs(root, rank)
-    s = _stage(train, cfg, dict(sft_key, stage="result", reward_model=cfg.reward_model), rank, resume, result=True)
+    s = _stage(train, cfg, _key(cfg, sft=sft_key), rank, resume, result=True)
     if rank == 0 and s["evals"]:
         b, a = s["evals"][0], s["evals"][-1]
         print(f"[synthetic] true reward of {cfg.method} samples on {b['eval/num_samples']} held-out prompts: "

@@ -720,7 +720,9 @@ class Trainer:
             if resumed:  # keep the log up to the checkpoint: the steps after it are run again
                 lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
                 keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-                open(self.log_path, "w").write("".join(ln + "\n" for ln in keep))
+                with open(self.log_path + ".tmp", "w", encoding="utf-8") as f:  # renamed over it: never half-written
+                    f.write("".join(ln + "\n" for ln in keep))
+                os.replace(self.log_path + ".tmp", self.log_path)
             else:
                 open(self.log_path, "w").close()
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
