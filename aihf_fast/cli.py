@@ -24,12 +24,15 @@ COMMANDS = {"demo": "aihf_fast.demo", "info": None, "train-llm": "aihf_fast.trai
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        if argv and not asked:
+            print(f"aihf-fast: unknown command {argv[0]!r}", file=sys.stderr)
         print("usage: aihf-fast {demo,train-llm,train-control,info} [options]\n"
               "  demo           train a tiny policy with the AIHF loss on a toy task with a known reward\n"
               "  train-llm      the LLM trainer (= python -m aihf_fast.train.llm; --help for its options)\n"
               "  train-control  the MuJoCo control trainer (= python -m aihf_fast.train.control)\n"
-              "  info           versions and the backend the ops will use")
-        return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
+              "  info           versions and the backend the ops will use", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2  # no command is an error, as for argparse
     if argv[0] == "info":
         return _info(argv[1:])
     if argv[0] == "train-llm":

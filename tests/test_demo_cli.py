@@ -23,3 +23,29 @@ def test_cli(capsys):
     assert main(["nope"]) == 2
     out = subprocess.run([sys.executable, "-m", "aihf_fast", "demo", "--steps", "2"], capture_output=True, text=True)
     assert out.returncode == 0 and "before" in out.stdout, out.stderr
+
+
+def test_no_command_is_an_error_and_every_option_has_help_and_a_default(capsys):
+    """`aihf-fast` alone exits non-zero with the usage; each trainer's --help gives every option a
+    help line and its default; task options without --synthetic are refused by name."""
+    import dataclasses
+
+    import pytest
+
+    from aihf_fast.train.control.config import ControlConfig
+    from aihf_fast.train.llm.config import LLMTrainConfig, build_parser, parse_args
+    from aihf_fast.train.options import ConfigError
+
+    assert main([]) == 2 and "usage: aihf-fast" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "usage: aihf-fast" in capsys.readouterr().out
+    for cls in (LLMTrainConfig, ControlConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    text = " ".join(build_parser().format_help().split())
+    for f in dataclasses.fields(LLMTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        seg = text.split(flag + " ", 1)[1].split(" --", 1)[0]
+        assert "default" in seg, (flag, seg)
+    assert "--num-demos NUM_DEMOS demonstrations (default: 2000)" in text
+    with pytest.raises(ConfigError, match="--design: options of the --synthetic job"):
+        parse_args(["--design", "B", "--model", "m"])

@@ -90,11 +90,16 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """``--config FILE`` plus one flag per field of ``cls`` (``--w-P 0.5``); unset flags are absent
     from the namespace, so they do not override the file."""
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                usage=f"{prog} [--config FILE] [--option VALUE ...]")
     p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
     for f in dataclasses.fields(cls):
-        kw = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        # the default is shown, not set: an unset flag must not override the --config file
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f.metadata.get("help", "")
+        text = text if "default" in text else f"{text} (default: {shown})"  # some say what None means
+        kw = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"))
         t = _type_name(f)
         if t.startswith("bool"):
             kw.update(type=_parse_bool, nargs="?", const=True)

@@ -25,18 +25,19 @@ def _data_main(argv) -> int:
     from .datagen import make_data
 
     p = argparse.ArgumentParser(prog="python -m aihf_fast.train.control data",
-                                description="demonstrations + segment preferences from an expert run")
-    p.add_argument("--expert-dir", required=True)
-    p.add_argument("--out-dir", required=True)
+                                description="demonstrations + segment preferences from an expert run",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--expert-dir", required=True, help="output_dir of a --method expert run")
+    p.add_argument("--out-dir", required=True, help="where demos.npz, prefs.npz and data.json go")
     p.add_argument("--num-demos", type=int, default=10, help="demonstration episodes")
     p.add_argument("--demo-quality", type=float, default=0.7, help="snapshot return ~ random + q (best - random)")
     p.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian action noise in the demonstrations")
-    p.add_argument("--num-pairs", type=int, default=1000)
-    p.add_argument("--segment-len", type=int, default=50)
+    p.add_argument("--num-pairs", type=int, default=1000, help="preference pairs (nested: a budget is a prefix)")
+    p.add_argument("--segment-len", type=int, default=50, help="steps per compared segment")
     p.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry temperature (0: argmax)")
-    p.add_argument("--label-noise", type=float, default=0.0)
+    p.add_argument("--label-noise", type=float, default=0.0, help="fraction of preference labels flipped")
     p.add_argument("--pool-episodes", type=int, default=8, help="episodes per policy in the preference pool")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes and labels")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
     a = vars(p.parse_args(argv))
     a.pop("debug")

@@ -16,37 +16,37 @@ NEEDS_PREFS = ("rlhf",)
 class ControlConfig:
     task: str = field(default="InvertedPendulum-v5", metadata={"help": "gymnasium MuJoCo id (aihf_fast.envs.task_ids())"})
     method: str = field(default="aihf", metadata={"help": "|".join(METHODS) + " (expert: PPO on the true reward)"})
-    seed: int = 0
-    output_dir: str = "runs/control"
+    seed: int = field(default=0, metadata={"help": "seed of the networks, environments and data draws"})
+    output_dir: str = field(default="runs/control", metadata={"help": "where log.jsonl, checkpoints, summary.json and curves.png go"})
     demonstrations: str | None = field(default=None, metadata={"help": "demonstrations .npz (Trajectories)"})
     preferences: str | None = field(default=None, metadata={"help": "segment preferences .npz (SegmentPairs)"})
     num_pairs: int | None = field(default=None, metadata={"help": "use the first N preference pairs (default: all)"})
     env_steps: int = field(default=100_000, metadata={"help": "environment steps of RL in all"})
     # PPO (the RL solver of every method)
-    num_envs: int = 16
+    num_envs: int = field(default=16, metadata={"help": "parallel environments of the PPO rollouts"})
     sim_threads: int | None = field(default=None, metadata={
         "help": "C++ threads stepping the envs (default: min(num_envs, CPUs)); 1 when many runs share the CPUs"})
     rollout_steps: int = field(default=128, metadata={"help": "PPO steps per env per iteration"})
-    ppo_epochs: int = 10
-    minibatch_size: int = 256
-    ppo_lr: float = 3e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    ent_coef: float = 0.0
+    ppo_epochs: int = field(default=10, metadata={"help": "PPO epochs over each rollout batch"})
+    minibatch_size: int = field(default=256, metadata={"help": "PPO minibatch size (state-actions)"})
+    ppo_lr: float = field(default=3e-4, metadata={"help": "PPO Adam learning rate"})
+    gamma: float = field(default=0.99, metadata={"help": "discount factor"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    ent_coef: float = field(default=0.0, metadata={"help": "PPO entropy bonus coefficient"})
     hidden: int = field(default=64, metadata={"help": "width of the actor/critic's 2 hidden layers"})
-    log_std_init: float = -0.5
+    log_std_init: float = field(default=-0.5, metadata={"help": "initial log std of the Gaussian policy"})
     # reward model and reward step
     w_D: float = field(default=1.0, metadata={"help": "aihf: weight of demonstrations vs policy samples"})
     w_P: float = field(default=1.0, metadata={"help": "aihf: weight of the segment preferences"})
     reward_hidden: int = field(default=64, metadata={"help": "width of the reward MLP's 2 hidden layers"})
-    reward_lr: float = 3e-4
+    reward_lr: float = field(default=3e-4, metadata={"help": "reward-model Adam learning rate"})
     reward_lr_P: float | None = field(default=None, metadata={"help": "aihf: step size of the preference term; given, each reward step takes two Adam updates with their own moments: the demonstration term at reward_lr, then the pairs at reward_lr_P"})
     reward_replay: int = field(default=0, metadata={"help": "irl/aihf: policy state-actions of earlier iterations kept (the newest N); each reward step adds reward_batch of them to the current rollout's samples"})
     reward_steps: int = field(default=5, metadata={"help": "irl/aihf: reward steps per PPO iteration"})
     reward_batch: int = field(default=256, metadata={"help": "state-actions per term per reward step"})
     pair_batch: int = field(default=64, metadata={"help": "preference pairs per reward step"})
-    reward_l2: float = 1e-3
-    reward_clip: float = 10.0
+    reward_l2: float = field(default=1e-3, metadata={"help": "l2 penalty on reward values (mean r^2) of the demonstration/sample terms"})
+    reward_clip: float = field(default=10.0, metadata={"help": "reward model output clipped to [-clip, clip]"})
     reward_next_obs: bool = field(default=False, metadata={"help": "r(s, a, s') instead of r(s, a)"})
     rl_reward: str = field(default="sigmoid", metadata={"help": "what PPO maximises of r_theta: sigmoid (positive, so "
                            "that ending an episode early never pays; the usual fix for IRL's termination bias) | raw"})
@@ -55,11 +55,11 @@ class ControlConfig:
     bc_init: bool = field(default=False, metadata={"help": "rlhf/irl/aihf: start the actor from BC on the demonstrations"})
     # evaluation, logging, checkpoints
     eval_every: int = field(default=5, metadata={"help": "PPO iterations between evaluations"})
-    eval_episodes: int = 10
+    eval_episodes: int = field(default=10, metadata={"help": "episodes per evaluation"})
     save_every: int = field(default=10, metadata={"help": "PPO iterations between checkpoints (expert: policy snapshots)"})
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in output_dir"})
+    overwrite: bool = field(default=False, metadata={"help": "start over even if output_dir holds a checkpoint (deletes it)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
     def uses_reward_model(self) -> bool:

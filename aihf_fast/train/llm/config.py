@@ -43,11 +43,11 @@ class LLMTrainConfig:
     packing: bool = field(default=True, metadata={"help": "padding-free packed batches (position_ids); else padded"})
     # method
     method: str = field(default="aihf", metadata={"help": "|".join(METHODS)})
-    beta: float = 0.1
+    beta: float = field(default=0.1, metadata={"help": "strength of the implicit reward r = beta (log pi - log pi_ref) in the comparison losses"})
     w_P: float = field(default=1.0, metadata={"help": "aihf: weight of the human preference pairs"})
     w_D: float = field(default=1.0, metadata={"help": "aihf: weight of (demonstration > own sample) pairs"})
     nll_weight: float = field(default=0.0, metadata={"help": "aihf lambda / rpo alpha: demonstration (chosen) NLL weight"})
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid loss only: assumed rate of flipped preference labels (cDPO)"})
     reference: str | None = field(default=None, metadata={"help": "fixed (the initial model) | moving (the policy at the last sample refresh); default: moving for spin, else fixed"})
     sft_steps: int = field(default=0, metadata={"help": "sft_then_dpo: SFT steps before the DPO steps (of `steps` in all)"})
     # explicit reward model and RL (rm, rlhf, aihf_rm)
@@ -69,38 +69,38 @@ class LLMTrainConfig:
     replay_per_batch: int | None = field(default=None, metadata={"help": "aihf / aihf_rm: replayed pairs added to each micro-batch's demonstration comparisons (default: demos_per_batch)"})
     # own samples (spin, aihf)
     refresh_every: int = field(default=50, metadata={"help": "steps between regenerating the policy's own samples"})
-    max_new_tokens: int = 64
-    sample_temperature: float = 1.0
-    sample_top_p: float = 1.0
-    gen_batch_size: int = 64
+    max_new_tokens: int = field(default=64, metadata={"help": "longest own sample / evaluation sample, in tokens"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "temperature of own samples and RL rollouts"})
+    sample_top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of own samples (1: off; RL methods refuse < 1)"})
+    gen_batch_size: int = field(default=64, metadata={"help": "sequences per generation / scoring call"})
     # optimisation
-    steps: int = 100
-    pairs_per_batch: int = 4
-    demos_per_batch: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
+    steps: int = field(default=100, metadata={"help": "optimiser steps in all"})
+    pairs_per_batch: int = field(default=4, metadata={"help": "preference pairs per micro-batch and process"})
+    demos_per_batch: int = field(default=4, metadata={"help": "demonstrations per micro-batch and process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimiser step and process"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     lr_P: float | None = field(default=None, metadata={"help": "aihf: learning rate of the preference terms; given, each step takes two AdamW updates with their own moments: the demonstration terms (demo > own sample, NLL) at lr, then the preference pairs at lr_P"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine (after warmup)"})
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: tuple = (0.9, 0.999)
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps of the learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    adam_betas: tuple = field(default=(0.9, 0.999), metadata={"help": "AdamW betas (two numbers)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute (else fp32)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
     deepspeed_config: dict | str | None = field(default=None, metadata={"help": "DeepSpeed config (dict or JSON path) merged over the generated one"})
     # output, logging, checkpoints
-    output_dir: str = "runs/llm"
-    log_every: int = 1
-    eval_every: int = 0
-    eval_samples_per_prompt: int = 1
+    output_dir: str = field(default="runs/llm", metadata={"help": "where logs, checkpoints and the model go"})
+    log_every: int = field(default=1, metadata={"help": "steps between log.jsonl training records"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: at the start and the end only)"})
+    eval_samples_per_prompt: int = field(default=1, metadata={"help": "samples per held-out prompt in an evaluation"})
     eval_kl: bool = field(default=False, metadata={"help": "also log eval/kl: mean log pi(y|x) - log pi_init(y|x) of the eval samples (keeps a frozen initial model)"})
     save_every: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "start over even if output_dir holds checkpoints (deletes them)"})
     save_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) at the end"})
-    seed: int = 0
-    progress: bool = True
+    seed: int = field(default=0, metadata={"help": "seed of the model initialisation, data order and sampling"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
     def uses_samples(self) -> bool:
@@ -113,16 +113,27 @@ def from_dict(data: dict) -> LLMTrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.build_parser(LLMTrainConfig, "python -m aihf_fast.train.llm", __doc__.split("\n")[0])
-    p.add_argument("--synthetic", action="store_true",
-                   help="the embedded default job: generate the known-reward task, pretrain a tiny Llama base on "
-                        "mediocre answers, train it with the chosen method, report the true reward before/after")
+    from .synthetic_job import add_task_arguments
+
+    g = p.add_argument_group("the embedded default job (--synthetic)")
+    g.add_argument("--synthetic", action="store_true",
+                   help="generate the known-reward task, pretrain a tiny Llama base on mediocre answers, train it "
+                        "with the chosen method, report the true reward before/after (no downloads)")
+    add_task_arguments(g, defaults=False)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 
 
 def parse_args(argv=None, preset: dict | None = None) -> tuple[LLMTrainConfig, argparse.Namespace]:
     """Flags over the --config file over ``preset`` -> (config, namespace with --synthetic)."""
-    return options.parse_args(LLMTrainConfig, build_parser(), argv, preset)
+    from .synthetic_job import TASK_OPTIONS
+
+    cfg, ns = options.parse_args(LLMTrainConfig, build_parser(), argv, preset)
+    given = [k for k in TASK_OPTIONS if k in vars(ns)]
+    if given and not ns.synthetic:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of the --synthetic job; "
+                          "add --synthetic, or drop them")
+    return cfg, ns
 
 
 def load_mapping(name: str, value) -> dict | None:

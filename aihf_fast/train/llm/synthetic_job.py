@@ -43,15 +43,27 @@ BASE = dict(method="sft", lr=1e-3, demos_per_batch=128, max_new_tokens=9, max_le
             overwrite=True, eval_reward="aihf_fast.data.synthetic:true_reward")
 
 
+TASK_OPTIONS = ("design", "num_demos", "num_pairs", "num_base", "num_eval_prompts", "base_steps")
+
+
+def add_task_arguments(p, defaults: bool = True) -> None:
+    """The task and base-model options of ``--synthetic`` (also in the trainer's parser, for its
+    --help and to refuse them without --synthetic: there ``defaults=False``, unset ones absent)."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)  # noqa: E731
+    p.add_argument("--design", default=d("A"), choices=["A", "B"],
+                   help="expert demonstrations: A wrong on the last 2 positions, B unbiased (default: A)")
+    p.add_argument("--num-demos", type=int, default=d(2000), help="demonstrations (default: 2000)")
+    p.add_argument("--num-pairs", type=int, default=d(200), help="preference pairs (default: 200)")
+    p.add_argument("--num-base", type=int, default=d(20000), help="mediocre answers the base model learns (default: 20000)")
+    p.add_argument("--num-eval-prompts", type=int, default=d(500), help="held-out prompts of the evaluations (default: 500)")
+    p.add_argument("--base-steps", type=int, default=d(400),
+                   help="pretraining steps of the base model, 128 answers each (default: 400)")
+
+
 def _task_parser():
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--synthetic", action="store_true")
-    p.add_argument("--design", default="A", choices=["A", "B"], help="A: expert wrong on the last 2 positions; B: unbiased")
-    p.add_argument("--num-demos", type=int, default=2000)
-    p.add_argument("--num-pairs", type=int, default=200)
-    p.add_argument("--num-base", type=int, default=20000)
-    p.add_argument("--num-eval-prompts", type=int, default=500)
-    p.add_argument("--base-steps", type=int, default=400, help="SFT steps (128 answers each) of the base model")
+    add_task_arguments(p)
     return p
 
 
