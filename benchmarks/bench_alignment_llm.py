@@ -373,7 +373,7 @@ def analyse(records: dict, prof: dict, meta: dict) -> dict:
                              {})[r["seed"]] = _point(r)
     sft_wall = {(r["seed"], r["design"]): r["wall_seconds"] for r in runs
                 if r["group"] == "main" and r["method"] == "sft"}
-    for (g, d, m, b, n), per in cells.items():  # the whole pipeline's time: sft_then_dpo includes its sft run
+    for (_, d, m, _, _), per in cells.items():  # the whole pipeline's time: sft_then_dpo includes its sft run
         for seed, pt in per.items():
             pt["wall_pipeline"] = pt["wall"] + (sft_wall.get((seed, d), float("nan")) if m == "sft_then_dpo" else 0.0)
     table = []

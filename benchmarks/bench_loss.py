@@ -35,6 +35,7 @@ from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import commit, versions  # noqa: E402
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
@@ -184,7 +185,7 @@ def run(args):
                 try:
                     fn = make_provider(name, P, args.alpha, args.beta, args.backend)
 
-                    def step():
+                    def step(fn=fn, x=x, w=w, rx=rx, rw=rw, y=y):  # this cell's tensors, bound now
                         x.grad = None
                         w.grad = None
                         loss = fn(x, w, rx, rw, y)
@@ -219,9 +220,9 @@ def run(args):
             if args.fwd_diag and time.time() - t_start <= args.time_budget:
                 xf, yf = x.detach().reshape(-1, H), y.reshape(-1)
                 for name, f in (
-                    ("aihf_fast_logprobs_fwd", lambda: linear_token_logprobs(xf, w.detach(), yf, validate=False,
-                                                                             backend=args.backend)),
-                    ("cublas_logits+logsumexp_fwd", lambda: torch.logsumexp((xf @ w.detach().t()).float(), -1)),
+                    ("aihf_fast_logprobs_fwd", lambda xf=xf, w=w, yf=yf: linear_token_logprobs(
+                        xf, w.detach(), yf, validate=False, backend=args.backend)),
+                    ("cublas_logits+logsumexp_fwd", lambda xf=xf, w=w: torch.logsumexp((xf @ w.detach().t()).float(), -1)),
                 ):
                     try:
                         with torch.no_grad():
@@ -237,6 +238,7 @@ def run(args):
                     report["results"].append(row)
                     print(json.dumps(row), flush=True)
                     save()
+            step = None  # its defaults hold this cell's tensors
             del x, w, rx, rw, y
     report["wall_s"] = time.time() - t_start
     save()

@@ -1,5 +1,4 @@
 import torch
-
 from conftest import DEVICE  # noqa: F401
 
 

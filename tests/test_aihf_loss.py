@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from aihf_fast.ops import AIHFLoss, aihf_loss, method_config
+
 from helpers import DEVICE, assert_close_to, random_labels
 
 BETA = 0.1

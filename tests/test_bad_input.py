@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aihf_fast.ops import aihf_loss, linear_token_logprobs, token_logprobs
+
 from helpers import DEVICE
 
 V, H = 20, 8

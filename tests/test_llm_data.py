@@ -218,7 +218,7 @@ def test_config_file_and_unknown_options(task, tmp_path, capsys):
 
 def test_yaml_config_with_flag_override_trains(task, tmp_path, capsys):
     cfgf = tmp_path / "c.yaml"
-    cfgf.write_text(f"method: sft\nsteps: 5\nlr: 0.01\ndemos_per_batch: 4\nsave_model: false\n")
+    cfgf.write_text("method: sft\nsteps: 5\nlr: 0.01\ndemos_per_batch: 4\nsave_model: false\n")
     rc, err = _run(task, tmp_path, capsys, config=str(cfgf), steps=2, method=None)
     assert rc == 0, err
     log = [json.loads(x) for x in open(os.path.join(tmp_path, "o", "log.jsonl"))]

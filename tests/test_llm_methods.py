@@ -145,7 +145,7 @@ def test_moving_reference_follows_the_policy(task, tmp_path):
     tr.refresh(2)                        # a boundary: the window's pairs are re-scored by the policy
     pidx, _ = tr.micro_indices(2, 0)
     pol = tr.policy.model.eval()
-    for k, i in enumerate(pidx):
+    for i in pidx:
         p = tr.prefs[i]
         assert float(tr.state["ref_pairs"][i, 0]) == pytest.approx(_logp(pol, p.prompt, p.completions[0])[0], abs=1e-4)
 

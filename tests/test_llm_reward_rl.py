@@ -244,7 +244,6 @@ def _prompt_order(tr, step):
 def test_rm_micro_batch_loss_with_sample_policy_equals_the_formula(task, tmp_path):
     """Method rm on pairs and (demonstration > sample of sample_policy) pairs: the loss of
     micro-batch 0 from the transformers reward model's own forward, one sequence at a time."""
-    from transformers import AutoModelForSequenceClassification
 
     tr = RewardRLTrainer(_cfg(task, tmp_path / "o", method="rm", sample_policy=task["model"], w_P=0.5, w_D=2.0,
                               pairs_per_batch=3, demos_per_batch=2))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from aihf_fast.ops import linear_token_logprobs, reference, token_logprobs
+
 from helpers import DEVICE, assert_close_to, assert_low_precision_close, random_labels
 
 # (N, V): V below / above / not a multiple of the tile; N > one token block

@@ -110,7 +110,7 @@ def test_reward_text_equals_tokens():
     np.testing.assert_array_equal(s.true_reward(prompts, completions), s.true_reward_tokens(x, y))
     # corrupt completions: drop words, insert unknown words, append extras; tokens mark them -1
     words = [c.split() for c in completions]
-    for i, w in enumerate(words):
+    for w in words:
         k = rng.integers(0, 4)
         if k == 1:
             del w[rng.integers(0, len(w)):]

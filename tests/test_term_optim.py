@@ -69,9 +69,9 @@ def test_term_adamw_state_round_trip_and_bad_term():
 def test_two_rate_aihf_step_is_the_two_updates(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    from llm_helpers import make_task
-
     from aihf_fast.train.llm import LLMTrainConfig, Trainer
+
+    from llm_helpers import make_task
 
     task = make_task(str(tmp_path / "t"), num_demos=12, num_pairs=8)
     cfg = dict(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],
@@ -110,9 +110,9 @@ def test_two_rate_split_without_demonstration_comparisons_and_copy(tmp_path):
     joint loss), and a copied TermAdamW keeps its terms."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    from llm_helpers import make_task
-
     from aihf_fast.train.llm import LLMTrainConfig, Trainer
+
+    from llm_helpers import make_task
 
     task = make_task(str(tmp_path / "t"), num_demos=12, num_pairs=8)
     tr = Trainer(LLMTrainConfig(model=task["model"], tokenizer=task["tokenizer"], demonstrations=task["demonstrations"],

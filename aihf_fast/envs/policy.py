@@ -51,7 +51,7 @@ class MLPPolicy:
                 raise ValueError("log_std must be finite")
 
     @classmethod
-    def from_torch(cls, module, **kwargs) -> "MLPPolicy":
+    def from_torch(cls, module, **kwargs) -> MLPPolicy:
         """The ``torch.nn.Linear`` layers of ``module`` in registration order (e.g. an
         ``nn.Sequential(Linear, Tanh, Linear, Tanh, Linear)`` actor)."""
         import torch

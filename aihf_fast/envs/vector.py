@@ -19,7 +19,6 @@ from typing import Any
 import gymnasium
 import mujoco  # noqa: F401  (loads libmujoco.so.4.0.0 before the extension needs it)
 import numpy as np
-from gymnasium import spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
@@ -138,7 +137,7 @@ class BatchedMujocoVectorEnv(VectorEnv):
         self._check_done = True  # DISABLED: refuse to step ended envs (the single-env face allows it)
         self._closed = False
 
-    def _exclusive(self, what: str) -> "_OneCaller":
+    def _exclusive(self, what: str) -> _OneCaller:
         """One call at a time: a second thread's call fails at once, before it changes anything."""
         return _OneCaller(self, what)
 
@@ -438,7 +437,6 @@ class BatchedMujocoVectorEnv(VectorEnv):
     def get_data(self, env: int = 0):
         """A ``mujoco.MjData`` snapshot of sub-env ``env``: a copy of its whole mjData
         (``mj_copyData``), not a live view; writing to it does not change the simulation."""
-        import mujoco
 
         with self._exclusive("get_data"):
             if not _is_int(env) or not 0 <= env < self.num_envs:

@@ -441,9 +441,12 @@ def method_config(
     ar = lambda n, off=0: torch.arange(off, off + n, device=device)  # noqa: E731
     win, lose, wts = [], [], []
     if P:
-        win.append(ar(P)); lose.append(ar(P, P)); wts.append(torch.full((P,), float(w_P if method == "aihf" else 1.0), device=device))
+        win.append(ar(P))
+        lose.append(ar(P, P))
+        wts.append(torch.full((P,), float(w_P if method == "aihf" else 1.0), device=device))
     if D and with_samples:
-        win.append(ar(D, 2 * P)); lose.append(ar(D, 2 * P + D))
+        win.append(ar(D, 2 * P))
+        lose.append(ar(D, 2 * P + D))
         wts.append(torch.full((D,), float(w_D if method == "aihf" else 1.0), device=device))
     nll = torch.zeros(S, device=device)
     if method == "sft":

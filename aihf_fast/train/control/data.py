@@ -72,7 +72,7 @@ class Trajectories:
         return np.array([self.rewards[a:b].sum() for a, b in self.episode_bounds()])
 
     @classmethod
-    def from_rollout(cls, out: dict, meta: dict | None = None, complete_only: bool = True) -> "Trajectories":
+    def from_rollout(cls, out: dict, meta: dict | None = None, complete_only: bool = True) -> Trajectories:
         """From ``BatchedMujocoVectorEnv.rollout`` arrays [t, env]: each env's steps in order, cut
         into episodes at terminated/truncated; with ``complete_only`` the unfinished tail of each
         env is dropped."""
@@ -94,7 +94,7 @@ class Trajectories:
                    out["rewards"][idx_t, idx_n], episode, dict(meta or {}))
 
     @classmethod
-    def concatenate(cls, parts: list["Trajectories"], meta: dict | None = None) -> "Trajectories":
+    def concatenate(cls, parts: list[Trajectories], meta: dict | None = None) -> Trajectories:
         offset, eps = 0, []
         for p in parts:
             eps.append(p.episode - (p.episode.min() if len(p) else 0) + offset)
@@ -107,7 +107,7 @@ class Trajectories:
                             episode=self.episode, meta=np.array(json.dumps(self.meta)))
 
     @classmethod
-    def load(cls, path: str) -> "Trajectories":
+    def load(cls, path: str) -> Trajectories:
         z = _load_npz(path, ("obs", "act", "next_obs", "rewards", "episode", "meta"))
         try:
             return cls(z["obs"], z["act"], z["next_obs"], z["rewards"], z["episode"], json.loads(str(z["meta"])))
@@ -165,13 +165,13 @@ class SegmentPairs:
         if self.true_returns.shape != (K, 2) or self.p_first.shape != (K,) or self.source.shape != (K, 2):
             raise ControlDataError("true_returns and source must be (K, 2) and p_first (K,)")
 
-    def take(self, idx) -> "SegmentPairs":
+    def take(self, idx) -> SegmentPairs:
         """The pairs at indices idx (a minibatch)."""
         idx = np.asarray(idx, np.int64)
         return SegmentPairs(self.obs[idx], self.act[idx], self.next_obs[idx], self.true_returns[idx],
                             self.first_preferred[idx], self.p_first[idx], self.source[idx], dict(self.meta))
 
-    def subset(self, n: int) -> "SegmentPairs":
+    def subset(self, n: int) -> SegmentPairs:
         """The first n pairs (nested preference budgets)."""
         if not 0 <= n <= len(self):
             raise ControlDataError(f"asked for {n} pairs, have {len(self)}")
@@ -184,7 +184,7 @@ class SegmentPairs:
                             meta=np.array(json.dumps(self.meta)))
 
     @classmethod
-    def load(cls, path: str) -> "SegmentPairs":
+    def load(cls, path: str) -> SegmentPairs:
         keys = ("obs", "act", "next_obs", "true_returns", "first_preferred", "p_first", "source", "meta")
         z = _load_npz(path, keys)
         try:

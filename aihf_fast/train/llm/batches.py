@@ -87,9 +87,9 @@ def build_inputs(seqs: list, pad_id: int, packed: bool, device) -> dict:
     inp = torch.full((len(ids), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(ids), T), dtype=torch.long)
     lab = torch.full((len(ids), T), -100, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(ids, labs)):
+    for i, (s, lb) in enumerate(zip(ids, labs)):
         inp[i, : len(s)] = torch.tensor(s)
         att[i, : len(s)] = 1
-        lab[i, : len(s)] = torch.tensor(l)
+        lab[i, : len(s)] = torch.tensor(lb)
     return dict(input_ids=inp.to(device), attention_mask=att.to(device), labels=lab.to(device),
                 num_tokens=sum(lens), num_sequences=len(seqs))

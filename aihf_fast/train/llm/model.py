@@ -162,7 +162,7 @@ def _score_head_name(model) -> str:
 HUB_TIMEOUT_S = 5.0  # how long a hub id waits for the hub before the local cache alone is used
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_reachable(endpoint: str) -> bool:
     """Whether a TCP connection to the hub opens within HUB_TIMEOUT_S (name lookup included)."""
     u = urlparse(endpoint)

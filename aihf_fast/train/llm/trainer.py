@@ -257,7 +257,6 @@ class Trainer:
         or of the model at ``path``."""
         import dataclasses
 
-        import deepspeed
 
         cfg = dataclasses.replace(self.cfg, model=path, model_config=None) if path else self.cfg
         return self._frozen(PolicyWithLoss(build_model(cfg, self.zero3, "eval_reference" if path else "model"),
@@ -691,7 +690,8 @@ class Trainer:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
                 e = self.evaluate(step + 1)
                 if e:
-                    evals.append(e); self._log(e)
+                    evals.append(e)
+                    self._log(e)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 self.save_checkpoint(step + 1)
             if step + 1 == kill_at:
@@ -740,7 +740,8 @@ class Trainer:
         if start == 0:
             e = self.evaluate(0)
             if e:
-                evals.append(e); self._log(e)
+                evals.append(e)
+                self._log(e)
         kill_at = int(os.environ.get("AIHF_FAST_KILL_AFTER_STEP", "-1"))  # test hook: SIGKILL after that step
         bar = None
         if self.rank == 0 and cfg.progress:
@@ -758,7 +759,8 @@ class Trainer:
         if not evals or evals[-1]["step"] != cfg.steps:
             e = self.evaluate(cfg.steps)
             if e:
-                evals.append(e); self._log(e)
+                evals.append(e)
+                self._log(e)
         model_dir = self.save_model() if cfg.save_model else None
         wall = time.time() - t_start
         summary = dict(steps=cfg.steps, method=cfg.method, last=last, evals=evals, model_dir=model_dir,

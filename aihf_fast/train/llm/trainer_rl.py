@@ -39,7 +39,6 @@ from ...data.records import DataError, load_demonstrations, load_preferences, lo
 from ...data.tokenize import encode_prompt, tokenize_records
 from . import sampling
 from .batches import DEMOS, PAIRS, PROMPTS, build_inputs, micro_batch_indices, replay_draw, replay_push
-from .config import ConfigError
 from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model, disable_dropout
 from .rl import AdaptiveKLController, rloo_advantages, rloo_loss
 from .trainer import Trainer, load_reward_fn
@@ -91,7 +90,6 @@ class RewardRLTrainer(Trainer):
 
     def _build(self):
         cfg, m = self.cfg, self.cfg.method
-        pad = self.tok.pad_token_id
         self.rm = self.rm_engine = self.ref = self.eval_ref = self.sampler = self.reward_fn = None
         if m == "rm":
             if cfg.sample_policy:  # first: a bad path fails before the reward model is built
