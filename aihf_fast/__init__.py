@@ -5,6 +5,8 @@
 from .ops import (
     AIHFLoss,
     AIHFLossOutput,
+    BatchLayout,
+    LossConfig,
     aihf_loss,
     linear_token_logprobs,
     method_config,
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AIHFLoss",
     "AIHFLossOutput",
+    "BatchLayout",
+    "LossConfig",
     "aihf_loss",
     "linear_token_logprobs",
     "method_config",

@@ -78,8 +78,7 @@ def run(steps=300, pairs=16, demos=16, w_P=1.0, w_D=1.0, nll=0.5, beta=0.1, lr=3
     ref = copy.deepcopy(policy).requires_grad_(False)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     eval_prompts = make_prompts(512, torch.Generator().manual_seed(seed + 1))
-    cfg = method_config("aihf", pairs, demos, w_P=w_P, w_D=w_D, nll_weight=nll)
-    cfg.pop("num_sequences")
+    layout = method_config("aihf", pairs, demos, w_P=w_P, w_D=w_D, nll_weight=nll)
 
     def evaluate():
         return true_reward(eval_prompts, policy.generate(eval_prompts, True, gen)).mean().item()
@@ -100,7 +99,7 @@ def run(steps=300, pairs=16, demos=16, w_P=1.0, w_D=1.0, nll=0.5, beta=0.1, lr=3
         with torch.no_grad():
             ref_h = ref.hidden_states(inputs)
         out = aihf_loss(labels, hidden=policy.hidden_states(inputs), weight=policy.lm_head.weight,
-                        ref_hidden=ref_h, ref_weight=ref.lm_head.weight, beta=beta, backend=backend, **cfg)
+                        ref_hidden=ref_h, ref_weight=ref.lm_head.weight, beta=beta, backend=backend, layout=layout)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

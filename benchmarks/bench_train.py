@@ -209,9 +209,8 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
         ids = torch.randint(0, p["vocab"], (p["seq"],), generator=g).tolist()
         seqs.append((ids[: p["prompt"]], ids[p["prompt"]:]))
     inputs = build_inputs(seqs, pad_id=0, packed=True, device=device)
-    kw = method_config("aihf", P, D, w_P=1.0, w_D=1.0, nll_weight=0.1, device=device)
-    kw.pop("num_sequences")
-    kw.update(beta=0.1, ref_seq_logps=-torch.rand(2 * P + 2 * D, generator=g).to(device) * 100)
+    kw = dict(layout=method_config("aihf", P, D, w_P=1.0, w_D=1.0, nll_weight=0.1, device=device), beta=0.1,
+              ref_seq_logps=-torch.rand(2 * P + 2 * D, generator=g).to(device) * 100)
 
     def step():
         if provider == "aihf_fast":

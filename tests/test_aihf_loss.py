@@ -42,10 +42,9 @@ def test_dpo_family_matches_formula(loss_type):
         want = ((hdiff - 1 / (2 * BETA)) ** 2).mean()
     else:
         want = torch.relu(1 - BETA * hdiff).mean()
-    cfg = method_config("ipo" if loss_type == "ipo" else "dpo", num_pairs=P, device=DEVICE)
-    cfg.pop("num_sequences")
-    cfg["loss_type"] = loss_type
-    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    layout = method_config("ipo" if loss_type == "ipo" else "dpo", num_pairs=P, device=DEVICE)
+    kw = {} if loss_type == "ipo" else dict(loss_type=loss_type)  # ipo: the layout says so
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, layout=layout, **kw)
     assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
     assert_close_to("margins", out.metrics["rewards/margins"], (BETA * hdiff).mean(), 1e-5, 1e-5)
     assert_close_to("accuracy", out.metrics["rewards/accuracies"], (hdiff > 0).float().mean(), 0)
@@ -70,9 +69,8 @@ def test_rpo_is_dpo_plus_pooled_chosen_nll():
     ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
     dpo = -F.logsigmoid(BETA * ((pol[:3] - ref[:3]) - (pol[3:] - ref[3:]))).mean()
     nll = F.cross_entropy(logits[:3].reshape(-1, logits.shape[-1]), labels[:3].reshape(-1), ignore_index=-100)
-    cfg = method_config("rpo", num_pairs=3, nll_weight=alpha, device=DEVICE)
-    cfg.pop("num_sequences")
-    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    layout = method_config("rpo", num_pairs=3, nll_weight=alpha, device=DEVICE)
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, layout=layout)
     assert_close_to("loss", out.loss, dpo + alpha * nll, 1e-5, 1e-5)
 
 
@@ -80,14 +78,13 @@ def test_sft_is_token_mean_cross_entropy():
     h, w, _, _, labels = make_batch()
     logits = h @ w.t()
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    cfg = method_config("sft", num_demos=6, device=DEVICE)
-    cfg.pop("num_sequences")
-    out = aihf_loss(labels, hidden=h, weight=w, **cfg)
+    layout = method_config("sft", num_demos=6, device=DEVICE)
+    out = aihf_loss(labels, hidden=h, weight=w, layout=layout)
     assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
     pol, n = seq_logps_by_hand(logits, labels)
     assert_close_to("demo/logp_per_token", out.metrics["demo/logp_per_token"], pol.sum() / n.sum(), 1e-5, 1e-5)
     # per-sequence length normalisation: mean over sequences of the per-sequence mean NLL
-    out = aihf_loss(labels, hidden=h, weight=w, nll_normalize="length", **cfg)
+    out = aihf_loss(labels, hidden=h, weight=w, nll_normalize="length", layout=layout)
     assert_close_to("length-normalised", out.loss, (-pol / n).mean(), 1e-5, 1e-5)
 
 
@@ -98,9 +95,8 @@ def test_spin_is_demo_vs_own_sample_against_previous_iterate():
     pol, _ = seq_logps_by_hand(h @ w.t(), labels)
     prev, _ = seq_logps_by_hand(h @ w_prev.t(), labels)
     want = torch.log1p(torch.exp(-BETA * ((pol[:3] - prev[:3]) - (pol[3:] - prev[3:])))).mean()
-    cfg = method_config("spin", num_demos=3, device=DEVICE)
-    cfg.pop("num_sequences")
-    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=h, ref_weight=w_prev, beta=BETA, **cfg)
+    layout = method_config("spin", num_demos=3, device=DEVICE)
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=h, ref_weight=w_prev, beta=BETA, layout=layout)
     assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
 
 
@@ -115,16 +111,25 @@ def test_aihf_weights_pairs_and_demonstrations():
     pref = w_P * -F.logsigmoid(BETA * (rho[0] - rho[1]))
     demo = w_D * -F.logsigmoid(BETA * (rho[2:4] - rho[4:6]))
     want = (pref + demo.sum()) / 3 + lam * (-pol[2:4].sum()) / n[2:4].sum()
-    cfg = method_config("aihf", num_pairs=1, num_demos=2, w_P=w_P, w_D=w_D, nll_weight=lam, device=DEVICE)
-    assert cfg["num_sequences"] == 6
-    cfg.pop("num_sequences")
-    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    layout = method_config("aihf", num_pairs=1, num_demos=2, w_P=w_P, w_D=w_D, nll_weight=lam, device=DEVICE)
+    assert layout.num_sequences == 6 and layout.num_pair_comparisons == 1
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, layout=layout)
     assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
     # the same loss with reduction="sum" and weights divided by K by hand
-    c = cfg["comparisons"]
+    c = layout.comparisons
     out2 = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, reduction="sum",
-                     comparisons=(c[0], c[1], c[2] / 3), nll_weights=cfg["nll_weights"])
+                     comparisons=(c[0], c[1], c[2] / 3), nll_weights=layout.nll_weights)
     assert_close_to("sum form", out2.loss, want, 1e-5, 1e-5)
+    # the pairs' metrics and the demonstration comparisons' apart; the two loss parts add up
+    m = out.metrics
+    assert_close_to("rewards/margins", m["rewards/margins"], BETA * (rho[0] - rho[1]), 1e-5, 1e-5)
+    assert_close_to("demo_rewards/margins", m["demo_rewards/margins"], (BETA * (rho[2:4] - rho[4:6])).mean(), 1e-5, 1e-5)
+    assert_close_to("loss parts", m["loss/preference"] + m["loss/demo_comparisons"],
+                    (pref + demo.sum()) / 3, 1e-5, 1e-5)
+    assert_close_to("logits/chosen", m["logits/chosen"], logits[0][labels[0] != -100].mean(), 1e-5, 1e-5)
+    assert_close_to("logits/rejected", m["logits/rejected"], logits[1][labels[1] != -100].mean(), 1e-5, 1e-5)
+    f = out.float_metrics()
+    assert f.keys() == m.keys() and all(isinstance(v, float) for v in f.values())
 
 
 def test_aihf_without_demonstration_comparisons_is_dpo_plus_nll():
@@ -135,10 +140,10 @@ def test_aihf_without_demonstration_comparisons_is_dpo_plus_nll():
     ref, _ = seq_logps_by_hand(rh @ rw.t(), labels)
     rho = pol - ref
     want = w_P * -F.logsigmoid(BETA * (rho[0] - rho[1])) + lam * (-pol[2:6].sum()) / n[2:6].sum()
-    cfg = method_config("aihf", num_pairs=1, num_demos=4, w_P=w_P, w_D=0.0, nll_weight=lam, device=DEVICE)
-    assert cfg.pop("num_sequences") == 6
-    assert cfg["comparisons"][0].numel() == 1
-    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, **cfg)
+    layout = method_config("aihf", num_pairs=1, num_demos=4, w_P=w_P, w_D=0.0, nll_weight=lam, device=DEVICE)
+    assert layout.num_sequences == 6
+    assert layout.comparisons[0].numel() == 1
+    out = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, beta=BETA, layout=layout)
     assert_close_to("loss", out.loss, want, 1e-5, 1e-5)
 
 
@@ -226,6 +231,43 @@ def test_module_matches_functional_and_rejects_per_call_config():
         AIHFLoss(loss_type="kto")
 
 
+def test_loss_config_and_layout_objects():
+    """Hyperparameters once in a frozen LossConfig (checked when made), the layout whole from
+    method_config; mixing the forms or contradicting the layout is a named error."""
+    import dataclasses
+
+    from aihf_fast.ops import BatchLayout, LossConfig
+
+    h, w, rh, rw, labels = make_batch()
+    cfg = LossConfig(beta=0.2, loss_type="hinge")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.beta = 0.3
+    layout = method_config("dpo", num_pairs=3, device=DEVICE)
+    assert isinstance(layout, BatchLayout) and layout.num_sequences == 6
+    a = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, layout=layout, config=cfg)
+    b = aihf_loss(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, layout=layout, beta=0.2, loss_type="hinge")
+    c = AIHFLoss(cfg)(labels, hidden=h, weight=w, ref_hidden=rh, ref_weight=rw, layout=layout)
+    assert_close_to("config = keywords", a.loss, b.loss, 0)
+    assert_close_to("module = functional", c.loss, a.loss, 0)
+    kw = dict(hidden=h, weight=w, ref_hidden=rh, ref_weight=rw)
+    with pytest.raises(TypeError, match="not both"):
+        aihf_loss(labels, **kw, layout=layout, config=cfg, beta=0.1)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['betta'\]"):
+        aihf_loss(labels, **kw, layout=layout, betta=0.1)
+    with pytest.raises(TypeError, match="layout already holds \\['comparisons'\\]"):
+        aihf_loss(labels, **kw, layout=layout, comparisons=layout.comparisons)
+    with pytest.raises(ValueError, match="loss_type='hinge' but the layout is 'ipo'"):
+        aihf_loss(labels, **kw, layout=method_config("ipo", num_pairs=3, device=DEVICE), loss_type="hinge")
+    with pytest.raises(ValueError, match="label_smoothing applies to loss_type='sigmoid' only"):
+        aihf_loss(labels, **kw, layout=method_config("ipo", num_pairs=3, device=DEVICE), label_smoothing=0.1)
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        LossConfig(beta=0)
+    with pytest.raises(ValueError, match="num_pairs must be an int >= 0"):
+        method_config("dpo", num_pairs=-1)
+    with pytest.raises(TypeError, match="not per call"):
+        AIHFLoss(cfg)(labels, **kw, layout=layout, config=cfg)
+
+
 liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel not installed")
 
 
@@ -243,9 +285,9 @@ def test_dpo_plus_nll_equals_liger_fused_linear_dpo(alpha, backend):
     want = lig(w1, x1, y, None, rx, rw)[0]
     want.backward()
     x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    cfg = method_config("rpo", num_pairs=P, nll_weight=alpha, device=DEVICE)
-    cfg.pop("num_sequences")
-    got = aihf_loss(y, hidden=x2, weight=w2, ref_hidden=rx, ref_weight=rw, beta=BETA, backend=backend, **cfg).loss
+    layout = method_config("rpo", num_pairs=P, nll_weight=alpha, device=DEVICE)
+    got = aihf_loss(y, hidden=x2, weight=w2, ref_hidden=rx, ref_weight=rw, beta=BETA, backend=backend,
+                    layout=layout).loss
     got.backward()
     assert_close_to("loss", got, want, 1e-5, 1e-5)
     assert_close_to("dhidden", x2.grad, x1.grad, 1e-5, 1e-5)

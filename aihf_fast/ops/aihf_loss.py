@@ -30,6 +30,7 @@ Methods as configurations (``method_config`` builds them for a standard batch la
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -43,11 +44,75 @@ NLL_NORMALIZATIONS = ("tokens", "length", "sequence", "none")
 METHODS = ("sft", "dpo", "ipo", "rpo", "spin", "aihf")
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss's hyperparameters, checked once when made (``aihf_loss(..., config=...)``,
+    ``AIHFLoss(config)``; or the same names as keywords of ``aihf_loss``).
+
+    loss_type: sigmoid | ipo | hinge; None: the layout's (``method_config("ipo")`` says ipo), else
+    sigmoid. label_smoothing: sigmoid only (cDPO). reference_free: no reference, rewards from the
+    policy's log-probs alone. shift_labels: labels are causal-LM labels (transformers/TRL), not yet
+    shifted to the positions that predict them. temperature: log-probs of softmax(logits / T).
+    chunk_size / backend / validate: passed to the log-prob ops."""
+
+    beta: float = 0.1
+    loss_type: str | None = None
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+    nll_normalize: str = "tokens"
+    reference_free: bool = False
+    shift_labels: bool = False
+    ignore_index: int = -100
+    temperature: float = 1.0
+    chunk_size: int | None = None
+    backend: str | None = None
+    validate: bool = True
+
+    def __post_init__(self):
+        if self.loss_type is not None and self.loss_type not in reference.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {reference.LOSS_TYPES}, got {self.loss_type!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.nll_normalize not in NLL_NORMALIZATIONS:
+            raise ValueError(f"nll_normalize must be one of {NLL_NORMALIZATIONS}, got {self.nll_normalize!r}")
+        if not (isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
+                and 0 < self.beta < float("inf")):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 0.5):
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type not in (None, "sigmoid"):
+            raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={self.loss_type!r}")
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which sequences of a batch are compared and which are imitated (``method_config`` builds it).
+
+    comparisons: (winners (K,), losers (K,), weights (K,)) sequence indices, or None.
+    nll_weights: (S,) demonstration NLL weight per sequence, or None.
+    num_sequences: S. loss_type: the method's own (ipo), or None.
+    num_pair_comparisons: the first this many comparisons are preference pairs, the rest
+    demonstration-vs-own-sample comparisons (their metrics are then reported apart); None: one kind."""
+
+    comparisons: tuple | None
+    nll_weights: torch.Tensor | None
+    num_sequences: int
+    loss_type: str | None = None
+    num_pair_comparisons: int | None = None
+
+    def replace(self, **changes) -> BatchLayout:
+        """A copy with ``changes`` (e.g. other comparison weights)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
 class AIHFLossOutput:
-    """loss: scalar fp32 with gradient. metrics: detached fp32 scalars, TRL-style names.
-    seq_logps / seq_ref_logps: (S,) fp32 per-sequence sums (policy has gradient).
-    seq_lengths: (S,) int64 loss tokens per sequence. comparison_logratios: (K,) detached h_k."""
+    """loss: scalar fp32 with gradient. metrics: detached fp32 0-d tensors, TRL-style names (no
+    device sync inside the loss; ``float_metrics()`` for a logger). seq_logps / seq_ref_logps: (S,)
+    fp32 per-sequence sums (policy has gradient). seq_lengths: (S,) int64 loss tokens per sequence.
+    comparison_logratios: (K,) detached h_k."""
 
     loss: torch.Tensor
     metrics: dict = field(default_factory=dict)
@@ -55,6 +120,14 @@ class AIHFLossOutput:
     seq_ref_logps: torch.Tensor | None = None
     seq_lengths: torch.Tensor | None = None
     comparison_logratios: torch.Tensor | None = None
+
+    def float_metrics(self) -> dict:
+        """The metrics as Python floats (one device sync), as TRL logs them."""
+        if not self.metrics:
+            return {}
+        keys = list(self.metrics)
+        values = torch.stack([self.metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+        return dict(zip(keys, values))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -184,6 +257,34 @@ def _shift(labels, seg, ignore_index):
     return out.reshape(labels.shape)
 
 
+def _comparison_metrics(rho, seq_logps, winners, losers, weighted, beta, seg, valid, mean_logit, S, n_pairs):
+    """TRL's DPO metrics of the preference pairs (rewards/*, logps/*, logits/*: the mean logit over
+    the chosen / rejected answers' tokens and the vocabulary), and with a layout of both kinds
+    (``n_pairs`` < K) the demonstration-vs-own-sample comparisons apart (demo_rewards/*);
+    loss/preference and loss/demo_comparisons: the two parts of the comparison loss."""
+    K = winners.numel()
+    split = n_pairs is not None and 0 < n_pairs < K
+    parts = [("rewards/", slice(0, n_pairs)), ("demo_rewards/", slice(n_pairs, K))] if split else [("rewards/", slice(0, K))]
+    out = {}
+    for prefix, sl in parts:
+        w, lo = winners[sl], losers[sl]
+        r_w, r_l = beta * rho[w], beta * rho[lo]
+        names = ("chosen", "rejected") if prefix == "rewards/" else ("demo", "sample")
+        out.update({prefix + names[0]: r_w.mean(), prefix + names[1]: r_l.mean(),
+                    prefix + "margins": (r_w - r_l).mean(), prefix + "accuracies": (r_w > r_l).float().mean()})
+        if prefix == "rewards/":
+            out.update({"logps/chosen": seq_logps[w].mean(), "logps/rejected": seq_logps[lo].mean(),
+                        "loss/preference": weighted[sl].sum()})
+            if mean_logit is not None:
+                tok_sum = reference.segment_sum(torch.where(valid, mean_logit, 0.0), seg, S)
+                tok_n = reference.segment_sum(valid.float(), seg, S)
+                for name, idx in (("chosen", w), ("rejected", lo)):
+                    out["logits/" + name] = tok_sum[idx].sum() / tok_n[idx].sum().clamp(min=1)
+        else:
+            out["loss/demo_comparisons"] = weighted[sl].sum()
+    return out
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -201,21 +302,12 @@ def aihf_loss(
     ref_seq_logps: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
-    num_sequences: int | None = None,
+    layout: BatchLayout | None = None,
     comparisons=None,
     nll_weights: torch.Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    nll_normalize: str = "tokens",
-    reference_free: bool = False,
-    shift_labels: bool = False,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    backend: str | None = None,
-    validate: bool = True,
+    num_sequences: int | None = None,
+    config: LossConfig | None = None,
+    **hyperparameters,
 ) -> AIHFLossOutput:
     """Joint demonstration + preference loss (formulas in the module docstring).
 
@@ -231,27 +323,44 @@ def aihf_loss(
     ``shift_labels=True`` they are the causal-LM labels of transformers/TRL instead (``input_ids``
     with prompt and padding set to ignore_index): the loss reads labels[t + 1] of the same
     sequence at position t (and nothing at a sequence's last position).
-    ``comparisons``: (winners (K,), losers (K,)[, weights (K,)]) sequence indices, or (K, 2|3).
-    ``nll_weights``: (S,) demonstration NLL weight a_i per sequence (0 = none).
+    What is compared and imitated: ``layout`` (a ``BatchLayout``, e.g. ``method_config(...)``), or
+    ``comparisons`` = (winners (K,), losers (K,)[, weights (K,)]) sequence indices or (K, 2|3) and
+    ``nll_weights`` (S,) demonstration NLL weight per sequence (0 = none).
+    Hyperparameters: ``config`` (a ``LossConfig``) or its fields as keywords (``beta=0.1``, ...).
     """
-    check_int("labels", labels)
-    if loss_type not in reference.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {reference.LOSS_TYPES}, got {loss_type!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if nll_normalize not in NLL_NORMALIZATIONS:
-        raise ValueError(f"nll_normalize must be one of {NLL_NORMALIZATIONS}, got {nll_normalize!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type != "sigmoid":
+    if config is None:
+        names = {f.name for f in dataclasses.fields(LossConfig)}
+        unknown = sorted(set(hyperparameters) - names)
+        if unknown:
+            raise TypeError(f"aihf_loss() got unknown keyword argument(s) {unknown}; the hyperparameters are "
+                            f"LossConfig's fields {sorted(names)}")
+        config = LossConfig(**hyperparameters)
+    elif hyperparameters:
+        raise TypeError(f"pass the hyperparameters in config or as keywords, not both: {sorted(hyperparameters)}")
+    elif not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    if layout is not None:
+        if not isinstance(layout, BatchLayout):
+            raise TypeError(f"layout must be a BatchLayout (see method_config), got {type(layout).__name__}")
+        given = [n for n, v in (("comparisons", comparisons), ("nll_weights", nll_weights),
+                                ("num_sequences", num_sequences)) if v is not None]
+        if given:
+            raise TypeError(f"layout already holds {given}: pass one or the other")
+        comparisons, nll_weights, num_sequences = layout.comparisons, layout.nll_weights, layout.num_sequences
+        if config.loss_type and layout.loss_type and config.loss_type != layout.loss_type:
+            raise ValueError(f"loss_type={config.loss_type!r} but the layout is {layout.loss_type!r}'s: drop one")
+    loss_type = config.loss_type or (layout.loss_type if layout is not None else None) or "sigmoid"
+    if config.label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
+    beta, label_smoothing, reduction = config.beta, config.label_smoothing, config.reduction
+    nll_normalize, reference_free, ignore_index = config.nll_normalize, config.reference_free, config.ignore_index
+    temperature, chunk_size, backend, validate = config.temperature, config.chunk_size, config.backend, config.validate
+    check_int("labels", labels)
 
     labels = labels.long()  # narrow integer dtypes would wrap ignore_index
     labels_shape = tuple(labels.shape)
     flat_labels, seg, S = _segments(labels, cu_seqlens, segment_ids, num_sequences, validate)
-    if shift_labels:
+    if config.shift_labels:
         flat_labels = _shift(flat_labels, seg, ignore_index)
     if num_sequences is not None and num_sequences != S:
         raise ValueError(f"num_sequences={num_sequences} but the layout holds {S} sequences")
@@ -270,10 +379,16 @@ def aihf_loss(
         check_float("hidden", hidden)
         x = _flat_tokens("hidden", hidden, labels_shape, N, 1)
         tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw)
+        with torch.no_grad():  # each token's logits averaged over the vocabulary: h . mean(W rows)
+            mean_logit = (x.detach() @ weight.detach().float().mean(0).to(x.dtype)).float()
     elif logits is not None:
         check_float("logits", logits)
-        tok = token_logprobs(_flat_tokens("logits", logits, labels_shape, N, 1), flat_labels, **op_kw)
+        flat_logits = _flat_tokens("logits", logits, labels_shape, N, 1)
+        tok = token_logprobs(flat_logits, flat_labels, **op_kw)
+        with torch.no_grad():
+            mean_logit = flat_logits.detach().mean(-1, dtype=torch.float32)
     else:
+        mean_logit = None  # no logits: no logits/* metrics
         check_float("token_logps", token_logps)
         check_same_device(labels=labels, token_logps=token_logps)
         tok = _flat_tokens("token_logps", token_logps, labels_shape, N, 0).float()
@@ -365,15 +480,11 @@ def aihf_loss(
     if K:
         h = rho[winners] - rho[losers]
         per = reference.comparison_losses(h, beta, loss_type, label_smoothing)
-        pref = (cw * per).sum() / (K if reduction == "mean" else 1)
+        weighted = cw * per / (K if reduction == "mean" else 1)
+        pref = weighted.sum()
         with torch.no_grad():
-            r_w, r_l = beta * rho[winners], beta * rho[losers]
-            metrics.update({
-                "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
-                "rewards/margins": (r_w - r_l).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
-                "logps/chosen": seq_logps[winners].mean(), "logps/rejected": seq_logps[losers].mean(),
-                "loss/preference": pref.detach(),
-            })
+            metrics.update(_comparison_metrics(rho, seq_logps, winners, losers, weighted, beta, seg, valid,
+                                               mean_logit, S, layout.num_pair_comparisons if layout else None))
         h_out = h.detach()
     else:
         # zero, but on the graph (a batch with no comparisons still backpropagates); masked so
@@ -419,20 +530,23 @@ def method_config(
     w_D: float = 1.0,
     nll_weight: float = 0.0,
     device=None,
-) -> dict:
-    """Comparisons, NLL weights and loss type of a method, for the batch layout
+) -> BatchLayout:
+    """The ``BatchLayout`` of a method for the batch
 
         [chosen_0..P-1, rejected_0..P-1, demo_0..D-1, sample_0..D-1]
 
     (P = num_pairs preference pairs; D = num_demos demonstrations, each followed in the second
     block by the current policy's own sample for the same prompt; blocks a method does not use
-    are omitted from its layout). Returns kwargs for ``aihf_loss``: comparisons, nll_weights,
-    loss_type, plus ``num_sequences``. nll_weight is RPO's alpha / AIHF's lambda; SFT uses 1.
-    ``aihf`` with ``w_D = 0`` has no own-sample block: ``[chosen, rejected, demo]``, i.e. DPO on
-    the pairs plus lambda * NLL on the demonstrations.
+    are omitted). Pass it whole: ``aihf_loss(labels, ..., layout=method_config(...))``.
+    nll_weight is RPO's alpha / AIHF's lambda; SFT uses 1. ``aihf`` with ``w_D = 0`` has no
+    own-sample block: ``[chosen, rejected, demo]``, i.e. DPO on the pairs plus lambda * NLL on the
+    demonstrations.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, v in (("num_pairs", num_pairs), ("num_demos", num_demos)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     P = num_pairs if method in ("dpo", "ipo", "rpo", "aihf") else 0
     D = num_demos if method in ("sft", "spin", "aihf") else 0
     with_samples = method == "spin" or (method == "aihf" and w_D != 0)
@@ -456,9 +570,10 @@ def method_config(
     elif method == "aihf" and D:
         nll[2 * P: 2 * P + D] = nll_weight
     comparisons = (torch.cat(win), torch.cat(lose), torch.cat(wts)) if win else None
-    return dict(
+    return BatchLayout(
         comparisons=comparisons,
         nll_weights=nll if bool((nll != 0).any()) else None,
-        loss_type="ipo" if method == "ipo" else "sigmoid",
         num_sequences=S,
+        loss_type="ipo" if method == "ipo" else None,
+        num_pair_comparisons=P,
     )

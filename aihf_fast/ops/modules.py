@@ -1,53 +1,38 @@
-"""``AIHFLoss``: the joint loss as an ``nn.Module`` holding its hyper-parameters."""
+"""``AIHFLoss``: the joint loss as an ``nn.Module`` holding its hyperparameters."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
-from .aihf_loss import AIHFLossOutput, aihf_loss
+from .aihf_loss import AIHFLossOutput, LossConfig, aihf_loss
 
 
 class AIHFLoss(torch.nn.Module):
-    """Module form of :func:`aihf_fast.ops.aihf_loss`; per-batch tensors go to ``forward``.
+    """Module form of :func:`aihf_fast.ops.aihf_loss`: the hyperparameters once (a ``LossConfig``,
+    or its fields as keywords, checked here), per-batch tensors and the layout to ``forward``.
 
-    Example (padded batch of S sequences, fused LM head, precomputed reference)::
+    Example (padded batch, fused LM head, precomputed reference)::
 
         loss_fn = AIHFLoss(beta=0.1)
-        out = loss_fn(labels, hidden=h, weight=model.lm_head.weight, ref_seq_logps=ref,
-                      comparisons=(winners, losers, weights), nll_weights=a)
+        layout = method_config("aihf", num_pairs=P, num_demos=D, w_P=1.0, w_D=0.5)
+        out = loss_fn(labels, hidden=h, weight=model.lm_head.weight, ref_seq_logps=ref, layout=layout)
         out.loss.backward()
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        nll_normalize: str = "tokens",
-        reference_free: bool = False,
-        shift_labels: bool = False,
-        ignore_index: int = -100,
-        temperature: float = 1.0,
-        chunk_size: int | None = None,
-        backend: str | None = None,
-        validate: bool = True,
-    ):
+    def __init__(self, config: LossConfig | None = None, **hyperparameters):
         super().__init__()
-        self.config = dict(
-            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
-            nll_normalize=nll_normalize, reference_free=reference_free, shift_labels=shift_labels,
-            ignore_index=ignore_index,
-            temperature=temperature, chunk_size=chunk_size, backend=backend, validate=validate,
-        )
-        # check the hyper-parameters now rather than at the first batch
-        aihf_loss(torch.zeros(1, 1, dtype=torch.long), token_logps=torch.zeros(1, 1),
-                  **{**self.config, "backend": "torch"})
+        if config is not None and hyperparameters:
+            raise TypeError(f"pass a LossConfig or keywords, not both: {sorted(hyperparameters)}")
+        if config is not None and not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+        self.config = config if config is not None else LossConfig(**hyperparameters)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
 
     def forward(self, labels: torch.Tensor, **batch) -> AIHFLossOutput:
-        clash = set(batch) & set(self.config)
+        clash = sorted(set(batch) & ({f.name for f in dataclasses.fields(LossConfig)} | {"config"}))
         if clash:
-            raise TypeError(f"{sorted(clash)} are set in AIHFLoss(...), not per call")
-        return aihf_loss(labels, **batch, **self.config)
+            raise TypeError(f"{clash} are set in AIHFLoss(...), not per call")
+        return aihf_loss(labels, **batch, config=self.config)

@@ -420,17 +420,18 @@ class Trainer:
                     (self.demos[i].prompt, y) for i, y, *_ in replay]
                 refs.append(torch.tensor([st["sample_ref"][int(i)] for i in didx] + [r for _, _, r, _ in replay]))
         P, D, R = len(pidx), len(didx), len(replay)
-        mc = method_config(method, P, D + R, w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight, device=self.device)
-        mc.pop("num_sequences")
-        if R and mc["nll_weights"] is not None:  # a replayed demonstration is a comparison only, not NLL again
-            mc["nll_weights"][2 * P + D: 2 * P + D + R] = 0.0
-        if term is not None and mc["comparisons"] is not None:  # mean over all comparisons, as the joint loss
-            win, lose, w = mc["comparisons"]
-            mc["comparisons"] = (win, lose, w * len(w) / n_all)
+        layout = method_config(method, P, D + R, w_P=cfg.w_P, w_D=cfg.w_D, nll_weight=cfg.nll_weight,
+                               device=self.device)
+        if R and layout.nll_weights is not None:  # a replayed demonstration is a comparison only, not NLL again
+            layout.nll_weights[2 * P + D: 2 * P + D + R] = 0.0
+        if term is not None and layout.comparisons is not None:  # mean over all comparisons, as the joint loss
+            win, lose, w = layout.comparisons
+            layout = layout.replace(comparisons=(win, lose, w * len(w) / n_all))
+        kw = dict(layout=layout, beta=cfg.beta,
+                  label_smoothing=cfg.label_smoothing if layout.loss_type in (None, "sigmoid") else 0.0)
         if method != "sft":
-            mc["ref_seq_logps"] = torch.cat(refs).to(self.device)
-        mc.update(beta=cfg.beta, label_smoothing=cfg.label_smoothing if mc["loss_type"] == "sigmoid" else 0.0)
-        return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), mc
+            kw["ref_seq_logps"] = torch.cat(refs).to(self.device)
+        return build_inputs(seqs, self.tok.pad_token_id, self.packed, self.device), kw
 
     def replayed(self, step: int, j: int) -> list:
         """Replayed (demo index, own sample, reference log-prob, step made) entries of micro-batch j
