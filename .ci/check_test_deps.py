@@ -35,7 +35,7 @@ def imported_modules(paths: list[Path]) -> set[str]:
 
 
 def main() -> int:
-    files = sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
     local = {p.stem for p in files} | {"aihf_fast"}
     third_party = sorted(imported_modules(files) - set(sys.stdlib_module_names) - local)
     missing = []
