@@ -1,7 +1,6 @@
-"""Build: the pure-Python package, plus the C++ extension in csrc/ through CMake when csrc/ has one.
+"""Build: the Python package and its C++ extension (``aihf_fast._C``, csrc/) through CMake.
 
-``pip install .`` runs this. The CMake step only runs when ``csrc/CMakeLists.txt`` exists, so the
-package installs with or without the extension sources (see CMakeLists.txt).
+``pip install .`` runs this (see CMakeLists.txt).
 """
 import os
 import subprocess
@@ -36,6 +35,4 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--config", cfg, "-j", jobs], check=True)
 
 
-ext_modules = [CMakeExtension("aihf_fast._C")] if (ROOT / "csrc" / "CMakeLists.txt").exists() else []
-
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("aihf_fast._C")], cmdclass={"build_ext": CMakeBuild})

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,6 @@ class MLPPolicy:
     log_std: np.ndarray | None = None  # fixed (nu,) log std (PPO); None + gaussian: from the output (SAC)
     log_std_min: float = -20.0
     log_std_max: float = 2.0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
