@@ -209,9 +209,14 @@ def test_external_sigterm_mid_run(task, tmp_path):
 
 def test_repeated_two_rank_launches_exit_cleanly(task, tmp_path):
     """20 launches in a row under the deepspeed launcher (2 ranks): the launcher's exit code is 0
-    every time (no rank aborting at exit), and the final message comes from rank 0 only."""
+    every time (no rank aborting at exit), the final message comes from rank 0 only, and no
+    shared-memory buffer is left behind in /dev/shm."""
+    import glob
+
     n = int(os.environ.get("AIHF_FAST_LAUNCHES", "20"))
+    shm = "/dev/shm/deepspeed_allreduce_buffer_*"
     for i in range(n):
+        before = set(glob.glob(shm))
         out = str(tmp_path / f"run{i}")
         r = run_trainer(flags(dict(model=task["model"], tokenizer=task["tokenizer"], method="sft",
                                    demonstrations=task["demonstrations"], steps=1, demos_per_batch=2, max_length=24,
@@ -221,4 +226,6 @@ def test_repeated_two_rank_launches_exit_cleanly(task, tmp_path):
         assert r.returncode == 0, (i, r.stdout[-2000:] + r.stderr[-2000:])
         assert "terminate called" not in r.stderr, (i, r.stderr[-2000:])
         assert (r.stdout + r.stderr).count("eval/reward:") == 1, (i, r.stdout[-2000:])
+        left = set(glob.glob(shm)) - before  # DeepSpeed's CPU all-reduce buffers (69 MB per rank) are removed
+        assert not left, (i, sorted(left))
         shutil.rmtree(out)

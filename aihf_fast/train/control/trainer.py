@@ -34,6 +34,7 @@ from ..checkpoints import file_damage, file_manifest, write_file_manifest
 from ..optim import TermAdamW
 from ..options import ConfigError
 from ..preemption import Interrupted, StopOnSignal, signal_hook
+from ..runs import check_resume_options, start_log, write_config
 from .config import ControlConfig, validate
 from .data import SegmentPairs, Trajectories
 from .ppo import PPO, PPOConfig, evaluate
@@ -266,11 +267,7 @@ class Trainer:
             print(f"[aihf_fast] --resume: no checkpoint in {self.cfg.output_dir}, starting from iteration 0",
                   file=sys.stderr, flush=True)
             return False
-        now = {k: getattr(self.cfg, k) for k in st["run"]}  # options a checkpoint predates: not compared
-        diff = sorted(k for k in now if now[k] != st["run"][k])
-        if diff:
-            raise ConfigError("--resume: options differ from the checkpointed run: " +
-                              ", ".join(f"{k} (checkpoint {st['run'][k]!r}, now {now[k]!r})" for k in diff))
+        check_resume_options(st["run"], {k: getattr(self.cfg, k) for k in st["run"]})
         self.it, self.sim_s, self.learn_s = st["it"], st["sim_s"], st["learn_s"]
         self.agent.load_state_dict(st["agent"])
         self.rng.bit_generator.state = st["rng"]
@@ -359,15 +356,9 @@ class Trainer:
     def _run(self, stop) -> dict:
         cfg = self.cfg
         resumed = cfg.resume and self.load()
-        if resumed:  # keep the log up to the checkpoint (a new file renamed over it: never half-written)
-            lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
-            with open(self.log_path + ".tmp", "w", encoding="utf-8") as f:
-                f.write("".join(x + "\n" for x in lines if json.loads(x).get("iter", 0) <= self.it))
-            os.replace(self.log_path + ".tmp", self.log_path)
-        else:
-            open(self.log_path, "w").close()
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-                json.dump(vars(cfg), f, indent=1)
+        start_log(self.log_path, resumed, "iter", self.it)
+        if not resumed:
+            write_config(cfg.output_dir, cfg)
             t0 = time.time()
             pre = {}
             if cfg.method == "bc" or cfg.bc_init:

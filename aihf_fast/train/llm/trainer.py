@@ -51,6 +51,7 @@ from ...ops import method_config
 from ..checkpoints import MANIFEST, damage, step_tags, write_latest, write_manifest
 from ..optim import TermAdamW
 from ..preemption import Interrupted, StopOnSignal, signal_hook
+from ..runs import check_resume_options, start_log, write_config
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
@@ -91,13 +92,29 @@ def shutdown_distributed(barrier: bool = True) -> None:
     succeeded, as a failed rank may never arrive), then the group is destroyed.
 
     Without it a rank can abort at interpreter exit (``terminate called without an active
-    exception``, launcher exit code 250) after all its outputs are written."""
+    exception``, launcher exit code 250) after all its outputs are written. Also removes this
+    rank's shared-memory all-reduce buffer, which DeepSpeed's CPU backend creates under the
+    launcher (69 MB in /dev/shm per rank) and never removes: a job scheduler's node would
+    otherwise lose that much memory to every run."""
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         try:
             if barrier:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+            _remove_shm_buffer(rank)
+
+
+def _remove_shm_buffer(rank: int) -> None:
+    """Unlink this rank's ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``
+    (the name DeepSpeed's shm_comm gives it); the other ranks' mappings stay valid until they exit."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass  # not created (one process, or ranks on several nodes), or already gone
 
 
 def _lr_lambda(cfg, total_steps: int):
@@ -621,13 +638,8 @@ class Trainer:
             raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {d}")
         if self.rank == 0 and tag != _read_latest(self.ckpt_dir):
             print(f"[aihf_fast] --resume: resuming from {tag}", flush=True)
-        saved, now = state.pop("run", {}), self._run_signature()
-        # options a checkpoint predates are not compared (they did not exist: it ran with their defaults)
-        diff = sorted(k for k in saved if saved.get(k) != now.get(k))
-        if diff:
-            raise ConfigError("--resume: these options differ from the checkpointed run, so the data order, "
-                              "samples or reference would not continue it: "
-                              + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in diff))
+        check_resume_options(state.pop("run", {}), self._run_signature(),
+                             ", so the data order, samples or reference would not continue it")
         state.setdefault("replay", [])
         state.setdefault("sample_step", 0)
         self.state = state
@@ -718,16 +730,8 @@ class Trainer:
         resumed = cfg.resume and self.load_checkpoint()
         start = self.state["step"]
         if self.rank == 0:
-            if resumed:  # keep the log up to the checkpoint: the steps after it are run again
-                lines = open(self.log_path).read().splitlines() if os.path.isfile(self.log_path) else []
-                keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-                with open(self.log_path + ".tmp", "w", encoding="utf-8") as f:  # renamed over it: never half-written
-                    f.write("".join(ln + "\n" for ln in keep))
-                os.replace(self.log_path + ".tmp", self.log_path)
-            else:
-                open(self.log_path, "w").close()
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-                json.dump({k: v for k, v in vars(cfg).items()}, f, indent=1, default=str)
+            start_log(self.log_path, resumed, "step", start)
+            write_config(cfg.output_dir, cfg)
         summary_path = os.path.join(cfg.output_dir, "summary.json")
         if resumed and start >= cfg.steps and os.path.isfile(summary_path):
             if self.rank == 0:
