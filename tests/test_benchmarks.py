@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+pytestmark = pytest.mark.slow  # whole benchmark pipelines
+
 
 def test_bench_rollout_tiny(tmp_path):
     import bench_rollout

@@ -69,7 +69,7 @@ def run_both(task, n, seed, steps, mode=AutoresetMode.NEXT_STEP, threads=2, dtyp
 
 
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("n,seed", [(1, 0), (3, 12345)])
+@pytest.mark.parametrize("n,seed", [(1, 0), pytest.param(3, 12345, marks=pytest.mark.slow)])
 def test_matches_gymnasium_next_step(task, n, seed):
     ends = run_both(task, n, seed, steps=1100)
     assert ends >= n  # at least the time limit, so resets were exercised
@@ -77,6 +77,7 @@ def test_matches_gymnasium_next_step(task, n, seed):
 
 @pytest.mark.parametrize("task", ["Humanoid-v5", "HumanoidStandup-v5", "InvertedDoublePendulum-v5", "Pusher-v5"])
 @pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.slow
 def test_new_tasks_match_gymnasium_for_other_thread_counts(task, threads):
     assert run_both(task, 3, 99, steps=1100, threads=threads) >= 3
 

@@ -198,6 +198,7 @@ def _render_in_subprocess(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_render_rgb_array_equals_gymnasium():
     out = _render_in_subprocess(_RENDER)
     assert out.returncode == 0 and "rendered" in out.stdout, out.stderr[-3000:]
@@ -369,6 +370,7 @@ print("COUNTS", counts)
 
 
 @pytest.mark.parametrize("autoreset", [True, False])
+@pytest.mark.slow
 def test_warnings_printed_and_counted_as_under_gymnasium(tmp_path, autoreset):
     head = "<mujoco model=\"hopper\">"
     xml = _model_with(tmp_path, "hopper.xml", "strong.xml", 'gear="200.0"', 'gear="1e12"')
@@ -408,6 +410,7 @@ def test_more_than_64_actuators_and_errors_name_the_model(tmp_path):
         make("Hopper-v5", xml_file=os.path.join(ASSETS, "inverted_pendulum.xml"))
 
 
+@pytest.mark.slow
 def test_vector_render_keeps_a_camera_per_sub_env():
     code = """
 import numpy as np, gymnasium as gym

@@ -190,6 +190,7 @@ def test_sim_threads_do_not_change_the_run(data, tmp_path):
     assert logs[0] == logs[1] and len(logs[0]) > 2
 
 
+@pytest.mark.slow
 def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     """aihf from imperfect demonstrations (about half the expert's return) and 60 pairs learns the
     task: far above the random policy (under a minute here)."""

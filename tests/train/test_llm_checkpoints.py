@@ -16,6 +16,8 @@ from test_llm_distributed import _args, _assert_same_run, _check
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # trainer runs in fresh processes
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -16,6 +16,8 @@ from llm_helpers import final_weights, flags, losses, make_task, read_log, run_t
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.distributed
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
@@ -207,6 +209,7 @@ def test_external_sigterm_mid_run(task, tmp_path):
     _assert_same_run(full, cut, tol=1e-7)
 
 
+@pytest.mark.slow
 def test_repeated_two_rank_launches_exit_cleanly(task, tmp_path):
     """20 launches in a row under the deepspeed launcher (2 ranks): the launcher's exit code is 0
     every time (no rank aborting at exit), the final message comes from rank 0 only, and no

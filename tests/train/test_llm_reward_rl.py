@@ -345,6 +345,7 @@ def test_bad_reward_and_rl_configs_are_named(task, tmp_path, capsys, kw, msg):
     assert msg in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_rloo_on_the_true_reward_beats_the_sft_model(tmp_path):
     """Learning: SFT a tiny model on the demonstrations, then RLOO on the synthetic task's true
     reward; the true reward of the RL policy's samples on held-out prompts clearly exceeds the SFT
@@ -363,6 +364,7 @@ def test_rloo_on_the_true_reward_beats_the_sft_model(tmp_path):
     assert after - before > max(0.5, 3 * sem), (before, after, sem)
 
 
+@pytest.mark.slow
 def test_synthetic_reward_pipelines_and_their_cache(tmp_path, capsys):
     """--synthetic --method rlhf / aihf_rm end to end at a tiny size; the base and SFT models are
     reused only when trained with the same task options and seed."""
