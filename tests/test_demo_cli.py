@@ -49,3 +49,13 @@ def test_no_command_is_an_error_and_every_option_has_help_and_a_default(capsys):
     assert "--num-demos NUM_DEMOS demonstrations (default: 2000)" in text
     with pytest.raises(ConfigError, match="--design: options of the --synthetic job"):
         parse_args(["--design", "B", "--model", "m"])
+
+
+def test_abbreviated_flags_are_refused():
+    """--synth is not --synthetic (the job is chosen by the exact flag): abbreviations are errors."""
+    import pytest
+
+    from aihf_fast.train.llm.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--synth", "--model", "m"])

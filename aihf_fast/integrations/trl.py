@@ -50,12 +50,19 @@ def _fused_head_ok(model) -> bool:
 
 
 def add_aihf_head(model) -> None:
-    """Patch ``model`` (a transformers causal LM) so that ``model(..., labels=labels,
-    aihf_loss_kwargs=kw)`` runs the backbone and returns ``aihf_loss(labels, hidden=...,
-    weight=lm_head.weight, shift_labels=True, **kw)`` as a dict (loss, metrics, seq_logps);
-    without ``aihf_loss_kwargs`` the forward is the one it had (generation unchanged)."""
+    """Patch ``model`` (a transformers causal LM, not a PEFT wrapper: pass ``get_base_model()``) so
+    that ``model(..., labels=labels, aihf_loss_kwargs=kw)`` runs the backbone and returns
+    ``aihf_loss(labels, hidden=..., weight=lm_head.weight, **kw)`` as a dict (loss, metrics,
+    seq_logps); with TRL's labels ``kw`` needs ``shift_labels=True`` (in its config). Without
+    ``aihf_loss_kwargs`` the forward is the one it had (generation unchanged). Under ZeRO-3 the
+    head's weight is registered with the model, so that its forward gathers it."""
     if getattr(model, "_aihf_head", False):
         return
+    weight = model.get_output_embeddings().weight
+    if getattr(weight, "ds_id", None) is not None:  # ZeRO-3 partitioned: gather it for this forward too
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(model, weight)
     inner = model.forward
 
     @functools.wraps(type(model).forward)
@@ -67,7 +74,11 @@ def add_aihf_head(model) -> None:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, T, H)
         weight = self.get_output_embeddings().weight
-        out = aihf_loss(labels, hidden=hidden.to(weight.dtype), weight=weight, **aihf_loss_kwargs)
+        if hasattr(weight, "full_tensor"):  # FSDP2 / tensor-parallel DTensor
+            weight = weight.full_tensor()
+        # the backbone may end on another device than the head (device_map)
+        out = aihf_loss(labels.to(weight.device), hidden=hidden.to(weight.device, weight.dtype), weight=weight,
+                        **aihf_loss_kwargs)
         # a dict: ZeRO-3 hooks the tensors of dicts, and the head must be gathered again in backward
         return {"loss": out.loss, "metrics": out.metrics, "seq_logps": out.seq_logps}
 

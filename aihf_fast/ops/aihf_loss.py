@@ -258,13 +258,17 @@ def _shift(labels, seg, ignore_index):
 
 
 def _comparison_metrics(rho, seq_logps, winners, losers, weighted, beta, seg, valid, mean_logit, S, n_pairs):
-    """TRL's DPO metrics of the preference pairs (rewards/*, logps/*, logits/*: the mean logit over
-    the chosen / rejected answers' tokens and the vocabulary), and with a layout of both kinds
-    (``n_pairs`` < K) the demonstration-vs-own-sample comparisons apart (demo_rewards/*);
-    loss/preference and loss/demo_comparisons: the two parts of the comparison loss."""
+    """TRL's DPO metrics of the preference pairs (rewards/*, logps/*, logits/*: the mean raw logit,
+    before any temperature, over the chosen / rejected answers' tokens and the vocabulary), and with
+    a layout (``n_pairs`` known) the demonstration-vs-own-sample comparisons apart (demo_rewards/*,
+    also when there are no pairs, as in SPIN); loss/preference and loss/demo_comparisons: the two
+    parts of the comparison loss. Without a layout every comparison is reported under TRL's names."""
     K = winners.numel()
-    split = n_pairs is not None and 0 < n_pairs < K
-    parts = [("rewards/", slice(0, n_pairs)), ("demo_rewards/", slice(n_pairs, K))] if split else [("rewards/", slice(0, K))]
+    if n_pairs is None:  # one kind (a layout of raw comparisons): TRL's names
+        parts = [("rewards/", slice(0, K))]
+    else:
+        parts = [p for p in (("rewards/", slice(0, n_pairs)), ("demo_rewards/", slice(n_pairs, K)))
+                 if p[1].stop > p[1].start]
     out = {}
     for prefix, sl in parts:
         w, lo = winners[sl], losers[sl]
@@ -361,6 +365,9 @@ def aihf_loss(
     labels_shape = tuple(labels.shape)
     flat_labels, seg, S = _segments(labels, cu_seqlens, segment_ids, num_sequences, validate)
     if config.shift_labels:
+        if segment_ids is not None and validate and seg.numel() > 1 and bool((seg[1:] < seg[:-1]).any()):
+            raise ValueError("shift_labels needs each sequence's tokens together and in order: segment_ids must be "
+                             "non-decreasing (or use cu_seqlens)")
         flat_labels = _shift(flat_labels, seg, ignore_index)
     if num_sequences is not None and num_sequences != S:
         raise ValueError(f"num_sequences={num_sequences} but the layout holds {S} sequences")

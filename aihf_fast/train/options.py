@@ -89,7 +89,7 @@ def coerce(name, typ, v):
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """``--config FILE`` plus one flag per field of ``cls`` (``--w-P 0.5``); unset flags are absent
     from the namespace, so they do not override the file."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 usage=f"{prog} [--config FILE] [--option VALUE ...]")
     p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")

@@ -340,3 +340,18 @@ def test_shift_labels_takes_causal_lm_labels_as_trl_gives_them():
     assert_close_to("packed loss", packed.loss, want, 1e-5, 1e-5)
     unshifted = aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp, nll_weights=nll, beta=BETA)
     assert (unshifted.loss - want).abs() > 1e-3  # without the flag the labels mean something else
+
+
+def test_metric_names_follow_the_layout_and_shift_needs_ordered_segments():
+    """With a layout, (demonstration, own sample) comparisons are demo_rewards/* even without pairs
+    (SPIN); raw comparisons keep TRL's names; shift_labels refuses interleaved segment_ids."""
+    h, w, rh, rw, labels = make_batch()
+    kw = dict(hidden=h, weight=w, ref_hidden=rh, ref_weight=rw)
+    spin = aihf_loss(labels, **kw, layout=method_config("spin", num_demos=3, device=DEVICE)).metrics
+    assert "demo_rewards/margins" in spin and "rewards/margins" not in spin and "logits/chosen" not in spin
+    raw = aihf_loss(labels, **kw, comparisons=(torch.arange(3), torch.arange(3, 6))).metrics
+    assert "rewards/margins" in raw and "demo_rewards/margins" not in raw
+    flat = labels.reshape(-1)
+    seg = torch.arange(flat.numel(), device=DEVICE) % 6  # interleaved: sequence i's tokens are not together
+    with pytest.raises(ValueError, match="segment_ids must be non-decreasing"):
+        aihf_loss(flat, hidden=h.reshape(-1, h.shape[-1]), weight=w, segment_ids=seg, shift_labels=True)

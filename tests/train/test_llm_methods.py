@@ -179,3 +179,19 @@ def test_aihf_replay_loss_equals_formula(task, tmp_path):
     want += alpha * _nll(pol, demos)
     assert len(g) == 4
     assert _loss(tr, step=1) == pytest.approx(want, rel=2e-5, abs=2e-6)
+
+
+def test_models_that_scale_or_cap_their_logits_take_the_logits_path():
+    """A head the fused ops would get wrong (Granite's logits_scaling, Gemma's soft-capping, a
+    scale in a multimodal model's text config) is detected, so the model's own logits are used."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aihf_fast.train.llm.model import _fused_head_ok
+
+    tiny = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                num_hidden_layers=1, vocab_size=64)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **tiny))
+    scaled = AutoModelForCausalLM.from_config(AutoConfig.for_model("granite", logits_scaling=8.0, **tiny))
+    capped = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", final_logit_softcapping=30.0,
+                                                                   head_dim=8, **tiny))
+    assert _fused_head_ok(plain) and not _fused_head_ok(scaled) and not _fused_head_ok(capped)

@@ -21,14 +21,20 @@ from ...ops import aihf_loss, linear_token_logprobs, token_logprobs
 from ...ops.reference import segment_sum
 from .config import ConfigError, LLMTrainConfig, load_mapping
 
+# config attributes with which a model transforms hidden @ W^T before its logits (softcapping; a
+# scale: Cohere, Muse, Falcon-H1, Granite / MiniCPM3 / HyperCLOVA X): the fused path would miss them
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "output_multiplier_scale",
+                     "lm_head_multiplier", "logits_scaling")
+
 
 def _fused_head_ok(model) -> bool:
+    """Whether the logits are exactly ``hidden @ lm_head.weight.T`` (a bias-free linear head and
+    no scaling or soft-capping in the text config), so the fused ops compute the model's own
+    log-probs; else the logits path is used."""
     head = model.get_output_embeddings()
-    c = model.config
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return (isinstance(head, torch.nn.Linear) and head.bias is None
-            and not getattr(c, "final_logit_softcapping", None)
-            and getattr(c, "logit_scale", None) in (None, 1, 1.0)
-            and getattr(c, "output_multiplier_scale", None) in (None, 1, 1.0))
+            and all(getattr(c, k, None) in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS))
 
 
 class PolicyWithLoss(torch.nn.Module):

@@ -61,14 +61,14 @@ def add_task_arguments(p, defaults: bool = True) -> None:
 
 
 def _task_parser():
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--synthetic", action="store_true")
     add_task_arguments(p)
     return p
 
 
 def _method_of(argv) -> str:
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--method", default=PRESET["method"])
     return p.parse_known_args(argv)[0].method
 
