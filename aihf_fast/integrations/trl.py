@@ -43,12 +43,6 @@ if not Version("1.16") <= Version(trl.__version__) < Version("1.17"):
 _PAIR_LOSSES = ("sigmoid", "hinge")
 
 
-def _fused_head_ok(model) -> bool:
-    from ..train.llm.model import _fused_head_ok as ok
-
-    return ok(model)
-
-
 def add_aihf_head(model) -> None:
     """Patch ``model`` (a transformers causal LM, not a PEFT wrapper: pass ``get_base_model()``) so
     that ``model(..., labels=labels, aihf_loss_kwargs=kw)`` runs the backbone and returns
@@ -124,6 +118,8 @@ def _unsupported(trainer) -> str | None:
             return what
     base = trainer.accelerator.unwrap_model(trainer.model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    from ..train.llm.model import _fused_head_ok
+
     if not _fused_head_ok(base):
         return "an LM head that is not a plain linear map (bias, logit scaling or soft-capping)"
     return None

@@ -386,14 +386,17 @@ def aihf_loss(
         check_float("hidden", hidden)
         x = _flat_tokens("hidden", hidden, labels_shape, N, 1)
         tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw)
-        with torch.no_grad():  # each token's logits averaged over the vocabulary: h . mean(W rows)
-            mean_logit = (x.detach() @ weight.detach().float().mean(0).to(x.dtype)).float()
+        with torch.no_grad():  # each token's logits averaged over the vocabulary: h . mean(W rows), the
+            # row mean as a (1, V) @ (V, H) product (no fp32 copy of the head weight on every call)
+            w = weight.detach()
+            w_mean = (torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device) @ w)[0] / w.shape[0]
+            mean_logit = (x.detach() @ w_mean.to(x.dtype)).float()
     elif logits is not None:
         check_float("logits", logits)
         flat_logits = _flat_tokens("logits", logits, labels_shape, N, 1)
         tok = token_logprobs(flat_logits, flat_labels, **op_kw)
         with torch.no_grad():
-            mean_logit = flat_logits.detach().mean(-1, dtype=torch.float32)
+            mean_logit = flat_logits.detach().mean(-1).float()  # no fp32 copy of the logits
     else:
         mean_logit = None  # no logits: no logits/* metrics
         check_float("token_logps", token_logps)

@@ -50,8 +50,8 @@ class StopOnSignal:
 
     _active = None
 
-    def __init__(self, at_once: bool = False):
-        self.at_once = at_once
+    def __init__(self):
+        self.at_once = False
         self.signum = None
         self._old = {}
         self._outer = None
