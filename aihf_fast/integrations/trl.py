@@ -1,4 +1,5 @@
-"""TRL's ``DPOTrainer`` with its loss computed by the fused ``aihf_loss`` (Triton on CUDA).
+"""TRL integrations: ``DPOTrainer`` with its loss computed by the fused ``aihf_loss`` (Triton on
+CUDA), and ``AIHFTrainer``, single-stage AIHF on TRL's trainer.
 
     from aihf_fast.integrations.trl import AIHFDPOTrainer      # instead of trl.DPOTrainer
     trainer = AIHFDPOTrainer(model=model, args=DPOConfig(...), train_dataset=pairs, processing_class=tok)
@@ -15,11 +16,16 @@ computed on this path.
 Fused: ``loss_type`` "sigmoid" or "hinge", alone or with "sft" (RPO: ``loss_type=["sigmoid",
 "sft"]``, ``loss_weights``), reverse-KL divergence, no ``ld_alpha``, no WPO weighting, no MoE
 auxiliary loss, text only, and an LM head that is a plain linear map. Any other configuration
-runs TRL's own loss, saying so once. Tested with TRL ``TRL_VERSIONS``.
+runs TRL's own loss, saying so once.
+
+``AIHFTrainer`` / ``AIHFConfig``: preference pairs and demonstrations, each demonstration
+compared with a fresh sample of the policy (see their docstrings). Tested with TRL ``TRL_VERSIONS``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import types
 import warnings
 
@@ -32,7 +38,8 @@ TRL_VERSIONS = ">=1.16,<1.17"  # the range tested; the trainer overrides TRL's p
 try:
     import trl
     from packaging.version import Version
-    from trl import DPOTrainer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
 except ImportError as e:  # pragma: no cover - the optional dependency
     raise ImportError(f"aihf_fast.integrations.trl needs TRL {TRL_VERSIONS}: pip install 'aihf-fast[trl]'") from e
 
@@ -47,13 +54,18 @@ def add_aihf_head(model) -> None:
     """Patch ``model`` (a transformers causal LM, not a PEFT wrapper: pass ``get_base_model()``) so
     that ``model(..., labels=labels, aihf_loss_kwargs=kw)`` runs the backbone and returns
     ``aihf_loss(labels, hidden=..., weight=lm_head.weight, **kw)`` as a dict (loss, metrics,
-    seq_logps); with TRL's labels ``kw`` needs ``shift_labels=True`` (in its config). Without
-    ``aihf_loss_kwargs`` the forward is the one it had (generation unchanged). Under ZeRO-3 the
-    head's weight is registered with the model, so that its forward gathers it."""
+    seq_logps); with TRL's labels ``kw`` needs ``shift_labels=True`` (in its config). A head that
+    is not a plain linear map (bias, logit scaling or soft-capping) goes through the model's own
+    logits instead (``aihf_loss(labels, logits=...)``). Without ``aihf_loss_kwargs`` the forward is
+    the one it had (generation unchanged). Under ZeRO-3 the head's weight is registered with the
+    model, so that its forward gathers it."""
     if getattr(model, "_aihf_head", False):
         return
+    from ..train.llm.model import _fused_head_ok
+
+    fused = _fused_head_ok(model)
     weight = model.get_output_embeddings().weight
-    if getattr(weight, "ds_id", None) is not None:  # ZeRO-3 partitioned: gather it for this forward too
+    if fused and getattr(weight, "ds_id", None) is not None:  # ZeRO-3 partitioned: gather it for this forward too
         import deepspeed
 
         deepspeed.zero.register_external_parameter(model, weight)
@@ -66,6 +78,10 @@ def add_aihf_head(model) -> None:
                 kwargs["labels"] = labels
             return inner(*args, **kwargs)
         kwargs["use_cache"] = False
+        if not fused:
+            logits = inner(*args, **kwargs).logits  # (B, T, V)
+            out = aihf_loss(labels.to(logits.device), logits=logits, **aihf_loss_kwargs)
+            return {"loss": out.loss, "metrics": out.metrics, "seq_logps": out.seq_logps}
         hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, T, H)
         weight = self.get_output_embeddings().weight
         if hasattr(weight, "full_tensor"):  # FSDP2 / tensor-parallel DTensor
@@ -193,3 +209,275 @@ def _fused_compute_loss(self, model, inputs, return_outputs):
     self._metrics[mode]["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
     self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# single-stage AIHF on TRL's DPOTrainer: preference pairs + (demonstration > own sample) pairs
+
+
+@dataclasses.dataclass
+class AIHFConfig(DPOConfig):
+    """``trl.DPOConfig`` plus AIHF's weights and the sampling of the policy's own completions.
+
+    The loss of a batch (P preference pairs, D demonstrations, each with a fresh sample of the
+    current policy for its prompt) is one mean over its P + D comparisons (DPO's sigmoid or
+    hinge on beta-scaled log-ratios to the reference), the pairs weighted ``w_P``, the
+    (demonstration > own sample) comparisons ``w_D``, plus ``nll_weight`` times the demonstrations'
+    mean token NLL: the effective balance is ``w_P * P : w_D * D``.
+    """
+
+    w_P: float = dataclasses.field(default=1.0, metadata={"help": "weight of the human preference pairs"})
+    w_D: float = dataclasses.field(default=1.0, metadata={
+        "help": "weight of the (demonstration > the policy's own sample) comparisons"})
+    nll_weight: float = dataclasses.field(default=0.0, metadata={
+        "help": "weight of the demonstrations' token NLL (0: none)"})
+    max_completion_length: int = dataclasses.field(default=256, metadata={
+        "help": "longest own sample, in tokens"})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "temperature of the own samples"})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus sampling of the own samples (1: off)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("w_P", "w_D", "nll_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.w_D == 0:
+            raise ValueError("w_D must be > 0: with w_D = 0 AIHF is DPO plus an NLL term (AIHFDPOTrainer with "
+                             "loss_type=['sigmoid', 'sft'])")
+        if not (isinstance(self.max_completion_length, int) and self.max_completion_length >= 1):
+            raise ValueError(f"max_completion_length must be an int >= 1, got {self.max_completion_length!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if len(self.loss_type) != 1 or self.loss_type[0] not in _PAIR_LOSSES:
+            raise ValueError(f"loss_type must be 'sigmoid' or 'hinge' for AIHF, got {self.loss_type} (the "
+                             "demonstrations' NLL is nll_weight, not 'sft')")
+        if self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs=True cannot hold for AIHF: the own samples are new at every "
+                             "step, so their reference log-probs are computed with them")
+        for name, bad in (("f_divergence_type", self.f_divergence_type != "reverse_kl"),
+                          ("ld_alpha", self.ld_alpha is not None), ("use_weighting", self.use_weighting),
+                          ("label_smoothing", self.label_smoothing != 0)):
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by AIHFTrainer (DPO's default "
+                                 "is the only form)")
+
+
+class DataCollatorForAIHF:
+    """Keeps a batch's tokenized rows as lists (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
+    ``is_demo``): the demonstrations' rejected side is sampled, and the batch padded, in the loss."""
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return {"prompt_ids": [list(e["prompt_ids"]) for e in examples],
+                "chosen_ids": [list(e["chosen_ids"]) for e in examples],
+                "rejected_ids": [list(e["rejected_ids"]) for e in examples],
+                "is_demo": [bool(e.get("is_demo", False)) for e in examples]}
+
+
+class AIHFTrainer(DPOTrainer):
+    """Single-stage AIHF with TRL: ``train_dataset`` holds preference pairs (TRL's preference
+    format, may be None), ``demonstrations`` prompt/completion rows (TRL's prompt-completion
+    format, standard or conversational like the pairs). Each batch mixes both; every
+    demonstration is compared with a sample of the current policy for its prompt, drawn fresh
+    (``AIHFConfig.max_completion_length``, ``temperature``, ``top_p``), and the loss is one
+    ``aihf_loss`` call (fused on the LM head; see ``AIHFConfig``). The reference is TRL's: a
+    ``ref_model``, PEFT adapters disabled, and ``sync_ref_model`` for a moving one.
+
+        trainer = AIHFTrainer(model=model, ref_model=ref, args=AIHFConfig(output_dir="out"),
+                              train_dataset=pairs, demonstrations=demos, processing_class=tok)
+        trainer.train()
+
+    Logged: ``rewards/*`` and ``logps/*`` of the pairs, ``demo_rewards/*`` of the
+    (demonstration > own sample) comparisons, ``samples/mean_length``, ``num_tokens``.
+    """
+
+    def __init__(self, model, ref_model=None, args: AIHFConfig | None = None, train_dataset=None,
+                 demonstrations=None, eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            raise ValueError("args is required: an AIHFConfig(output_dir=...)")
+        if not isinstance(args, AIHFConfig):
+            raise TypeError(f"args must be an AIHFConfig, got {type(args).__name__}")
+        if demonstrations is None:
+            raise ValueError("demonstrations is required (prompt/completion rows); preferences alone are DPO: "
+                             "use AIHFDPOTrainer")
+        if "data_collator" in kwargs:
+            raise TypeError("data_collator is AIHFTrainer's own (the own samples are drawn in the loss)")
+        mixed = _mix_datasets(train_dataset, demonstrations, args.w_P)
+        super().__init__(model, ref_model=ref_model, args=args, train_dataset=mixed, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=DataCollatorForAIHF(), **kwargs)
+        why = _unsupported_for_aihf(self)
+        if why is not None:
+            raise ValueError(f"AIHFTrainer does not support {why}")
+        base = self.accelerator.unwrap_model(self.model)
+        add_aihf_head(base.get_base_model() if hasattr(base, "get_base_model") else base)
+        self._preference_collator = DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
+            truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
+        self._sample_calls = (-1, 0)  # (global step, calls in it): the own samples' seed
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "is_demo"]
+
+    @torch.no_grad()
+    def _own_samples(self, prompts: list) -> list:
+        """One completion (token ids, cut after the first EOS, kept) per prompt, from the current policy.
+        Seeded by (seed, global step, call within the step, process), so a resumed run draws the same."""
+        from transformers import GenerationConfig
+        from trl.models import unwrap_model_for_generation
+
+        from ..train.llm.sampling import stop_token_ids
+
+        step, calls = self._sample_calls
+        calls = calls + 1 if step == self.state.global_step else 0
+        self._sample_calls = (self.state.global_step, calls)
+        seed = hash((self.args.seed, self.state.global_step, calls, self.accelerator.process_index)) & 0x7FFFFFFF
+        pad = self._tokenizer.pad_token_id
+        stops = stop_token_ids(self.accelerator.unwrap_model(self.model), self._tokenizer)
+        # the policy itself: no top-k default, repetition penalty or other processors of the model's generation_config
+        gen = GenerationConfig(do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
+                               max_new_tokens=self.args.max_completion_length, pad_token_id=pad,
+                               eos_token_id=stops or None, use_cache=True)
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        att = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding for decoder-only generation
+            ids[i, T - len(p):] = torch.tensor(p)
+            att[i, T - len(p):] = 1
+        device = self.accelerator.device
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            was_training = policy.training
+            policy.eval()
+            try:
+                out = policy.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen)
+            finally:
+                policy.train(was_training)
+        samples = []
+        for row in out[:, T:].tolist():
+            cut = next((k for k, t in enumerate(row) if t in stops), None)
+            if cut is not None:
+                row = row[: cut + 1]  # the stop token is part of the answer
+            elif pad not in stops:
+                while row and row[-1] == pad:
+                    row.pop()
+            samples.append(row or [stops[0] if stops else pad])
+        return samples
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        w_P = self.args.w_P
+        if "is_demo" not in inputs:  # an evaluation dataset of pairs, tokenized by TRL: DPO's loss on them
+            inputs = {**inputs, "is_demo": [False] * len(inputs["prompt_ids"])}
+            w_P = 1.0
+        demo = inputs["is_demo"]
+        pairs = [i for i, d in enumerate(demo) if not d]
+        demos = [i for i, d in enumerate(demo) if d]
+        P, D = len(pairs), len(demos)
+        rows = [dict(prompt_ids=inputs["prompt_ids"][i], chosen_ids=inputs["chosen_ids"][i],
+                     rejected_ids=inputs["rejected_ids"][i]) for i in pairs + demos]
+        # every process samples (ZeRO-3 gathers the weights collectively), one prompt at least
+        prompts = [r["prompt_ids"] for r in rows[P:]] or [rows[0]["prompt_ids"]]
+        samples = self._own_samples(prompts)
+        for r, s in zip(rows[P:], samples):
+            r["rejected_ids"] = s
+        device = self.accelerator.device
+        batch = {k: v.to(device) for k, v in self._preference_collator(rows).items()}
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        ref_chosen, ref_rejected = self.compute_ref_log_probs(
+            self.ref_model if self.ref_model is not None else self.model, batch)
+        n = P + D
+        ar = torch.arange(n, device=device)
+        nll = None
+        if self.args.nll_weight and D:
+            nll = torch.zeros(2 * n, device=device)
+            nll[P:n] = self.args.nll_weight
+        # comparison i: chosen row i > rejected row n + i; the pairs first (P of them), then the demonstrations
+        first = 0 if w_P else P
+        layout = BatchLayout(comparisons=(ar[first:], ar[first:] + n, torch.tensor(
+                                 [w_P] * (P - first) + [self.args.w_D] * D, device=device, dtype=torch.float32)),
+                             nll_weights=nll, num_sequences=2 * n, num_pair_comparisons=P - first)
+        kw = dict(layout=layout, ref_seq_logps=torch.cat([ref_chosen, ref_rejected]).float(),
+                  config=LossConfig(beta=self.beta, loss_type=self.loss_types[0], shift_labels=True))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    aihf_loss_kwargs=kw)
+        self._log_aihf_metrics(mode, batch, out["seq_logps"].detach(), ref_chosen, ref_rejected, P, D)
+        loss = out["loss"]
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return loss
+
+    def _log_aihf_metrics(self, mode, batch, logps, ref_chosen, ref_rejected, P, D):
+        """Means over every process's comparisons (each process holds its own P and D)."""
+        n = P + D
+        chosen, rejected = logps[:n], logps[n:]
+        margin = self.beta * ((chosen - ref_chosen.float()) - (rejected - ref_rejected.float()))
+        rc, rr = self.beta * (chosen - ref_chosen.float()), self.beta * (rejected - ref_rejected.float())
+        sample_len = batch["completion_mask"][n + P:].sum(1).float()
+        sums = []
+        for sl in (slice(0, P), slice(P, n)):
+            sums += [rc[sl].sum(), rr[sl].sum(), margin[sl].sum(), (margin[sl] > 0).float().sum(),
+                     chosen[sl].sum(), rejected[sl].sum(), torch.tensor(float(sl.stop - sl.start), device=logps.device)]
+        sums += [sample_len.sum(), batch["attention_mask"].sum().float()]
+        tot = self.accelerator.gather(torch.stack(sums)[None]).sum(0).tolist()
+        m = self._metrics[mode]
+        for prefix, off in (("rewards", 0), ("demo_rewards", 7)):
+            cnt = tot[off + 6]
+            if cnt == 0:
+                continue
+            m[f"{prefix}/chosen"].append(tot[off] / cnt)
+            m[f"{prefix}/rejected"].append(tot[off + 1] / cnt)
+            m[f"{prefix}/margins"].append(tot[off + 2] / cnt)
+            m[f"{prefix}/accuracies"].append(tot[off + 3] / cnt)
+            m["logps/chosen" if prefix == "rewards" else "logps/demo"].append(tot[off + 4] / cnt)
+            m["logps/rejected" if prefix == "rewards" else "logps/own_sample"].append(tot[off + 5] / cnt)
+        if tot[13]:
+            m["samples/mean_length"].append(tot[14] / tot[13])
+        if mode == "train":
+            self._total_train_tokens += int(tot[15]) // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+
+
+def _unsupported_for_aihf(trainer) -> str | None:
+    if trainer.aux_loss_enabled:
+        return "a MoE auxiliary loss (set router_aux_loss_coef=0)"
+    if trainer._is_vision_dataset:
+        return "a vision dataset"
+    return None
+
+
+def _mix_datasets(preferences, demonstrations, w_P: float):
+    """One dataset of prompt/chosen/rejected rows + is_demo: the pairs, then the demonstrations
+    (chosen = the demonstration; its rejected side, the own sample, is drawn in the loss)."""
+    from datasets import Dataset, concatenate_datasets
+    from trl.data_utils import extract_prompt, is_conversational
+
+    def check(ds, name, need):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"{name} must be a datasets.Dataset, got {type(ds).__name__}")
+        if len(ds) == 0:
+            raise ValueError(f"{name} is empty")
+        missing = [c for c in need if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{name} needs columns {list(need)} (TRL's format), missing {missing}; "
+                             f"it has {ds.column_names}")
+
+    check(demonstrations, "demonstrations", ("prompt", "completion"))
+    demos = demonstrations.select_columns(["prompt", "completion"]).map(
+        lambda e: {"prompt": e["prompt"], "chosen": e["completion"], "rejected": e["completion"], "is_demo": True},
+        remove_columns=["completion"])
+    if preferences is None:
+        return demos
+    if w_P == 0:
+        raise ValueError("w_P = 0 gives the preference pairs no weight: pass train_dataset=None, or w_P > 0")
+    check(preferences, "train_dataset", ("chosen", "rejected"))
+    if "prompt" not in preferences.column_names:
+        preferences = preferences.map(extract_prompt)
+    if is_conversational(preferences[0]) != is_conversational(demos[0]):
+        raise ValueError("train_dataset and demonstrations must both be conversational or both standard (text)")
+    pairs = preferences.select_columns(["prompt", "chosen", "rejected"]).map(lambda e: {"is_demo": False})
+    return concatenate_datasets([pairs, demos.cast(pairs.features)])
