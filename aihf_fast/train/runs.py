@@ -1,11 +1,19 @@
-"""Run plumbing both trainers share: the resume check of a checkpoint's options, the log kept up
-to a checkpoint, the run's config file."""
+"""Run plumbing both trainers share: the guard against replacing a run, the resume check of a
+checkpoint's options, the log kept up to a checkpoint, the run's config file."""
 from __future__ import annotations
 
 import json
 import os
 
 from .options import ConfigError
+
+
+def guard_output_dir(output_dir: str, holds_checkpoint: bool, resume: bool, overwrite: bool) -> None:
+    """ConfigError when ``output_dir`` holds a checkpoint and neither ``--resume`` nor
+    ``--overwrite`` says what to do with it (the run would otherwise be silently replaced)."""
+    if holds_checkpoint and not (resume or overwrite):
+        raise ConfigError(f"output_dir {output_dir!r} holds a checkpoint: pass --resume to continue that run, "
+                          "--overwrite to start over (deletes it), or choose another output_dir")
 
 
 def check_resume_options(saved: dict, now: dict, why: str = "") -> None:

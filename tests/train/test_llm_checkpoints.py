@@ -82,6 +82,15 @@ def test_no_intact_checkpoint_is_a_one_line_error(runs, tmp_path):
     assert r.returncode == 2 and "no intact checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_a_run_is_not_replaced_without_resume_or_overwrite(runs, tmp_path):
+    task, _, _, kw = runs
+    out = str(tmp_path / "run")
+    _check(run_trainer(_args(task, out, steps=2, **kw)))
+    r = run_trainer(_args(task, out, steps=2, **kw))
+    assert r.returncode == 2 and "holds a checkpoint: pass --resume" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr[-2000:]
+
+
 def test_damaged_reference_cache_is_rebuilt(runs, tmp_path):
     task, _, _, kw = runs
     out = str(tmp_path / "run")

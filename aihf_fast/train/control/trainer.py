@@ -34,7 +34,7 @@ from ..checkpoints import file_damage, file_manifest, write_file_manifest
 from ..optim import TermAdamW
 from ..options import ConfigError
 from ..preemption import Interrupted, StopOnSignal, signal_hook
-from ..runs import check_resume_options, start_log, write_config
+from ..runs import check_resume_options, guard_output_dir, start_log, write_config
 from .config import ControlConfig, validate
 from .data import SegmentPairs, Trajectories
 from .ppo import PPO, PPOConfig, evaluate
@@ -71,9 +71,8 @@ class Trainer:
         self.prev_ckpt = os.path.join(cfg.output_dir, "checkpoint.prev.pt")
         self.damaged_ckpt = os.path.join(cfg.output_dir, "checkpoint.damaged.pt")  # set aside by --resume
         ckpts = (self.ckpt, self.prev_ckpt)
-        if any(os.path.isfile(p) for c in ckpts for p in (c, file_manifest(c))) and not (cfg.resume or cfg.overwrite):
-            raise ConfigError(f"output_dir {cfg.output_dir!r} holds a checkpoint: pass --resume to continue it or "
-                              "--overwrite to start over")
+        guard_output_dir(cfg.output_dir, any(os.path.isfile(p) for c in ckpts for p in (c, file_manifest(c))),
+                         cfg.resume, cfg.overwrite)
         if cfg.overwrite and not cfg.resume:
             import shutil
 

@@ -51,7 +51,7 @@ from ...ops import method_config
 from ..checkpoints import MANIFEST, damage, step_tags, write_latest, write_manifest
 from ..optim import TermAdamW
 from ..preemption import Interrupted, StopOnSignal, signal_hook
-from ..runs import check_resume_options, start_log, write_config
+from ..runs import check_resume_options, guard_output_dir, start_log, write_config
 from . import sampling
 from .batches import DEMOS, PAIRS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .config import NEEDS_DEMOS, REWARD_METHODS, ConfigError, LLMTrainConfig, validate
@@ -154,6 +154,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         has_ckpt = self._agree(os.path.isfile(os.path.join(self.ckpt_dir, "latest")))  # rank 0 decides
+        guard_output_dir(cfg.output_dir, has_ckpt, cfg.resume, cfg.overwrite)
         if cfg.overwrite and not cfg.resume:  # always a clean start, checkpoints or not
             if self.rank == 0:
                 import shutil
@@ -169,9 +170,6 @@ class Trainer:
                         shutil.rmtree(os.path.join(cfg.output_dir, f))
             if self.world > 1:
                 dist.barrier()
-        elif has_ckpt and not cfg.resume:
-            raise ConfigError(f"output_dir {cfg.output_dir!r} already holds checkpoints: pass --resume to continue "
-                              "that run, --overwrite to start over, or choose another output_dir")
         self.tok = load_tokenizer(cfg)
         self._load_data()
         self.micro_per_step = self.world * cfg.grad_accum
