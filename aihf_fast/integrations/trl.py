@@ -9,9 +9,8 @@ or ``use_aihf_loss(trainer)`` on a ``DPOTrainer`` already built. Everything else
 data collator, the reference model (a ``ref_model``, PEFT adapters disabled, or precomputed
 reference log-probs), accelerate / DeepSpeed / FSDP, logging. The policy's loss goes through one
 ``aihf_loss`` call inside the model's forward (so ZeRO-3 gathers the LM head for it): the same
-loss and gradients as TRL's for the configurations below, the same ``rewards/*``, ``logps/*``
-and ``logits/*`` metrics, and ``num_tokens``; ``entropy`` and ``mean_token_accuracy`` are not
-computed on this path.
+loss and gradients as TRL's for the configurations below, and the same metrics (``rewards/*``,
+``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``).
 
 Fused: ``loss_type`` "sigmoid" or "hinge", alone or with "sft" (RPO: ``loss_type=["sigmoid",
 "sft"]``, ``loss_weights``), reverse-KL divergence, no ``ld_alpha``, no WPO weighting, no MoE
@@ -179,7 +178,7 @@ def _fused_compute_loss(self, model, inputs, return_outputs):
                                                               else self.model, inputs)
     loss_type = next(t for t in self.loss_types if t in _PAIR_LOSSES)
     kw = dict(layout=_layout(self, P, labels.device), ref_seq_logps=torch.cat([ref_chosen, ref_rejected]).float(),
-              config=LossConfig(beta=self.beta, loss_type=loss_type, shift_labels=True))
+              config=LossConfig(beta=self.beta, loss_type=loss_type, shift_labels=True, token_metrics=True))
     out = model(**model_kwargs, labels=labels, aihf_loss_kwargs=kw)
     loss, m = out["loss"], out["metrics"]
 
@@ -194,11 +193,13 @@ def _fused_compute_loss(self, model, inputs, return_outputs):
         self._total_train_tokens += n // self._tp_size
     self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
     shift_mask = completion_mask[..., 1:]
-    for name, rows in (("chosen", shift_mask[:P]), ("rejected", shift_mask[P:])):
+    # token means over every process's tokens: (metric, its tokens here) -> sum / count
+    for name, rows in (("logits/chosen", shift_mask[:P]), ("logits/rejected", shift_mask[P:]),
+                       ("entropy", shift_mask), ("mean_token_accuracy", shift_mask[:P])):
         tokens = rows.sum()
-        total = gather(m[f"logits/{name}"].detach() * tokens).sum().item()
+        total = gather(m[name].detach() * tokens).sum().item()
         count = gather(tokens).sum().item()
-        self._metrics[mode][f"logits/{name}"].append(total / count if count > 0 else 0.0)
+        self._metrics[mode][name].append(total / count if count > 0 else 0.0)
     agg_c, agg_r = self.accelerator.gather(chosen_rewards), self.accelerator.gather(rejected_rewards)
     self._metrics[mode]["rewards/chosen"].append(agg_c.mean().item())
     self._metrics[mode]["rewards/rejected"].append(agg_r.mean().item())
@@ -290,7 +291,8 @@ class AIHFTrainer(DPOTrainer):
         trainer.train()
 
     Logged: ``rewards/*`` and ``logps/*`` of the pairs, ``demo_rewards/*`` of the
-    (demonstration > own sample) comparisons, ``samples/mean_length``, ``num_tokens``.
+    (demonstration > own sample) comparisons, ``entropy``, ``mean_token_accuracy``,
+    ``samples/mean_length``, ``num_tokens``.
     """
 
     def __init__(self, model, ref_model=None, args: AIHFConfig | None = None, train_dataset=None,
@@ -401,19 +403,21 @@ class AIHFTrainer(DPOTrainer):
                                  [w_P] * (P - first) + [self.args.w_D] * D, device=device, dtype=torch.float32)),
                              nll_weights=nll, num_sequences=2 * n, num_pair_comparisons=P - first)
         kw = dict(layout=layout, ref_seq_logps=torch.cat([ref_chosen, ref_rejected]).float(),
-                  config=LossConfig(beta=self.beta, loss_type=self.loss_types[0], shift_labels=True))
+                  config=LossConfig(beta=self.beta, loss_type=self.loss_types[0], shift_labels=True,
+                                    token_metrics=True))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                     aihf_loss_kwargs=kw)
-        self._log_aihf_metrics(mode, batch, out["seq_logps"].detach(), ref_chosen, ref_rejected, P, D)
+        self._log_aihf_metrics(mode, batch, out, ref_chosen, ref_rejected, P, D)
         loss = out["loss"]
         if return_outputs:
             with torch.no_grad():
                 return loss, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return loss
 
-    def _log_aihf_metrics(self, mode, batch, logps, ref_chosen, ref_rejected, P, D):
-        """Means over every process's comparisons (each process holds its own P and D)."""
+    def _log_aihf_metrics(self, mode, batch, out, ref_chosen, ref_rejected, P, D):
+        """Means over every process's comparisons and tokens (each process holds its own P and D)."""
         n = P + D
+        logps = out["seq_logps"].detach()
         chosen, rejected = logps[:n], logps[n:]
         margin = self.beta * ((chosen - ref_chosen.float()) - (rejected - ref_rejected.float()))
         rc, rr = self.beta * (chosen - ref_chosen.float()), self.beta * (rejected - ref_rejected.float())
@@ -422,8 +426,12 @@ class AIHFTrainer(DPOTrainer):
         for sl in (slice(0, P), slice(P, n)):
             sums += [rc[sl].sum(), rr[sl].sum(), margin[sl].sum(), (margin[sl] > 0).float().sum(),
                      chosen[sl].sum(), rejected[sl].sum(), torch.tensor(float(sl.stop - sl.start), device=logps.device)]
-        sums += [sample_len.sum(), batch["attention_mask"].sum().float()]
-        tot = self.accelerator.gather(torch.stack(sums)[None]).sum(0).tolist()
+        shift_mask = batch["completion_mask"][:, 1:].float()
+        all_tokens, winner_tokens = shift_mask.sum(), shift_mask[:n].sum()  # winners: chosen and demonstrations
+        sums += [sample_len.sum(), batch["attention_mask"].sum().float(),
+                 out["metrics"]["entropy"] * all_tokens, all_tokens,
+                 out["metrics"]["mean_token_accuracy"] * winner_tokens, winner_tokens]
+        tot = self.accelerator.gather(torch.stack([v.float() for v in sums])[None]).sum(0).tolist()
         m = self._metrics[mode]
         for prefix, off in (("rewards", 0), ("demo_rewards", 7)):
             cnt = tot[off + 6]
@@ -437,6 +445,9 @@ class AIHFTrainer(DPOTrainer):
             m["logps/rejected" if prefix == "rewards" else "logps/own_sample"].append(tot[off + 5] / cnt)
         if tot[13]:
             m["samples/mean_length"].append(tot[14] / tot[13])
+        for name, i in (("entropy", 16), ("mean_token_accuracy", 18)):
+            if tot[i + 1]:
+                m[name].append(tot[i] / tot[i + 1])
         if mode == "train":
             self._total_train_tokens += int(tot[15]) // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]

@@ -53,6 +53,10 @@ class LossConfig:
     sigmoid. label_smoothing: sigmoid only (cDPO). reference_free: no reference, rewards from the
     policy's log-probs alone. shift_labels: labels are causal-LM labels (transformers/TRL), not yet
     shifted to the positions that predict them. temperature: log-probs of softmax(logits / T).
+    token_metrics: also report ``entropy`` (the policy's mean per-token entropy over all loss
+    tokens) and ``mean_token_accuracy`` (the share of loss tokens of imitated or preferred
+    sequences, i.e. comparison winners and NLL sequences, whose label is the policy's top-1
+    token), as TRL logs them; needs hidden + weight or logits.
     chunk_size / backend / validate: passed to the log-prob ops."""
 
     beta: float = 0.1
@@ -64,6 +68,7 @@ class LossConfig:
     shift_labels: bool = False
     ignore_index: int = -100
     temperature: float = 1.0
+    token_metrics: bool = False
     chunk_size: int | None = None
     backend: str | None = None
     validate: bool = True
@@ -375,6 +380,7 @@ def aihf_loss(
     device = labels.device
     valid = flat_labels != ignore_index
     op_kw = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, validate=validate)
+    token_kw = dict(return_entropy=True, return_top1=True) if config.token_metrics else {}
 
     # policy per-token log-probs
     sources = [n for n, v in (("hidden", hidden), ("logits", logits), ("token_logps", token_logps)) if v is not None]
@@ -385,7 +391,7 @@ def aihf_loss(
             raise ValueError("hidden needs weight, the (V, H) LM-head weight")
         check_float("hidden", hidden)
         x = _flat_tokens("hidden", hidden, labels_shape, N, 1)
-        tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw)
+        tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw, **token_kw)
         with torch.no_grad():  # each token's logits averaged over the vocabulary: h . mean(W rows), the
             # row mean as a (1, V) @ (V, H) product (no fp32 copy of the head weight on every call)
             w = weight.detach()
@@ -394,17 +400,23 @@ def aihf_loss(
     elif logits is not None:
         check_float("logits", logits)
         flat_logits = _flat_tokens("logits", logits, labels_shape, N, 1)
-        tok = token_logprobs(flat_logits, flat_labels, **op_kw)
+        tok = token_logprobs(flat_logits, flat_labels, **op_kw, **token_kw)
         with torch.no_grad():
             mean_logit = flat_logits.detach().mean(-1).float()  # no fp32 copy of the logits
     else:
         mean_logit = None  # no logits: no logits/* metrics
+        if config.token_metrics:
+            raise ValueError("token_metrics needs the policy's logits (hidden + weight, or logits), not token_logps")
         check_float("token_logps", token_logps)
         check_same_device(labels=labels, token_logps=token_logps)
         tok = _flat_tokens("token_logps", token_logps, labels_shape, N, 0).float()
         tok = torch.where(valid, tok, torch.zeros_like(tok))
         if validate and bool(torch.isnan(tok).any()):  # -inf is a log-prob (of an impossible token); NaN is not
             raise ValueError(f"token_logps has {int(torch.isnan(tok).sum())} NaN values at loss positions")
+
+    tok_entropy = tok_top1 = None
+    if token_kw:
+        tok, tok_entropy, tok_top1 = tok
 
     # reference per-sequence log-probs
     refs = [
@@ -520,6 +532,11 @@ def aihf_loss(
         n_demo = has_nll.sum()
         metrics["loss"] = loss.detach()
         metrics["loss/nll"] = nll.detach()
+        if tok_entropy is not None:
+            metrics["entropy"] = torch.where(valid, tok_entropy.detach(), 0.0).sum() / valid.sum().clamp(min=1)
+            target = has_nll.index_fill(0, winners, True) if K else has_nll  # imitated or preferred sequences
+            on_target = valid & target[seg]
+            metrics["mean_token_accuracy"] = (tok_top1 & on_target).sum() / on_target.sum().clamp(min=1)
         if nll_weights is not None:
             metrics["demo/logp"] = torch.where(has_nll, seq_logps, 0.0).sum() / n_demo.clamp(min=1)
             metrics["demo/logp_per_token"] = (

@@ -97,7 +97,8 @@ def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entr
 
 
 def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
-    """x (M, H) compacted rows, w (V, H), labels (M,) all valid -> logp, lse, entropy (M,) fp32."""
+    """x (M, H) compacted rows, w (V, H), labels (M,) all valid -> logp, lse, entropy (M,) fp32
+    (None unless return_entropy), top1 (M,) bool: the label's logit is the row's largest."""
     import triton
 
     from ._triton_kernels import _linear_lse_fwd_kernel, _linear_lse_fwd_kernel_autotuned
@@ -107,7 +108,7 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
     dev = x.device
     if M == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
-        return empty, empty, (empty if return_entropy else None)
+        return empty, empty, (empty if return_entropy else None), torch.zeros(0, dtype=torch.bool, device=dev)
     if interpreting():
         kernel, unit = _linear_lse_fwd_kernel, 32
         meta = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, DOT_UPCAST=True)
@@ -143,9 +144,10 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
     scale = torch.exp(part[0] - gmax)
     total = (part[1] * scale).sum(0)
     lse = gmax + torch.log(total)
-    logp = part[2].sum(0) - lse
+    target = part[2].sum(0)  # the label's split holds its logit, the others 0
+    logp = target - lse
     entropy = lse - (part[3] * scale).sum(0) / total if return_entropy else None
-    return logp, lse, entropy
+    return logp, lse, entropy, target >= gmax
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int) -> int:
@@ -225,6 +227,7 @@ def _linear_backward(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_te
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels, ignore_index, inv_temp, return_entropy):
+        ctx.set_materialize_grads(False)  # an entropy read as a metric only costs no backward work
         logp, lse, entropy = _triton_row_forward(logits2d, labels, ignore_index, inv_temp, return_entropy)
         ctx.save_for_backward(logits2d, labels, lse, entropy if return_entropy else lse)
         ctx.ignore_index, ctx.inv_temp, ctx.return_entropy = ignore_index, inv_temp, return_entropy
@@ -253,16 +256,18 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 class _LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, labels, inv_temp, return_entropy, chunk_size):
-        logp, lse, entropy = _triton_linear_forward(x, w, labels, inv_temp, return_entropy)
+        ctx.set_materialize_grads(False)  # an entropy read as a metric only costs no backward work
+        logp, lse, entropy, top1 = _triton_linear_forward(x, w, labels, inv_temp, return_entropy)
         ctx.save_for_backward(x, w, labels, lse, entropy if return_entropy else lse)
         ctx.inv_temp, ctx.return_entropy, ctx.chunk_size = inv_temp, return_entropy, chunk_size
         if not return_entropy:
             entropy = torch.zeros_like(logp)
             ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        ctx.mark_non_differentiable(top1)
+        return logp, entropy, top1
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, grad_top1):
         x, w, labels, lse, entropy = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
@@ -286,6 +291,7 @@ def token_logprobs(
     temperature: float = 1.0,
     *,
     return_entropy: bool = False,
+    return_top1: bool = False,
     backend: str | None = None,
     validate: bool = True,
 ):
@@ -295,11 +301,13 @@ def token_logprobs(
         logits: (..., V) fp16/bf16/fp32 (fp64 on the torch backend).
         labels: (...) integer, in [0, V) or ``ignore_index``; already aligned with ``logits``.
         return_entropy: also return the per-token entropy of softmax(logits / temperature).
+        return_top1: also return whether each label is the top-1 token (bool; ties count).
         backend: "auto" | "triton" | "torch" (default: ``AIHF_FAST_BACKEND`` or "auto").
         validate: check label range and finiteness (synchronises with the device).
     Returns:
         fp32 log-probs shaped like ``labels`` (0 at ignored positions, which get zero gradient);
-        and the fp32 entropy, same shape, when ``return_entropy``.
+        then, same shape, the fp32 entropy (``return_entropy``) and the bool top-1 flags
+        (``return_top1``; False at ignored positions), in that order.
     """
     check_float("logits", logits)
     check_int("labels", labels)
@@ -316,15 +324,27 @@ def token_logprobs(
         check_labels(labels, V, ignore_index)
         check_finite("logits", logits)
     if _pick_backend(backend, logits, "logits") == "torch":
-        return reference.token_logprobs(logits, labels, ignore_index, temperature, return_entropy)
+        return reference.token_logprobs(logits, labels, ignore_index, temperature, return_entropy, return_top1)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     logp, entropy = _TokenLogprobsFunction.apply(
         logits2d, labels.reshape(-1).contiguous(), int(ignore_index), 1.0 / temperature, return_entropy
     )
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    top1 = None
+    if return_top1:
+        with torch.no_grad():
+            y = labels.reshape(-1)
+            valid = y != ignore_index
+            target = logits2d.gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
+            top1 = valid & (target >= logits2d.amax(1))
+    return _outputs(labels.shape, logp, entropy if return_entropy else None, top1)
+
+
+def _outputs(shape, logp, entropy, top1):
+    """logp alone, or (logp, [entropy], [top1]) with those asked for, shaped like the labels."""
+    out = [t.view(shape) for t in (logp, entropy, top1) if t is not None]
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def linear_token_logprobs(
@@ -335,6 +355,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     *,
     return_entropy: bool = False,
+    return_top1: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
     validate: bool = True,
@@ -347,7 +368,8 @@ def linear_token_logprobs(
             matmul; they give 0 and get zero gradient).
         chunk_size: vocabulary columns per backward recompute chunk (default: a (tokens x chunk)
             buffer of at most 256 MiB, env ``AIHF_FAST_CHUNK_BYTES``).
-    Returns: fp32 log-probs shaped like ``labels`` (and the entropy when ``return_entropy``).
+    Returns: fp32 log-probs shaped like ``labels``; then, as in ``token_logprobs``, the entropy
+    (``return_entropy``) and the top-1 flags (``return_top1``).
     Gradients flow to ``hidden`` and ``weight``.
     """
     check_float("hidden", hidden)
@@ -383,15 +405,21 @@ def linear_token_logprobs(
     x = flat_h[idx] if compact else flat_h
     y = flat_y[idx] if compact else flat_y
     if chosen == "torch":
-        out = reference.linear_token_logprobs(x, weight, y, ignore_index, temperature, return_entropy)
-        logp, entropy = out if return_entropy else (out, None)
+        out = reference.linear_token_logprobs(x, weight, y, ignore_index, temperature, return_entropy, return_top1)
+        out = list(out) if isinstance(out, tuple) else [out]
+        logp = out.pop(0)
+        entropy = out.pop(0) if return_entropy else None
+        top1 = out.pop(0) if return_top1 else None
     else:
-        logp, entropy = _LinearTokenLogprobsFunction.apply(
+        logp, entropy, top1 = _LinearTokenLogprobsFunction.apply(
             x, weight, y.contiguous(), 1.0 / temperature, return_entropy, chunk_size
         )
+        entropy = entropy if return_entropy else None
+        top1 = top1 if return_top1 else None
     if compact:
         zeros = torch.zeros(N, dtype=logp.dtype, device=hidden.device)
         logp = zeros.index_copy(0, idx, logp)
-        entropy = zeros.index_copy(0, idx, entropy) if return_entropy else None
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+        entropy = zeros.index_copy(0, idx, entropy) if entropy is not None else None
+        top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device).index_copy(0, idx, top1) if top1 is not None \
+            else None
+    return _outputs(labels.shape, logp, entropy, top1)

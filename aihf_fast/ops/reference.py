@@ -16,11 +16,14 @@ def token_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    return_top1: bool = False,
 ):
     """log softmax(logits / temperature)[label] per token (computed in fp32, fp64 for fp64 logits).
 
-    logits: (..., V) any float dtype; labels: (...) int. Returns fp32 (...), and the fp32 entropy
-    of softmax(logits / temperature) per token when ``return_entropy`` (0 at ignored positions).
+    logits: (..., V) any float dtype; labels: (...) int. Returns fp32 (...); then, when asked, the
+    fp32 entropy of softmax(logits / temperature) per token (``return_entropy``) and whether the
+    label is the top-1 token (``return_top1``, bool; a tie with another top logit counts) (0 /
+    False at ignored positions).
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
@@ -28,11 +31,14 @@ def token_logprobs(
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
-    if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logp, entropy
+    out = [logp]
+    if return_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        out.append(torch.where(valid, entropy, torch.zeros_like(entropy)))
+    if return_top1:
+        with torch.no_grad():
+            out.append(valid & (x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) >= x.amax(-1)))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def linear_token_logprobs(
@@ -42,14 +48,13 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    return_top1: bool = False,
 ):
     """token_logprobs(hidden @ weight.T, labels): hidden (..., H), weight (V, H) -> fp32 (...).
 
     The logits are computed in the inputs' dtype (as an LM head does), then upcast.
     """
-    return token_logprobs(
-        hidden @ weight.t(), labels, ignore_index, temperature, return_entropy
-    )
+    return token_logprobs(hidden @ weight.t(), labels, ignore_index, temperature, return_entropy, return_top1)
 
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -178,11 +178,12 @@ def test_two_processes_under_accelerate_ddp_and_zero3(tmp_path):
         steps = [r for r in logs[0]["log"] if "loss" in r]
         assert steps == [r for r in logs[1]["log"] if "loss" in r]  # metrics gathered over both processes
         assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
-        assert all("demo_rewards/margins" in r and "rewards/margins" in r for r in steps)
+        assert all({"demo_rewards/margins", "rewards/margins", "entropy", "mean_token_accuracy"} <= r.keys()
+                   for r in steps)
         runs[name] = steps
         from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_pretrained(out)  # the saved model loads
     for a, b in zip(runs["ddp"], runs["zero3"]):  # ZeRO-3 gathers the weights to sample: the same run as DDP
-        for k in ("loss", "demo_rewards/margins", "logps/own_sample", "samples/mean_length"):
+        for k in ("loss", "demo_rewards/margins", "logps/own_sample", "samples/mean_length", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])

@@ -355,3 +355,46 @@ def test_metric_names_follow_the_layout_and_shift_needs_ordered_segments():
     seg = torch.arange(flat.numel(), device=DEVICE) % 6  # interleaved: sequence i's tokens are not together
     with pytest.raises(ValueError, match="segment_ids must be non-decreasing"):
         aihf_loss(flat, hidden=h.reshape(-1, h.shape[-1]), weight=w, segment_ids=seg, shift_labels=True)
+
+
+@pytest.mark.parametrize("source", ["hidden_triton", "hidden_torch", "logits_triton", "logits_torch"])
+def test_token_metrics_entropy_and_top1_accuracy(source):
+    """token_metrics: entropy over every loss token, top-1 accuracy over the winners' and NLL
+    sequences' loss tokens, computed here by hand; the loss and its gradients do not change."""
+    h, w, rh, rw, labels = make_batch(S=8, T=9, V=37)
+    logits = h @ w.t()
+    labels[1, 3:6] = logits[1, 3:6].argmax(-1)  # some top-1 hits, on a winner (row 1) and a loser (row 2)
+    labels[2, 3:6] = logits[2, 3:6].argmax(-1)
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.3, device=DEVICE)  # [c c r r d d s s]
+    backend = source.split("_")[1]
+    outs, grads = [], []
+    for tm in (False, True):
+        hh = h.detach().clone().requires_grad_()
+        pol = dict(hidden=hh, weight=w) if source.startswith("hidden") else dict(logits=hh @ w.t())
+        out = aihf_loss(labels, **pol, ref_hidden=rh, ref_weight=rw, layout=layout, beta=BETA, token_metrics=tm,
+                        backend=backend)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(hh.grad)
+    assert "entropy" not in outs[0].metrics
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=0, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-6)
+    valid = labels != -100
+    p = logits.float().log_softmax(-1)
+    ent = -(p.exp() * p).sum(-1)
+    assert_close_to("entropy", outs[1].metrics["entropy"], ent[valid].mean(), 1e-5, 1e-5)
+    hit = logits.argmax(-1) == labels
+    target = torch.zeros(8, dtype=torch.bool, device=DEVICE)
+    target[[0, 1, 4, 5]] = True  # chosen of the pairs (0, 1), demonstrations (4, 5): winners and NLL rows
+    on = valid & target[:, None]
+    want = (hit & on).sum() / on.sum()
+    assert 0 < float(want) < 1
+    assert_close_to("mean_token_accuracy", outs[1].metrics["mean_token_accuracy"], want, 1e-6, 0)
+
+
+def test_token_metrics_need_logits():
+    h, w, rh, rw, labels = make_batch()
+    tok = torch.zeros(labels.shape, device=DEVICE)
+    with pytest.raises(ValueError, match="token_metrics needs the policy's logits"):
+        aihf_loss(labels, token_logps=tok, ref_hidden=rh, ref_weight=rw, token_metrics=True,
+                  layout=method_config("dpo", num_pairs=3, device=DEVICE))

@@ -179,3 +179,72 @@ def test_linear_float64_with_ignored_tokens_on_the_torch_backend():
     assert_close_to("logp", lp, reference.linear_token_logprobs(h, w, y), 1e-12)
     lp.sum().backward()
     assert bool((h.grad[[1, 3]] == 0).all())
+
+
+def _planted(N, V, H=None):
+    """Random inputs whose labels are the argmax in about half the rows (so top-1 is both True and False)."""
+    g = torch.Generator().manual_seed(N * 1000 + V)
+    if H is None:
+        x = torch.randn(N, V, generator=g) * 3
+        logits = x
+    else:
+        x = torch.randn(N, H, generator=g)
+        w = torch.randn(V, H, generator=g) / H**0.5 * 2
+        logits = x @ w.t()
+    labels = torch.randint(0, V, (N,), generator=g)
+    hit = torch.rand(N, generator=g) < 0.5
+    labels = torch.where(hit, logits.argmax(-1), labels)
+    labels[::7] = -100
+    if H is None:
+        return x.to(DEVICE), labels.to(DEVICE), logits.to(DEVICE)
+    return (x.to(DEVICE), w.to(DEVICE)), labels.to(DEVICE), logits.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("N,V", [(5, 64), (37, 203), (70, 130)])
+def test_token_logprobs_top1(backend, N, V):
+    logits, labels, _ = _planted(N, V)
+    lp, en, top1 = token_logprobs(logits, labels, return_entropy=True, return_top1=True, backend=backend,
+                                  temperature=0.7)
+    valid = labels != -100
+    want = valid & (logits.argmax(-1) == labels)
+    assert top1.dtype == torch.bool and top1.shape == labels.shape
+    assert torch.equal(top1, want) and bool(want.any()) and bool((valid & ~want).any())
+    assert_close_to("logp", lp, reference.token_logprobs(logits, labels, temperature=0.7), 1e-5, 1e-5)
+    lp2, top1b = token_logprobs(logits, labels, return_top1=True, backend=backend)  # top-1 alone: (logp, top1)
+    assert torch.equal(top1b, want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("N,H,V", [(19, 16, 33), (37, 40, 203), (45, 24, 97)])
+def test_linear_token_logprobs_top1(backend, N, H, V):
+    (h, w), labels, logits = _planted(N, V, H)
+    lp, top1 = linear_token_logprobs(h, w, labels, return_top1=True, backend=backend)
+    valid = labels != -100
+    want = valid & (logits.argmax(-1) == labels)
+    assert torch.equal(top1, want) and bool(want.any()) and bool((valid & ~want).any())
+    _, en, top1b = linear_token_logprobs(h, w, labels, return_entropy=True, return_top1=True, backend=backend)
+    assert torch.equal(top1b, want)
+    assert_close_to("entropy", en, reference.linear_token_logprobs(h, w, labels, return_entropy=True)[1], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["token", "linear"])
+def test_entropy_read_as_a_metric_leaves_the_gradient_unchanged(op):
+    """An entropy asked for but not in the loss (a logged metric): the same gradients as without it."""
+    if op == "token":
+        logits, labels, _ = _planted(37, 203)
+        inputs = (logits,)
+        fn = lambda z, **kw: token_logprobs(z, labels, backend="triton", **kw)  # noqa: E731
+    else:
+        (h, w), labels, _ = _planted(37, 203, 40)
+        inputs = (h, w)
+        fn = lambda a, b, **kw: linear_token_logprobs(a, b, labels, backend="triton", **kw)  # noqa: E731
+    grads = []
+    for kw in ({}, dict(return_entropy=True, return_top1=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves, **kw)
+        lp = out[0] if isinstance(out, tuple) else out
+        (lp * torch.linspace(-1, 1, lp.numel(), device=lp.device)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
