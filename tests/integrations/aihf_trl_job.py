@@ -1,7 +1,8 @@
-"""A small AIHFTrainer job on a tiny model (run by the tests; self-contained, so that it also
-runs under a launcher):
+"""A small TRL job on a tiny model (run by the tests; self-contained, so that it also runs under
+a launcher): AIHFTrainer (``aihf``), or DPO with TRL's own DPOTrainer (``dpo``) or the drop-in
+AIHFDPOTrainer (``aihf_dpo``):
 
-    accelerate launch --multi_gpu --num_processes 2 tests/integrations/aihf_trl_job.py OUT [ds3]
+    accelerate launch --multi_gpu --num_processes 2 tests/integrations/aihf_trl_job.py OUT [aihf|dpo|aihf_dpo]
 
 Writes OUT/rank{r}.json (world size, log history) and the model (``save_model``)."""
 from __future__ import annotations
@@ -55,14 +56,28 @@ def config(out: str, **kw):
     return AIHFConfig(**base)
 
 
-def main(out: str) -> None:
-    from aihf_fast.integrations.trl import AIHFTrainer
+def main(out: str, which: str = "aihf") -> None:
+    from trl import DPOConfig, DPOTrainer
+
+    from aihf_fast.integrations.trl import AIHFDPOTrainer, AIHFTrainer
     from aihf_fast.train.llm.trainer import shutdown_distributed
 
     model, tok = tiny_model()
     pairs, demos = tiny_data()
-    trainer = AIHFTrainer(model=model, ref_model=copy.deepcopy(model), args=config(out), train_dataset=pairs,
-                          demonstrations=demos, processing_class=tok)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():  # another model than the policy: log-ratios are not all 0
+        g = torch.Generator().manual_seed(1)
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    if which == "aihf":
+        trainer = AIHFTrainer(model=model, ref_model=ref, args=config(out), train_dataset=pairs,
+                              demonstrations=demos, processing_class=tok)
+    else:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3,
+                         logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, bf16=False,
+                         dataloader_num_workers=0, gradient_checkpointing=False)
+        cls = {"dpo": DPOTrainer, "aihf_dpo": AIHFDPOTrainer}[which]
+        trainer = cls(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tok)
     trainer.train()
     trainer.save_model(out)
     with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as f:
@@ -73,4 +88,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -160,30 +160,47 @@ def test_demonstrations_alone(tmp_path):
     assert len(logs) == 2 and all("demo_rewards/margins" in r and "rewards/margins" not in r for r in logs)
 
 
+ZERO3 = ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "false", "--zero3_save_16bit_model", "true"]
+
+
+def _launch(out, flags, which):
+    """The job under ``accelerate launch`` with 2 CPU processes -> each step's log record (rank 0's,
+    checked equal to rank 1's)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(JOB), str(out), which]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (res.stdout + res.stderr).count("AIHF job done") == 1  # rank 0 only
+    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["world"] for g in logs] == [2, 2]
+    steps = [r for r in logs[0]["log"] if "loss" in r]
+    assert steps == [r for r in logs[1]["log"] if "loss" in r]  # metrics gathered over both processes
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the saved model loads
+    return steps
+
+
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_ddp_and_zero3(tmp_path):
-    runs = {}
-    for name, flags in (("ddp", ["--multi_gpu"]),
-                        ("zero3", ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "false",
-                                   "--zero3_save_16bit_model", "true"])):
-        out = tmp_path / name
-        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(JOB), str(out)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert (res.stdout + res.stderr).count("AIHF job done") == 1  # rank 0 only
-        logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-        assert [g["world"] for g in logs] == [2, 2]
-        steps = [r for r in logs[0]["log"] if "loss" in r]
-        assert steps == [r for r in logs[1]["log"] if "loss" in r]  # metrics gathered over both processes
-        assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
-        assert all({"demo_rewards/margins", "rewards/margins", "entropy", "mean_token_accuracy"} <= r.keys()
-                   for r in steps)
-        runs[name] = steps
-        from transformers import AutoModelForCausalLM
-
-        AutoModelForCausalLM.from_pretrained(out)  # the saved model loads
+    runs = {name: _launch(tmp_path / name, flags, "aihf") for name, flags in (("ddp", ["--multi_gpu"]),
+                                                                              ("zero3", ZERO3))}
+    for r in runs["ddp"]:
+        assert {"demo_rewards/margins", "rewards/margins", "entropy", "mean_token_accuracy"} <= r.keys()
     for a, b in zip(runs["ddp"], runs["zero3"]):  # ZeRO-3 gathers the weights to sample: the same run as DDP
         for k in ("loss", "demo_rewards/margins", "logps/own_sample", "samples/mean_length", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
+
+
+@pytest.mark.distributed
+def test_drop_in_under_zero3_matches_trl(tmp_path):
+    """The DPO drop-in under ZeRO-3 (the LM head gathered for the fused loss) on 2 processes: the
+    same losses and metrics as TRL's own DPOTrainer there."""
+    want = _launch(tmp_path / "trl", ZERO3, "dpo")
+    got = _launch(tmp_path / "aihf", ZERO3, "aihf_dpo")
+    for a, b in zip(got, want):
+        for k in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logits/rejected",
+                  "entropy", "mean_token_accuracy", "num_tokens"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])

@@ -104,3 +104,33 @@ def test_drop_in_uses_less_memory_than_trl(tmp_path):
     assert all(r["status"] == "ok" for r in report["results"]), report["results"]
     assert report["ratios"]["first_loss_abs_diff"] < 1e-4
     assert report["ratios"]["peak_transient_memory"] < 0.8, report["ratios"]
+
+
+def test_drop_in_with_a_lora_adapter_matches_trl(setup, tmp_path):
+    """PEFT: a LoRA adapter on the policy, the reference its base model (TRL's ref adapter): the same
+    losses and metrics as TRL's own trainer, and only the adapter moves."""
+    peft = pytest.importorskip("peft")
+    from trl import DPOConfig
+
+    model, tok, data = setup
+    runs = {}
+    for name, cls in (("trl", trl.DPOTrainer), ("aihf", AIHFDPOTrainer)):
+        args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=0.05, optim="sgd", logging_steps=1, report_to=[], save_strategy="no", seed=0,
+                         use_cpu=True, bf16=False, dataloader_num_workers=0, gradient_checkpointing=False)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                               init_lora_weights=False)  # a non-zero adapter: the reference differs at step 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="aihf_fast: TRL's own loss", category=UserWarning)
+            trainer = cls(model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tok,
+                          peft_config=lora)
+        trainer.train()
+        runs[name] = [r for r in trainer.state.log_history if "loss" in r]
+        base = {k: v for k, v in trainer.model.state_dict().items() if "lora" not in k}
+        orig = model.state_dict()
+        assert all(torch.equal(v, orig[k.replace("base_model.model.", "").replace(".base_layer", "")])
+                   for k, v in base.items())
+    for a, b in zip(runs["aihf"], runs["trl"]):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "entropy", "mean_token_accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    assert runs["aihf"][0]["rewards/margins"] != 0  # the adapter-free reference is another model
