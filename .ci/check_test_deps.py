@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = {
     "envpool": "bench_rollout.py's EnvPool column (optional baseline)",
     "cut_cross_entropy": "bench_loss.py's Cut Cross-Entropy column (optional baseline)",
-    "datasets": "aihf_fast.data.records reads hf:NAME sources only when it is installed",
 }
 
 

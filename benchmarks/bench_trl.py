@@ -1,8 +1,8 @@
 """Tokens/s and peak memory of a DPO training step in TRL's own ``DPOTrainer`` against the
 drop-in ``AIHFDPOTrainer`` (the fused ``aihf_loss`` on the LM head), as users run them, in one run.
 
-  trl        ``trl.DPOTrainer`` (TRL 1.16: its own fused, tiled LM head that scores only the
-             completion positions, plus entropy / top-1 metrics)
+  trl        ``trl.DPOTrainer`` (TRL 1.16: its own fused, tiled LM head, with entropy / top-1
+             metrics; on CUDA it scores only the completion positions, elsewhere every position)
   aihf_fast  ``aihf_fast.integrations.trl.AIHFDPOTrainer``: the same trainer, loss through one
              ``aihf_loss(hidden, lm_head.weight)`` call (no logits built)
 

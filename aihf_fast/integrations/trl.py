@@ -260,10 +260,12 @@ class AIHFConfig(DPOConfig):
                              "step, so their reference log-probs are computed with them")
         for name, bad in (("f_divergence_type", self.f_divergence_type != "reverse_kl"),
                           ("ld_alpha", self.ld_alpha is not None), ("use_weighting", self.use_weighting),
-                          ("label_smoothing", self.label_smoothing != 0)):
+                          ("label_smoothing", self.label_smoothing != 0),
+                          ("loss_weights", self.loss_weights not in (None, [1.0])),
+                          ("pad_token", self.pad_token is not None)):
             if bad:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by AIHFTrainer (DPO's default "
-                                 "is the only form)")
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by AIHFTrainer (the weights "
+                                 "are w_P, w_D and nll_weight; set a pad token on the tokenizer)")
 
 
 class DataCollatorForAIHF:
@@ -271,10 +273,10 @@ class DataCollatorForAIHF:
     ``is_demo``): the demonstrations' rejected side is sampled, and the batch padded, in the loss."""
 
     def __call__(self, examples: list[dict]) -> dict:
-        return {"prompt_ids": [list(e["prompt_ids"]) for e in examples],
-                "chosen_ids": [list(e["chosen_ids"]) for e in examples],
-                "rejected_ids": [list(e["rejected_ids"]) for e in examples],
-                "is_demo": [bool(e.get("is_demo", False)) for e in examples]}
+        out = {k: [list(e[k]) for e in examples] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        if "is_demo" in examples[0]:  # the training mix (an evaluation set of pairs has no such column)
+            out["is_demo"] = [bool(e["is_demo"]) for e in examples]
+        return out
 
 
 class AIHFTrainer(DPOTrainer):
@@ -312,6 +314,11 @@ class AIHFTrainer(DPOTrainer):
         why = _unsupported_for_aihf(self)
         if why is not None:
             raise ValueError(f"AIHFTrainer does not support {why}")
+        empty = [i for i, (p, d) in enumerate(zip(self.train_dataset["prompt_ids"], self.train_dataset["is_demo"]))
+                 if d and not p]
+        if empty:
+            raise ValueError(f"demonstrations: {len(empty)} rows have an empty tokenized prompt; the policy's own "
+                             "sample needs a prompt to answer")
         base = self.accelerator.unwrap_model(self.model)
         add_aihf_head(base.get_base_model() if hasattr(base, "get_base_model") else base)
         self._preference_collator = DataCollatorForPreference(
@@ -325,54 +332,32 @@ class AIHFTrainer(DPOTrainer):
 
     @torch.no_grad()
     def _own_samples(self, prompts: list) -> list:
-        """One completion (token ids, cut after the first EOS, kept) per prompt, from the current policy.
-        Seeded by (seed, global step, call within the step, process), so a resumed run draws the same."""
-        from transformers import GenerationConfig
+        """One completion (token ids, cut after the first stop token, kept) per prompt, from the
+        current policy (``sampling.sample_completions``). Seeded by (seed, global step, call within
+        the step, process), so a resumed run draws the same."""
         from trl.models import unwrap_model_for_generation
 
-        from ..train.llm.sampling import stop_token_ids
+        from ..train.llm.sampling import sample_completions
 
         step, calls = self._sample_calls
         calls = calls + 1 if step == self.state.global_step else 0
         self._sample_calls = (self.state.global_step, calls)
         seed = hash((self.args.seed, self.state.global_step, calls, self.accelerator.process_index)) & 0x7FFFFFFF
-        pad = self._tokenizer.pad_token_id
-        stops = stop_token_ids(self.accelerator.unwrap_model(self.model), self._tokenizer)
-        # the policy itself: no top-k default, repetition penalty or other processors of the model's generation_config
-        gen = GenerationConfig(do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
-                               max_new_tokens=self.args.max_completion_length, pad_token_id=pad,
-                               eos_token_id=stops or None, use_cache=True)
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        att = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding for decoder-only generation
-            ids[i, T - len(p):] = torch.tensor(p)
-            att[i, T - len(p):] = 1
-        device = self.accelerator.device
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, \
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            was_training = policy.training
-            policy.eval()
-            try:
-                out = policy.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen)
-            finally:
-                policy.train(was_training)
-        samples = []
-        for row in out[:, T:].tolist():
-            cut = next((k for k, t in enumerate(row) if t in stops), None)
-            if cut is not None:
-                row = row[: cut + 1]  # the stop token is part of the answer
-            elif pad not in stops:
-                while row and row[-1] == pad:
-                    row.pop()
-            samples.append(row or [stops[0] if stops else pad])
-        return samples
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy:
+            return sample_completions(policy, self._tokenizer, prompts, max_new_tokens=self.args.max_completion_length,
+                                      temperature=self.args.temperature, top_p=self.args.top_p, seed=seed,
+                                      device=self.accelerator.device)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def _sharded_generation(self) -> bool:
+        """Whether a generation is a collective call (ZeRO-3 gathers the weights, FSDP too)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+    def _forward(self, model, inputs):
+        """-> (loss, the padded batch): own samples for the batch's demonstrations, then one aihf_loss."""
         mode = "train" if self.model.training else "eval"
         w_P = self.args.w_P
-        if "is_demo" not in inputs:  # an evaluation dataset of pairs, tokenized by TRL: DPO's loss on them
+        if "is_demo" not in inputs:  # an evaluation set of pairs, tokenized by TRL: DPO's loss on them
             inputs = {**inputs, "is_demo": [False] * len(inputs["prompt_ids"])}
             w_P = 1.0
         demo = inputs["is_demo"]
@@ -381,11 +366,11 @@ class AIHFTrainer(DPOTrainer):
         P, D = len(pairs), len(demos)
         rows = [dict(prompt_ids=inputs["prompt_ids"][i], chosen_ids=inputs["chosen_ids"][i],
                      rejected_ids=inputs["rejected_ids"][i]) for i in pairs + demos]
-        # every process samples (ZeRO-3 gathers the weights collectively), one prompt at least
-        prompts = [r["prompt_ids"] for r in rows[P:]] or [rows[0]["prompt_ids"]]
-        samples = self._own_samples(prompts)
-        for r, s in zip(rows[P:], samples):
-            r["rejected_ids"] = s
+        if D:
+            for r, sample in zip(rows[P:], self._own_samples([r["prompt_ids"] for r in rows[P:]])):
+                r["rejected_ids"] = sample
+        elif mode == "train" and self._sharded_generation():
+            self._own_samples([rows[0]["prompt_ids"]])  # a collective call: every process takes part
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in self._preference_collator(rows).items()}
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -407,50 +392,67 @@ class AIHFTrainer(DPOTrainer):
                                     token_metrics=True))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                     aihf_loss_kwargs=kw)
-        self._log_aihf_metrics(mode, batch, out, ref_chosen, ref_rejected, P, D)
-        loss = out["loss"]
+        self._log_aihf_metrics(mode, batch, out, ref_chosen, ref_rejected, P - first, P, D)
+        return out["loss"], batch
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        loss, batch = self._forward(model, inputs)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return loss
 
-    def _log_aihf_metrics(self, mode, batch, out, ref_chosen, ref_rejected, P, D):
-        """Means over every process's comparisons and tokens (each process holds its own P and D)."""
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, batch = self._forward(model, inputs)
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return loss.detach(), logits, batch["input_ids"]
+
+    def _log_aihf_metrics(self, mode, batch, out, ref_chosen, ref_rejected, P_compared, P, D):
+        """Means over every process's comparisons and tokens (each process holds its own P and D).
+        Rows: chosen of the pairs (P), demonstrations (D), rejected of the pairs, own samples."""
         n = P + D
         logps = out["seq_logps"].detach()
         chosen, rejected = logps[:n], logps[n:]
-        margin = self.beta * ((chosen - ref_chosen.float()) - (rejected - ref_rejected.float()))
         rc, rr = self.beta * (chosen - ref_chosen.float()), self.beta * (rejected - ref_rejected.float())
-        sample_len = batch["completion_mask"][n + P:].sum(1).float()
+        margin = rc - rr
+        shift_mask = batch["completion_mask"][:, 1:].double()
+        tokens = shift_mask.sum(1)
+        m = out["metrics"]
+        winner = torch.zeros(2 * n, dtype=torch.bool, device=logps.device)
+        winner[P - P_compared:n] = True  # the sequences the loss prefers or imitates (mean_token_accuracy)
         sums = []
         for sl in (slice(0, P), slice(P, n)):
-            sums += [rc[sl].sum(), rr[sl].sum(), margin[sl].sum(), (margin[sl] > 0).float().sum(),
-                     chosen[sl].sum(), rejected[sl].sum(), torch.tensor(float(sl.stop - sl.start), device=logps.device)]
-        shift_mask = batch["completion_mask"][:, 1:].float()
-        all_tokens, winner_tokens = shift_mask.sum(), shift_mask[:n].sum()  # winners: chosen and demonstrations
-        sums += [sample_len.sum(), batch["attention_mask"].sum().float(),
-                 out["metrics"]["entropy"] * all_tokens, all_tokens,
-                 out["metrics"]["mean_token_accuracy"] * winner_tokens, winner_tokens]
-        tot = self.accelerator.gather(torch.stack([v.float() for v in sums])[None]).sum(0).tolist()
-        m = self._metrics[mode]
-        for prefix, off in (("rewards", 0), ("demo_rewards", 7)):
+            sums += [rc[sl].sum(), rr[sl].sum(), margin[sl].sum(), (margin[sl] > 0).sum(), chosen[sl].sum(),
+                     rejected[sl].sum(), torch.tensor(float(sl.stop - sl.start))]
+        sums += [tokens[n + P:].sum(), torch.tensor(float(D)), batch["attention_mask"].sum(),
+                 m["entropy"] * tokens.sum(), tokens.sum(),
+                 m["mean_token_accuracy"] * tokens[winner].sum(), tokens[winner].sum(),
+                 m.get("logits/chosen", torch.zeros(())) * tokens[:P].sum(), tokens[:P].sum(),
+                 m.get("logits/rejected", torch.zeros(())) * tokens[n:n + P].sum(), tokens[n:n + P].sum()]
+        sums = torch.stack([torch.as_tensor(v, device=logps.device).double() for v in sums])
+        tot = self.accelerator.gather(sums[None]).sum(0).tolist()
+        log = self._metrics[mode]
+        for prefix, off, names in (("rewards", 0, ("chosen", "rejected")), ("demo_rewards", 7, ("demo", "sample"))):
             cnt = tot[off + 6]
             if cnt == 0:
                 continue
-            m[f"{prefix}/chosen"].append(tot[off] / cnt)
-            m[f"{prefix}/rejected"].append(tot[off + 1] / cnt)
-            m[f"{prefix}/margins"].append(tot[off + 2] / cnt)
-            m[f"{prefix}/accuracies"].append(tot[off + 3] / cnt)
-            m["logps/chosen" if prefix == "rewards" else "logps/demo"].append(tot[off + 4] / cnt)
-            m["logps/rejected" if prefix == "rewards" else "logps/own_sample"].append(tot[off + 5] / cnt)
-        if tot[13]:
-            m["samples/mean_length"].append(tot[14] / tot[13])
-        for name, i in (("entropy", 16), ("mean_token_accuracy", 18)):
+            log[f"{prefix}/{names[0]}"].append(tot[off] / cnt)
+            log[f"{prefix}/{names[1]}"].append(tot[off + 1] / cnt)
+            log[f"{prefix}/margins"].append(tot[off + 2] / cnt)
+            log[f"{prefix}/accuracies"].append(tot[off + 3] / cnt)
+            log["logps/chosen" if prefix == "rewards" else "logps/demo"].append(tot[off + 4] / cnt)
+            log["logps/rejected" if prefix == "rewards" else "logps/own_sample"].append(tot[off + 5] / cnt)
+        for name, i in (("samples/mean_length", 14), ("entropy", 17), ("mean_token_accuracy", 19),
+                        ("logits/chosen", 21), ("logits/rejected", 23)):
             if tot[i + 1]:
-                m[name].append(tot[i] / tot[i + 1])
+                log[name].append(tot[i] / tot[i + 1])
         if mode == "train":
-            self._total_train_tokens += int(tot[15]) // self._tp_size
-        m["num_tokens"] = [self._total_train_tokens]
+            self._total_train_tokens += int(tot[16]) // self._tp_size
+        log["num_tokens"] = [self._total_train_tokens]
 
 
 def _unsupported_for_aihf(trainer) -> str | None:
@@ -463,32 +465,46 @@ def _unsupported_for_aihf(trainer) -> str | None:
 
 def _mix_datasets(preferences, demonstrations, w_P: float):
     """One dataset of prompt/chosen/rejected rows + is_demo: the pairs, then the demonstrations
-    (chosen = the demonstration; its rejected side, the own sample, is drawn in the loss)."""
+    (chosen = the demonstration; its rejected side, the own sample, is drawn in the loss).
+    ``tools`` and ``chat_template_kwargs`` columns are kept (TRL's tokenization reads them)."""
     from datasets import Dataset, concatenate_datasets
     from trl.data_utils import extract_prompt, is_conversational
 
     def check(ds, name, need):
         if not isinstance(ds, Dataset):
-            raise TypeError(f"{name} must be a datasets.Dataset, got {type(ds).__name__}")
+            raise TypeError(f"{name} must be a datasets.Dataset (map-style), got {type(ds).__name__}")
         if len(ds) == 0:
             raise ValueError(f"{name} is empty")
         missing = [c for c in need if c not in ds.column_names]
         if missing:
             raise ValueError(f"{name} needs columns {list(need)} (TRL's format), missing {missing}; "
                              f"it has {ds.column_names}")
+        vision = [c for c in ("image", "images") if c in ds.column_names]
+        if vision:
+            raise ValueError(f"{name} has {vision}: AIHFTrainer does not support vision datasets")
 
     check(demonstrations, "demonstrations", ("prompt", "completion"))
-    demos = demonstrations.select_columns(["prompt", "completion"]).map(
-        lambda e: {"prompt": e["prompt"], "chosen": e["completion"], "rejected": e["completion"], "is_demo": True},
+    datasets = {"demonstrations": demonstrations}
+    if preferences is not None:
+        if w_P == 0:
+            raise ValueError("w_P = 0 gives the preference pairs no weight: pass train_dataset=None, or w_P > 0")
+        check(preferences, "train_dataset", ("chosen", "rejected"))
+        datasets["train_dataset"] = preferences if "prompt" in preferences.column_names else \
+            preferences.map(extract_prompt)
+    extra = {c for ds in datasets.values() for c in ("tools", "chat_template_kwargs") if c in ds.column_names}
+    for c in sorted(extra):
+        lacking = [name for name, ds in datasets.items() if c not in ds.column_names]
+        if lacking:
+            raise ValueError(f"{c!r} is a column of {sorted(set(datasets) - set(lacking))} but not of {lacking}: "
+                             "give every dataset the column (the tokenization reads it)")
+    keep = sorted(extra)
+    demos = demonstrations.select_columns(["prompt", "completion", *keep]).map(
+        lambda e: {"chosen": e["completion"], "rejected": e["completion"], "is_demo": True},
         remove_columns=["completion"])
     if preferences is None:
         return demos
-    if w_P == 0:
-        raise ValueError("w_P = 0 gives the preference pairs no weight: pass train_dataset=None, or w_P > 0")
-    check(preferences, "train_dataset", ("chosen", "rejected"))
-    if "prompt" not in preferences.column_names:
-        preferences = preferences.map(extract_prompt)
-    if is_conversational(preferences[0]) != is_conversational(demos[0]):
+    pairs = datasets["train_dataset"].select_columns(["prompt", "chosen", "rejected", *keep]).map(
+        lambda e: {"is_demo": False})
+    if is_conversational(pairs[0]) != is_conversational(demos[0]):
         raise ValueError("train_dataset and demonstrations must both be conversational or both standard (text)")
-    pairs = preferences.select_columns(["prompt", "chosen", "rejected"]).map(lambda e: {"is_demo": False})
-    return concatenate_datasets([pairs, demos.cast(pairs.features)])
+    return concatenate_datasets([pairs, demos.select_columns(pairs.column_names).cast(pairs.features)])

@@ -32,13 +32,15 @@ def _trainer(tmp_path, model_type="llama", ref_noise=0.02, **cfg):
     model, tok = job.tiny_model(model_type)
     pairs, demos = job.tiny_data()
     train_dataset = cfg.pop("train_dataset", pairs)
+    eval_dataset = cfg.pop("eval_dataset", None)
     ref = copy.deepcopy(model)
     with torch.no_grad():  # another model than the policy: log-ratios are not all 0
         g = torch.Generator().manual_seed(1)
         for p in ref.parameters():
             p.add_(ref_noise * torch.randn(p.shape, generator=g))
     return AIHFTrainer(model=model, ref_model=ref, args=job.config(str(tmp_path / "out"), **cfg),
-                       train_dataset=train_dataset, demonstrations=demos, processing_class=tok)
+                       train_dataset=train_dataset, demonstrations=demos, eval_dataset=eval_dataset,
+                       processing_class=tok)
 
 
 def _padded(seqs, pad):
@@ -82,11 +84,15 @@ def test_loss_is_aihf_loss_of_method_config(tmp_path, model_type):
     assert tr._metrics["eval"]["demo_rewards/accuracies"] and tr._metrics["eval"]["rewards/accuracies"]
 
 
-def test_evaluation_on_pairs_is_trl_dpo_evaluation(tmp_path):
+@pytest.mark.parametrize("w_P", [1.0, 0.5, 0.0])
+def test_evaluation_on_pairs_is_trl_dpo_evaluation(tmp_path, w_P):
+    """Held-out pairs get DPO's loss and metrics whatever w_P is (w_P = 0: training on demonstrations
+    alone), with compute_metrics too (the logits path of evaluation)."""
     from trl import DPOConfig, DPOTrainer
 
     pairs, _ = job.tiny_data()
-    tr = _trainer(tmp_path, eval_strategy="no", per_device_eval_batch_size=4)
+    extra = dict(train_dataset=None) if w_P == 0 else {}
+    tr = _trainer(tmp_path, eval_strategy="no", per_device_eval_batch_size=4, w_P=w_P, **extra)
     got = tr.evaluate(eval_dataset=pairs)
     model, tok = job.tiny_model()
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
@@ -95,14 +101,24 @@ def test_evaluation_on_pairs_is_trl_dpo_evaluation(tmp_path):
                      processing_class=tok)
     want = dpo.evaluate(eval_dataset=pairs)
     for k in ("eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/accuracies",
-              "eval_logps/chosen", "eval_logps/rejected"):
+              "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen", "eval_logits/rejected",
+              "eval_entropy", "eval_mean_token_accuracy"):
         assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (k, got[k], want[k])
+    seen = []
+    tr.compute_metrics = lambda pred: seen.append(pred.predictions.shape) or {"n": float(len(seen))}
+    tr.args.prediction_loss_only = False
+    assert tr.evaluate(eval_dataset=pairs)["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
+    assert seen and seen[0][-1] == tr.model.config.vocab_size
 
 
 def test_resumed_run_draws_the_same_samples(tmp_path):
-    full = _trainer(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
+    """From a checkpoint, with evaluations in between: the same own samples and losses."""
+    pairs, _ = job.tiny_data()
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=1,
+              per_device_eval_batch_size=4, eval_dataset=pairs)
+    full = _trainer(tmp_path / "full", **kw)
     full.train()
-    part = _trainer(tmp_path / "part", max_steps=4, save_strategy="steps", save_steps=2)
+    part = _trainer(tmp_path / "part", **kw)
     part.args.output_dir = full.args.output_dir
     part.train(resume_from_checkpoint=os.path.join(full.args.output_dir, "checkpoint-2"))
     a = {r["step"]: r for r in full.state.log_history if "loss" in r}
@@ -126,6 +142,7 @@ def test_resumed_run_draws_the_same_samples(tmp_path):
     (dict(loss_type=["sigmoid", "sft"]), "loss_type must be"),
     (dict(precompute_ref_log_probs=True), "precompute_ref_log_probs"),
     (dict(label_smoothing=0.1), "label_smoothing"),
+    (dict(loss_weights=[2.0]), "loss_weights"),
 ])
 def test_config_errors_name_the_field(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -150,6 +167,41 @@ def test_dataset_errors(tmp_path):
         AIHFTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True,
                                                                                 bf16=False),
                     train_dataset=pairs, demonstrations=demos, processing_class=tok)
+
+
+def test_own_samples_ignore_the_models_generation_config(tmp_path):
+    """A checkpoint's generation settings (repetition rules, suppressed tokens) do not reach the own
+    samples: they are the policy's own distribution at AIHFConfig's temperature / top_p."""
+    tr = _trainer(tmp_path)
+    prompts = [r["prompt_ids"] for r in tr.train_dataset if r["is_demo"]][:8]
+    tr._sample_calls = (-1, 0)
+    plain = tr._own_samples(prompts)
+    gc = tr.model.generation_config
+    gc.no_repeat_ngram_size, gc.suppress_tokens, gc.repetition_penalty = 1, [tr._tokenizer.eos_token_id], 3.0
+    tr._sample_calls = (-1, 0)
+    assert tr._own_samples(prompts) == plain
+    assert tr.model.generation_config.repetition_penalty == 3.0  # restored afterwards
+
+
+def test_dataset_columns(tmp_path):
+    """tools / chat_template_kwargs are kept for TRL's tokenization; vision data and empty prompts refused."""
+    model, tok = job.tiny_model()
+    pairs, demos = job.tiny_data()
+    kw = dict(model=model, ref_model=copy.deepcopy(model), args=job.config(str(tmp_path)), processing_class=tok)
+    ctk = [{"enable_thinking": False}] * 8
+    tr = AIHFTrainer(train_dataset=pairs.add_column("chat_template_kwargs", ctk),
+                     demonstrations=demos.add_column("chat_template_kwargs", ctk), **kw)
+    assert "chat_template_kwargs" in tr.train_dataset.column_names
+    with pytest.raises(ValueError, match="'chat_template_kwargs' is a column of"):
+        AIHFTrainer(train_dataset=pairs, demonstrations=demos.add_column("chat_template_kwargs", ctk), **kw)
+    with pytest.raises(ValueError, match="does not support vision datasets"):
+        AIHFTrainer(train_dataset=pairs, demonstrations=demos.add_column("image", [None] * 8), **kw)
+    with pytest.raises(ValueError, match="empty tokenized prompt"):
+        tok_nobos = copy.deepcopy(tok)
+        tok_nobos._tokenizer.post_processor = None
+        AIHFTrainer(train_dataset=pairs, demonstrations=demos.map(lambda e, i: {"prompt": "" if i == 3 else
+                                                                               e["prompt"]}, with_indices=True),
+                    **{**kw, "processing_class": tok_nobos})
 
 
 def test_demonstrations_alone(tmp_path):

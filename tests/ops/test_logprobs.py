@@ -248,3 +248,18 @@ def test_entropy_read_as_a_metric_leaves_the_gradient_unchanged(op):
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_top1_counts_a_label_tied_for_the_top_logit(backend):
+    """The spec: top-1 when the label's logit equals the row's largest, ties included (TRL counts
+    only the first of tied indices)."""
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0, 2.0]] * 3, device=DEVICE)
+    labels = torch.tensor([3, 1, 4], device=DEVICE)
+    _, top1 = token_logprobs(logits, labels, return_top1=True, backend=backend)
+    assert top1.tolist() == [True, True, False]
+    h = torch.eye(5, device=DEVICE)[:3] * 0 + torch.tensor([1.0, 0, 0, 0, 0], device=DEVICE)  # hidden e_0
+    w = torch.zeros(5, 5, device=DEVICE)
+    w[:, 0] = logits[0]  # logits = h @ w.T = row 0 of logits for every token
+    _, top1 = linear_token_logprobs(h, w, labels, return_top1=True, backend=backend)
+    assert top1.tolist() == [True, True, False]

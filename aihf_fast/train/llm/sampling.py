@@ -7,6 +7,7 @@ chunk repeats one and drops it), as ZeRO-3 needs all of them in every forward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -56,48 +57,80 @@ def stop_token_ids(model, tokenizer) -> list:
     return ids
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
-             batch_size: int, seed: int, max_length: int, synced: bool, device) -> list:
-    """Sample one completion per prompt (prompts: list of token-id lists). Returns completion
-    token-id lists, each cut after its first EOS (kept) and to fit max_length with its prompt."""
+@contextlib.contextmanager
+def _bare_generation_config(model):
+    """transformers fills every unset field of a passed GenerationConfig from the model's own
+    (a checkpoint's repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...): swap in a
+    default one meanwhile, so that samples come from the policy's own distribution."""
     from transformers import GenerationConfig
 
-    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    own = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
+                       seed: int, device, synced: bool = False, max_length: int | None = None) -> list:
+    """One completion per prompt (non-empty token-id lists) from ``model`` in eval mode, seeded by
+    ``seed``: softmax(logits / temperature) with nucleus ``top_p`` only (no top-k, no processors of
+    the model's generation_config). Each completion is cut after its first stop token (kept: it is
+    part of the answer; ``stop_token_ids``) and to fit ``max_length`` with its prompt."""
+    from transformers import GenerationConfig
+
     pad = tokenizer.pad_token_id
     stops = stop_token_ids(model, tokenizer)
-    # sample from the policy itself: no top-k default, no repetition penalty or other processors
-    # from the model's own generation_config
     gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops or None,
                                use_cache=True)
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding for decoder-only generation
+        ids[i, T - len(p):] = torch.tensor(p)
+        att[i, T - len(p):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), \
+                _bare_generation_config(model):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen_cfg,
+                                 synced_gpus=synced)
+    finally:
+        model.train(was_training)
+    res = []
+    for i, p in enumerate(prompts):
+        comp = out[i, T:].tolist()
+        cut = next((k for k, t in enumerate(comp) if t in stops), None)
+        if cut is not None:
+            comp = comp[: cut + 1]
+        elif pad not in stops:
+            while comp and comp[-1] == pad:
+                comp.pop()
+        if max_length is not None:
+            comp = comp[: max(max_length - len(p), 1)]
+        res.append(comp or [stops[0] if stops else pad])
+    return res
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
+             batch_size: int, seed: int, max_length: int, synced: bool, device) -> list:
+    """Sample one completion per prompt (prompts: list of token-id lists), in chunks of
+    ``batch_size`` sharded over the processes (``sample_completions`` each). Returns completion
+    token-id lists, each cut after its first EOS (kept) and to fit max_length with its prompt."""
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     was_training = model.training
     model.eval()
 
     def run(c):
-        chunk = chunks[c]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, p in enumerate(chunk):  # left padding for decoder-only generation
-            ids[i, T - len(p):] = torch.tensor(p)
-            att[i, T - len(p):] = 1
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-            torch.manual_seed(hash((seed, c)) & 0x7FFFFFFF)
-            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen_cfg,
-                                 synced_gpus=synced)
-        res = []
-        for i, p in enumerate(chunk):
-            comp = out[i, T:].tolist()
-            cut = next((k for k, t in enumerate(comp) if t in stops), None)
-            if cut is not None:
-                comp = comp[: cut + 1]  # keep the stop token: it is part of the answer
-            elif pad not in stops:
-                while comp and comp[-1] == pad:
-                    comp.pop()
-            comp = comp[: max(max_length - len(p), 1)] or [stops[0] if stops else pad]
-            res.append(comp)
-        return res
+        return sample_completions(model, tokenizer, chunks[c], max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=hash((seed, c)) & 0x7FFFFFFF, device=device, synced=synced,
+                                  max_length=max_length)
 
     try:
         got = _sharded(len(chunks), run)
