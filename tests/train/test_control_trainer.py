@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -351,3 +352,48 @@ def test_sigterm_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM while a run was starting" in err and "Traceback" not in err
     assert not (tmp_path / "early" / "checkpoint.pt").exists()
+
+
+def test_learn_threads_change_the_run_by_float_noise_only(data, tmp_path):
+    """The learner's torch threads (1 by default) change reduction order only: returns and losses
+    agree to float noise, and the thread count is restored afterwards."""
+    d = data[0]
+    base = dict(task=TASK, method="aihf", demonstrations=os.path.join(d, "demos.npz"),
+                preferences=os.path.join(d, "prefs.npz"), num_envs=4, rollout_steps=32, eval_every=2,
+                eval_episodes=2, env_steps=2 * 4 * 32, progress=False)
+    before = torch.get_num_threads()
+    logs = []
+    for threads in (1, 2):
+        train(ControlConfig(**base, learn_threads=threads, output_dir=str(tmp_path / f"t{threads}")))
+        assert torch.get_num_threads() == before
+        logs.append([json.loads(x) for x in open(tmp_path / f"t{threads}" / "log.jsonl")])
+    assert len(logs[0]) == len(logs[1]) > 2
+    for a, b in zip(*logs):
+        for k, v in a.items():
+            if isinstance(v, float) and not k.endswith("_s"):
+                assert v == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, v, b[k])
+
+
+def test_ppo_update_equals_the_plain_loop():
+    """PPO.update (foreach Adam and gradient clipping, statistics summed on the device) against the
+    same update with the per-tensor optimiser: the same parameters and statistics."""
+    from aihf_fast.train.control.ppo import PPO
+
+    T, N, D, A = 32, 8, 5, 2
+    rng = np.random.default_rng(0)
+    batch = dict(rewards=rng.normal(size=(T, N)), terminated=rng.random((T, N)) < 0.05,
+                 truncated=rng.random((T, N)) < 0.02, obs=rng.normal(size=(T, N, D)).astype(np.float32),
+                 next_obs=rng.normal(size=(T, N, D)).astype(np.float32),
+                 actions=rng.normal(size=(T, N, A)).astype(np.float32))
+    agents, stats = [], []
+    for foreach in (True, False):
+        ag = PPO(D, A, -np.ones(A), np.ones(A), seed=0)
+        if not foreach:
+            ag.opt = torch.optim.Adam(ag.params, lr=ag.cfg.lr, eps=1e-5, foreach=False)
+        torch.manual_seed(1)
+        stats.append([ag.update(batch) for _ in range(2)])
+        agents.append(ag)
+    for p, q in zip(agents[0].params, agents[1].params):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    for a, b in zip(*stats):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)

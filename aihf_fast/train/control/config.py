@@ -26,6 +26,9 @@ class ControlConfig:
     num_envs: int = field(default=16, metadata={"help": "parallel environments of the PPO rollouts"})
     sim_threads: int | None = field(default=None, metadata={
         "help": "C++ threads stepping the envs (default: min(num_envs, CPUs)); 1 when many runs share the CPUs"})
+    learn_threads: int | None = field(default=1, metadata={
+        "help": "torch threads of the learner (PPO, reward model); its networks are small, so 1 avoids the "
+                "threading overhead (unset: torch's default)"})
     rollout_steps: int = field(default=128, metadata={"help": "PPO steps per env per iteration"})
     ppo_epochs: int = field(default=10, metadata={"help": "PPO epochs over each rollout batch"})
     minibatch_size: int = field(default=256, metadata={"help": "PPO minibatch size (state-actions)"})
@@ -113,6 +116,8 @@ def validate(cfg: ControlConfig) -> None:
         raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
     if cfg.rl_reward not in ("sigmoid", "raw"):
         raise ConfigError(f"rl_reward must be 'sigmoid' or 'raw', got {cfg.rl_reward!r}")
+    if cfg.learn_threads is not None and cfg.learn_threads < 1:
+        raise ConfigError(f"learn_threads must be >= 1 or unset, got {cfg.learn_threads}")
     if cfg.sim_threads is not None and cfg.sim_threads < 1:
         raise ConfigError(f"sim_threads must be >= 1 or unset, got {cfg.sim_threads}")
     if cfg.num_pairs is not None and cfg.num_pairs < 0:

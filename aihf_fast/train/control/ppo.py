@@ -102,8 +102,9 @@ class PPO:
             self.actor[-1].weight.mul_(0.01)
             self.actor[-1].bias.zero_()
         self.log_std = nn.Parameter(torch.full((act_dim,), float(self.cfg.log_std_init)))
-        self.opt = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters(), self.log_std],
-                                    lr=self.cfg.lr, eps=1e-5)
+        self.params = [*self.actor.parameters(), *self.critic.parameters(), self.log_std]
+        # foreach: one kernel per operation over all 13 tensors, not a Python loop over them
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr, eps=1e-5, foreach=True)
         self.obs_rms = RunningMeanStd(obs_dim)
         self.ret_rms = RunningMeanStd(1)
         self._ret = None  # running discounted return per env (reward normalisation)
@@ -181,7 +182,7 @@ class PPO:
             adv[t] = last
         ret = torch.as_tensor((adv + v).reshape(-1), dtype=torch.float32)
         adv_t = torch.as_tensor(adv.reshape(-1), dtype=torch.float32)
-        stats = dict(pg_loss=0.0, v_loss=0.0, approx_kl=0.0, clip_frac=0.0)
+        stats = torch.zeros(4)  # pg_loss, v_loss, approx_kl, clip_frac summed over minibatches (one sync at the end)
         n_mb = 0
         M = T * N
         for _ in range(cfg.epochs):
@@ -194,23 +195,21 @@ class PPO:
                 ratio = (logp - old_logp[idx]).exp()
                 pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
                 vl = 0.5 * (self.critic(obs[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
-                ent = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum()
-                loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent
+                loss = pg + cfg.vf_coef * vl
+                if cfg.ent_coef:
+                    loss = loss - cfg.ent_coef * (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum()
                 self.opt.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_([*self.actor.parameters(), *self.critic.parameters(), self.log_std],
-                                         cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
                 self.opt.step()
                 with torch.no_grad():
-                    stats["pg_loss"] += pg.item()
-                    stats["v_loss"] += vl.item()
-                    stats["approx_kl"] += ((ratio - 1) - ratio.log()).mean().item()
-                    stats["clip_frac"] += ((ratio - 1).abs() > cfg.clip).float().mean().item()
+                    stats += torch.stack([pg, vl, ((ratio - 1) - ratio.log()).mean(),
+                                          ((ratio - 1).abs() > cfg.clip).float().mean()])
                 n_mb += 1
         # statistics for the next rollout's normalisation (after this batch's update: the
         # update used the same frozen statistics as the rollout)
         self.obs_rms.update(batch["obs"].reshape(T * N, -1))
-        return {k: v / max(n_mb, 1) for k, v in stats.items()}
+        return dict(zip(("pg_loss", "v_loss", "approx_kl", "clip_frac"), (stats / max(n_mb, 1)).tolist()))
 
     def _logp(self, obs, act):
         mean = self.actor(obs)
@@ -229,6 +228,8 @@ class PPO:
         with torch.no_grad():
             self.log_std.copy_(d["log_std"])
         self.opt.load_state_dict(d["opt"])
+        for group in self.opt.param_groups:  # a checkpoint written before foreach=True
+            group["foreach"] = True
         self.obs_rms.load_state_dict(d["obs_rms"])
         self.ret_rms.load_state_dict(d["ret_rms"])
         self._ret = None if d["ret"] is None else np.asarray(d["ret"])

@@ -84,7 +84,8 @@ def segment_returns(model: RewardModel, pairs) -> torch.Tensor:
 
 def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: tuple | None = None,
                      pairs=None, w_D: float = 1.0, w_P: float = 1.0, l2: float = 0.0):
-    """The reward step's loss (module docstring) -> (loss, metrics dict of floats).
+    """The reward step's loss (module docstring) -> (loss, metrics: a dict of detached 0-d tensors;
+    ``float()`` the ones you log, no device sync meanwhile).
 
     demo / samples: (obs (N, obs_dim), act (N, act_dim)[, next_obs]) state-action batches of the
     demonstrations and of the current policy; pairs: a ``SegmentPairs`` (or any object with obs,
@@ -107,16 +108,16 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         term = r_samp.mean() - r_demo.mean()
         loss = loss + w_D * term
         rs += [r_demo, r_samp]
-        metrics.update({"reward/demo": r_demo.mean().item(), "reward/samples": r_samp.mean().item(),
-                        "loss/demo": term.item()})
+        metrics.update({"reward/demo": r_demo.mean().detach(), "reward/samples": r_samp.mean().detach(),
+                        "loss/demo": term.detach()})
     if w_P > 0:
         R = segment_returns(model, pairs)
         first = torch.as_tensor(pairs.first_preferred, dtype=torch.bool)
         h = torch.where(first, R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])  # R(preferred) - R(other)
         term = comparison_losses(h, 1.0, "sigmoid").mean()
         loss = loss + w_P * term
-        metrics.update({"loss/preference": term.item(), "preference/accuracy": (h > 0).float().mean().item()})
+        metrics.update({"loss/preference": term.detach(), "preference/accuracy": (h > 0).float().mean().detach()})
     if l2 > 0 and rs:
         loss = loss + l2 * torch.cat([r.reshape(-1) for r in rs]).pow(2).mean()
-    metrics["loss"] = loss.item()
+    metrics["loss"] = loss.detach()
     return loss, metrics

@@ -140,7 +140,8 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _reward_step(self, batch=None):
         """One reward step (``reward_step_loss``); with reward_lr_P two Adam updates, the
-        demonstration term then the preference term, each from its own gradient and moments."""
+        demonstration term then the preference term, each from its own gradient and moments.
+        Returns its metrics as 0-d tensors (``float`` the ones logged)."""
         cfg = self.cfg
         demo = samples = pairs = None
         if self.w_D > 0:
@@ -302,7 +303,7 @@ class Trainer:
             if cfg.method in ("irl", "aihf"):
                 for _ in range(cfg.reward_steps):
                     m = self._reward_step(batch)
-                rec.update({f"reward_step/{k}": v for k, v in m.items()})
+                rec.update({f"reward_step/{k}": float(v) for k, v in m.items()})
                 self._remember_samples(batch)
             if self.reward is not None:
                 rewards = self._learned_rewards(batch)
@@ -347,10 +348,16 @@ class Trainer:
         """Run (or continue, with resume) to ``env_steps`` -> the summary (also summary.json). A
         signal during start-up (incl. behaviour cloning and rlhf's reward fit) stops at once, in
         the loop at the next evaluation boundary (with a checkpoint)."""
-        with StopOnSignal() as stop:
-            stop.starting()
-            signal_hook(0, 0)  # test hook: a signal during start-up
-            return self._run(stop)
+        threads = torch.get_num_threads()
+        if self.cfg.learn_threads is not None:
+            torch.set_num_threads(self.cfg.learn_threads)
+        try:
+            with StopOnSignal() as stop:
+                stop.starting()
+                signal_hook(0, 0)  # test hook: a signal during start-up
+                return self._run(stop)
+        finally:
+            torch.set_num_threads(threads)
 
     def _run(self, stop) -> dict:
         cfg = self.cfg
@@ -365,7 +372,7 @@ class Trainer:
             if cfg.method == "rlhf":
                 for _ in range(cfg.rlhf_reward_steps):
                     m = self._reward_step()
-                pre.update({f"rlhf/{k}": v for k, v in m.items()} if cfg.rlhf_reward_steps else {})
+                pre.update({f"rlhf/{k}": float(v) for k, v in m.items()} if cfg.rlhf_reward_steps else {})
             self.learn_s += time.time() - t0
             ev = self.evaluate()
             self._log({**ev, **pre})
