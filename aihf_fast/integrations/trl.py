@@ -314,39 +314,52 @@ class AIHFTrainer(DPOTrainer):
         why = _unsupported_for_aihf(self)
         if why is not None:
             raise ValueError(f"AIHFTrainer does not support {why}")
-        empty = [i for i, (p, d) in enumerate(zip(self.train_dataset["prompt_ids"], self.train_dataset["is_demo"]))
-                 if d and not p]
+        import pyarrow.compute as pc
+
+        table = self.train_dataset.with_format("arrow")[:]
+        empty = pc.sum(pc.and_(table.column("is_demo"), pc.equal(pc.list_value_length(table.column("prompt_ids")),
+                                                                      0))).as_py() or 0
         if empty:
-            raise ValueError(f"demonstrations: {len(empty)} rows have an empty tokenized prompt; the policy's own "
-                             "sample needs a prompt to answer")
+            raise ValueError(f"demonstrations: {empty} rows have an empty tokenized prompt; the policy's own sample "
+                             "needs a prompt to answer")
         base = self.accelerator.unwrap_model(self.model)
         add_aihf_head(base.get_base_model() if hasattr(base, "get_base_model") else base)
         self._preference_collator = DataCollatorForPreference(
             pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
             truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
-        self._sample_calls = (-1, 0)  # (global step, calls in it): the own samples' seed
+        self._sample_calls = (-1, 0)  # (global step, micro-batches in it): the own samples' seed
+        self._eval_calls = 0
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "is_demo"]
 
     @torch.no_grad()
-    def _own_samples(self, prompts: list) -> list:
+    def _own_samples(self, prompts: list, seed: int) -> list:
         """One completion (token ids, cut after the first stop token, kept) per prompt, from the
-        current policy (``sampling.sample_completions``). Seeded by (seed, global step, call within
-        the step, process), so a resumed run draws the same."""
+        current policy (``sampling.sample_completions``)."""
         from trl.models import unwrap_model_for_generation
 
         from ..train.llm.sampling import sample_completions
 
-        step, calls = self._sample_calls
-        calls = calls + 1 if step == self.state.global_step else 0
-        self._sample_calls = (self.state.global_step, calls)
-        seed = hash((self.args.seed, self.state.global_step, calls, self.accelerator.process_index)) & 0x7FFFFFFF
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy:
             return sample_completions(policy, self._tokenizer, prompts, max_new_tokens=self.args.max_completion_length,
                                       temperature=self.args.temperature, top_p=self.args.top_p, seed=seed,
                                       device=self.accelerator.device)
+
+    def _sample_seed(self, mode: str) -> int:
+        """The own samples' seed of this micro-batch: (seed, step, micro-batch within the step,
+        process) in training, advanced once per micro-batch whether it samples or not, so that a
+        resumed run and every launcher draw the same; evaluations count apart."""
+        if mode == "train":
+            step, calls = self._sample_calls
+            calls = calls + 1 if step == self.state.global_step else 0
+            self._sample_calls = (self.state.global_step, calls)
+            key = (self.args.seed, self.state.global_step, calls, self.accelerator.process_index)
+        else:
+            self._eval_calls += 1
+            key = (self.args.seed, -1, self._eval_calls, self.accelerator.process_index)
+        return hash(key) & 0x7FFFFFFF  # ints only: a str's hash differs from process to process
 
     def _sharded_generation(self) -> bool:
         """Whether a generation is a collective call (ZeRO-3 gathers the weights, FSDP too)."""
@@ -366,11 +379,14 @@ class AIHFTrainer(DPOTrainer):
         P, D = len(pairs), len(demos)
         rows = [dict(prompt_ids=inputs["prompt_ids"][i], chosen_ids=inputs["chosen_ids"][i],
                      rejected_ids=inputs["rejected_ids"][i]) for i in pairs + demos]
-        if D:
-            for r, sample in zip(rows[P:], self._own_samples([r["prompt_ids"] for r in rows[P:]])):
-                r["rejected_ids"] = sample
-        elif mode == "train" and self._sharded_generation():
-            self._own_samples([rows[0]["prompt_ids"]])  # a collective call: every process takes part
+        seed = self._sample_seed(mode)
+        sample = D > 0
+        if self._sharded_generation():  # generation gathers the weights collectively: all processes or none
+            sample = bool(self.accelerator.gather(torch.tensor([D], device=self.accelerator.device)).sum() > 0)
+        if sample:
+            prompts = [r["prompt_ids"] for r in rows[P:]] or [rows[0]["prompt_ids"]]  # a throw-away one
+            for r, own in zip(rows[P:], self._own_samples(prompts, seed)):
+                r["rejected_ids"] = own
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in self._preference_collator(rows).items()}
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -419,7 +435,8 @@ class AIHFTrainer(DPOTrainer):
         chosen, rejected = logps[:n], logps[n:]
         rc, rr = self.beta * (chosen - ref_chosen.float()), self.beta * (rejected - ref_rejected.float())
         margin = rc - rr
-        shift_mask = batch["completion_mask"][:, 1:].double()
+        f64 = torch.float32 if logps.device.type == "mps" else torch.float64  # token counts beyond 2^24
+        shift_mask = batch["completion_mask"][:, 1:].to(f64)
         tokens = shift_mask.sum(1)
         m = out["metrics"]
         winner = torch.zeros(2 * n, dtype=torch.bool, device=logps.device)
@@ -433,7 +450,7 @@ class AIHFTrainer(DPOTrainer):
                  m["mean_token_accuracy"] * tokens[winner].sum(), tokens[winner].sum(),
                  m.get("logits/chosen", torch.zeros(())) * tokens[:P].sum(), tokens[:P].sum(),
                  m.get("logits/rejected", torch.zeros(())) * tokens[n:n + P].sum(), tokens[n:n + P].sum()]
-        sums = torch.stack([torch.as_tensor(v, device=logps.device).double() for v in sums])
+        sums = torch.stack([torch.as_tensor(v, device=logps.device).to(f64) for v in sums])
         tot = self.accelerator.gather(sums[None]).sum(0).tolist()
         log = self._metrics[mode]
         for prefix, off, names in (("rewards", 0, ("chosen", "rejected")), ("demo_rewards", 7, ("demo", "sample"))):
@@ -507,4 +524,9 @@ def _mix_datasets(preferences, demonstrations, w_P: float):
         lambda e: {"is_demo": False})
     if is_conversational(pairs[0]) != is_conversational(demos[0]):
         raise ValueError("train_dataset and demonstrations must both be conversational or both standard (text)")
-    return concatenate_datasets([pairs, demos.select_columns(pairs.column_names).cast(pairs.features)])
+    try:
+        demos = demos.select_columns(pairs.column_names).cast(pairs.features)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"train_dataset and demonstrations differ in the structure of a column ({pairs.features}); "
+                         f"make them match: {str(e).splitlines()[0][:300]}") from e
+    return concatenate_datasets([pairs, demos])

@@ -79,9 +79,14 @@ def main(out: str, which: str = "aihf") -> None:
         cls = {"dpo": DPOTrainer, "aihf_dpo": AIHFDPOTrainer}[which]
         trainer = cls(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tok)
     trainer.train()
+    evaluation = None
+    if which == "aihf":  # an evaluation set holding demonstrations, unevenly split: some processes sample, some not
+        trainer.args.per_device_eval_batch_size = 5
+        evaluation = trainer.evaluate(eval_dataset=trainer.train_dataset)
     trainer.save_model(out)
     with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as f:
-        json.dump({"world": trainer.accelerator.num_processes, "log": trainer.state.log_history}, f)
+        json.dump({"world": trainer.accelerator.num_processes, "log": trainer.state.log_history, "eval": evaluation},
+                  f)
     if trainer.accelerator.is_main_process:
         print("AIHF job done")
     shutdown_distributed()  # DeepSpeed's CPU backend can abort at interpreter exit without it

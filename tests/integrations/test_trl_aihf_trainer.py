@@ -65,7 +65,7 @@ def test_loss_is_aihf_loss_of_method_config(tmp_path, model_type):
     demos = [r for r in rows if r["is_demo"]][:2]
     assert len(pairs) == 3 and len(demos) == 2
     samples = [[5, 6, 7, tr._tokenizer.eos_token_id], [8, 9, tr._tokenizer.eos_token_id]]
-    tr._own_samples = lambda prompts: [list(s) for s in samples][:len(prompts)]
+    tr._own_samples = lambda prompts, seed: [list(s) for s in samples][:len(prompts)]
     batch = DataCollatorForAIHF()([demos[0], pairs[0], pairs[1], demos[1], pairs[2]])
     tr.model.eval()
     with torch.no_grad():
@@ -174,13 +174,48 @@ def test_own_samples_ignore_the_models_generation_config(tmp_path):
     samples: they are the policy's own distribution at AIHFConfig's temperature / top_p."""
     tr = _trainer(tmp_path)
     prompts = [r["prompt_ids"] for r in tr.train_dataset if r["is_demo"]][:8]
-    tr._sample_calls = (-1, 0)
-    plain = tr._own_samples(prompts)
+    plain = tr._own_samples(prompts, seed=7)
     gc = tr.model.generation_config
     gc.no_repeat_ngram_size, gc.suppress_tokens, gc.repetition_penalty = 1, [tr._tokenizer.eos_token_id], 3.0
-    tr._sample_calls = (-1, 0)
-    assert tr._own_samples(prompts) == plain
-    assert tr.model.generation_config.repetition_penalty == 3.0  # restored afterwards
+    assert tr._own_samples(prompts, seed=7) == plain
+    assert tr.model.generation_config is gc and gc.repetition_penalty == 3.0  # restored afterwards
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_own_samples_of_a_lora_policy_ignore_the_generation_config(tmp_path, task_type):
+    """Under PEFT the base model's generation settings do not reach the samples either, and the base
+    model keeps its generation config (PEFT's generate copies the wrapper's into it)."""
+    peft = pytest.importorskip("peft")
+    model, tok = job.tiny_model()
+    pairs, demos = job.tiny_data()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                           task_type=task_type)
+    tr = AIHFTrainer(model=model, args=job.config(str(tmp_path)), train_dataset=pairs, demonstrations=demos,
+                     processing_class=tok, peft_config=lora)
+    prompts = [r["prompt_ids"] for r in tr.train_dataset if r["is_demo"]][:8]
+    plain = tr._own_samples(prompts, seed=7)
+    inner = tr.model.get_base_model()
+    gc = inner.generation_config
+    gc.no_repeat_ngram_size, gc.suppress_tokens = 1, [tok.eos_token_id]
+    assert tr._own_samples(prompts, seed=7) == plain
+    assert inner.generation_config is gc and gc.eos_token_id is not None
+    assert "generation_config" not in vars(tr.model)
+
+
+def test_gradient_accumulation_draws_the_same_samples_on_every_launcher(tmp_path):
+    """The seed of a micro-batch's own samples does not depend on whether an earlier micro-batch of
+    the step sampled (DDP samples only where there are demonstrations, ZeRO-3 everywhere or nowhere)."""
+    logs = []
+    for sharded in (False, True):
+        tr = _trainer(tmp_path / str(sharded), max_steps=3, gradient_accumulation_steps=2,
+                      per_device_train_batch_size=2)
+        tr._sharded_generation = lambda s=sharded: s  # one process: the collective decision is its own
+        tr.train()
+        logs.append([r for r in tr.state.log_history if "loss" in r])
+    for a, b in zip(*logs):
+        for k in ("loss", "logps/own_sample", "samples/mean_length"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-6), (k, a[k], b[k])
 
 
 def test_dataset_columns(tmp_path):
@@ -194,6 +229,9 @@ def test_dataset_columns(tmp_path):
     assert "chat_template_kwargs" in tr.train_dataset.column_names
     with pytest.raises(ValueError, match="'chat_template_kwargs' is a column of"):
         AIHFTrainer(train_dataset=pairs, demonstrations=demos.add_column("chat_template_kwargs", ctk), **kw)
+    with pytest.raises(ValueError, match="differ in the structure of a column"):
+        AIHFTrainer(train_dataset=pairs.add_column("chat_template_kwargs", ctk),
+                    demonstrations=demos.add_column("chat_template_kwargs", [{"x": 1}] * 8), **kw)
     with pytest.raises(ValueError, match="does not support vision datasets"):
         AIHFTrainer(train_dataset=pairs, demonstrations=demos.add_column("image", [None] * 8), **kw)
     with pytest.raises(ValueError, match="empty tokenized prompt"):
@@ -241,6 +279,8 @@ def test_two_processes_under_accelerate_ddp_and_zero3(tmp_path):
                                                                               ("zero3", ZERO3))}
     for r in runs["ddp"]:
         assert {"demo_rewards/margins", "rewards/margins", "entropy", "mean_token_accuracy"} <= r.keys()
+    evals = [json.loads((tmp_path / name / "rank0.json").read_text())["eval"] for name in ("ddp", "zero3")]
+    assert evals[0] is not None and evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
     for a, b in zip(runs["ddp"], runs["zero3"]):  # ZeRO-3 gathers the weights to sample: the same run as DDP
         for k in ("loss", "demo_rewards/margins", "logps/own_sample", "samples/mean_length", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])

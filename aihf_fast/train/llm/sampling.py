@@ -61,24 +61,39 @@ def stop_token_ids(model, tokenizer) -> list:
 def _bare_generation_config(model):
     """transformers fills every unset field of a passed GenerationConfig from the model's own
     (a checkpoint's repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...): swap in a
-    default one meanwhile, so that samples come from the policy's own distribution."""
+    default one meanwhile, so that samples come from the policy's own distribution. A PEFT
+    wrapper's base model is swapped too (its generate reads, and overwrites, the base's)."""
     from transformers import GenerationConfig
 
-    own = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
+    targets = [model]
+    if hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        targets.append(model.get_base_model())
+    saved = []
+    for obj in targets:
+        own = vars(obj).get("generation_config", _MISSING)  # a wrapper may only forward the attribute
+        saved.append((obj, own))
+        obj.generation_config = GenerationConfig()
     try:
         yield
     finally:
-        model.generation_config = own
+        for obj, own in reversed(saved):
+            if own is _MISSING:
+                vars(obj).pop("generation_config", None)
+            else:
+                obj.generation_config = own
+
+
+_MISSING = object()
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
-                       seed: int, device, synced: bool = False, max_length: int | None = None) -> list:
+                       seed: int, device, synced: bool | None = None, max_length: int | None = None) -> list:
     """One completion per prompt (non-empty token-id lists) from ``model`` in eval mode, seeded by
     ``seed``: softmax(logits / temperature) with nucleus ``top_p`` only (no top-k, no processors of
     the model's generation_config). Each completion is cut after its first stop token (kept: it is
-    part of the answer; ``stop_token_ids``) and to fit ``max_length`` with its prompt."""
+    part of the answer; ``stop_token_ids``) and to fit ``max_length`` with its prompt. ``synced``:
+    transformers' ``synced_gpus`` (None: its own choice, on under ZeRO-3 / FSDP)."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id
@@ -98,8 +113,9 @@ def sample_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, 
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), \
                 _bare_generation_config(model):
             torch.manual_seed(seed)
+            kw = {} if synced is None else {"synced_gpus": synced}
             out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen_cfg,
-                                 synced_gpus=synced)
+                                 **kw)
     finally:
         model.train(was_training)
     res = []
