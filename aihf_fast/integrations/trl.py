@@ -350,7 +350,7 @@ class AIHFTrainer(DPOTrainer):
     def _sample_seed(self, mode: str) -> int:
         """The own samples' seed of this micro-batch: (seed, step, micro-batch within the step,
         process) in training, advanced once per micro-batch whether it samples or not, so that a
-        resumed run and every launcher draw the same; evaluations count apart."""
+        resumed run and every launcher draw the same; in an evaluation (seed, step, its batch)."""
         if mode == "train":
             step, calls = self._sample_calls
             calls = calls + 1 if step == self.state.global_step else 0
@@ -358,8 +358,16 @@ class AIHFTrainer(DPOTrainer):
             key = (self.args.seed, self.state.global_step, calls, self.accelerator.process_index)
         else:
             self._eval_calls += 1
-            key = (self.args.seed, -1, self._eval_calls, self.accelerator.process_index)
+            key = (self.args.seed, -1, self.state.global_step, self._eval_calls, self.accelerator.process_index)
         return hash(key) & 0x7FFFFFFF  # ints only: a str's hash differs from process to process
+
+    def train(self, *args, **kwargs):
+        self._sample_calls = (-1, 0)  # a second train() (e.g. resuming) on this trainer starts the count anew
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_calls = 0  # each evaluation draws the same samples for the same weights
+        return super().evaluate(*args, **kwargs)
 
     def _sharded_generation(self) -> bool:
         """Whether a generation is a collective call (ZeRO-3 gathers the weights, FSDP too)."""
@@ -383,8 +391,13 @@ class AIHFTrainer(DPOTrainer):
         sample = D > 0
         if self._sharded_generation():  # generation gathers the weights collectively: all processes or none
             sample = bool(self.accelerator.gather(torch.tensor([D], device=self.accelerator.device)).sum() > 0)
+        if any(not r["prompt_ids"] for r in rows[P:]):
+            raise ValueError("a demonstration has an empty tokenized prompt; the policy's own sample needs a prompt")
         if sample:
-            prompts = [r["prompt_ids"] for r in rows[P:]] or [rows[0]["prompt_ids"]]  # a throw-away one
+            # this process's demonstrations, or a throw-away prompt of one token
+            tok = self._tokenizer
+            prompts = [r["prompt_ids"] for r in rows[P:]] or [[tok.eos_token_id if tok.eos_token_id is not None
+                                                               else tok.pad_token_id]]
             for r, own in zip(rows[P:], self._own_samples(prompts, seed)):
                 r["rejected_ids"] = own
         device = self.accelerator.device

@@ -181,6 +181,35 @@ def test_own_samples_ignore_the_models_generation_config(tmp_path):
     assert tr.model.generation_config is gc and gc.repetition_penalty == 3.0  # restored afterwards
 
 
+def test_a_compiled_policy_keeps_its_generation_config(tmp_path):
+    from aihf_fast.train.llm.sampling import sample_completions
+
+    model, tok = job.tiny_model()
+    gc = model.generation_config
+    gc.repetition_penalty = 3.0
+    compiled = torch.compile(model, backend="eager")
+    got = sample_completions(compiled, tok, [[1, 5, 6]], max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0,
+                             device="cpu")
+    assert got == sample_completions(model, tok, [[1, 5, 6]], max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0,
+                                     device="cpu")
+    assert model.generation_config is gc and gc.repetition_penalty == 3.0
+
+
+def test_training_again_and_evaluating_again_draw_the_same_samples(tmp_path):
+    """train(resume_from_checkpoint) on the same trainer object repeats the uninterrupted run; two
+    evaluations of the same weights draw the same samples."""
+    _, demos = job.tiny_data()
+    tr = _trainer(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                  save_strategy="steps", save_steps=1)
+    tr.train()
+    first = {r["step"]: r for r in tr.state.log_history if "loss" in r}
+    tr.train(resume_from_checkpoint=os.path.join(tr.args.output_dir, "checkpoint-1"))
+    again = {r["step"]: r for r in tr.state.log_history if "loss" in r}
+    assert again[2]["loss"] == pytest.approx(first[2]["loss"], rel=1e-6)
+    evals = [tr.evaluate(eval_dataset=tr.train_dataset) for _ in range(2)]
+    assert evals[0]["eval_logps/own_sample"] == pytest.approx(evals[1]["eval_logps/own_sample"], rel=1e-6)
+
+
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_own_samples_of_a_lora_policy_ignore_the_generation_config(tmp_path, task_type):
     """Under PEFT the base model's generation settings do not reach the samples either, and the base

@@ -65,9 +65,10 @@ def _bare_generation_config(model):
     wrapper's base model is swapped too (its generate reads, and overwrites, the base's)."""
     from transformers import GenerationConfig
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper forwards attribute writes to it
     targets = [model]
     if hasattr(model, "get_base_model") and model.get_base_model() is not model:
-        targets.append(model.get_base_model())
+        targets.append(getattr(model.get_base_model(), "_orig_mod", model.get_base_model()))
     saved = []
     for obj in targets:
         own = vars(obj).get("generation_config", _MISSING)  # a wrapper may only forward the attribute
