@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests on the GPU (real Triton, not the interpreter), then
-# bench_loss.py. Logs and results go to $OUT (default benchmarks/results). Optional wheels for
+# bench_loss.py, then (when TRL is installed) bench_trl.py's GPU preset. Logs and results go to $OUT (default benchmarks/results). Optional wheels for
 # the baselines (liger-kernel, cut-cross-entropy) are installed from .whl/ when present.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -14,8 +14,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu_info.txt"
 # fixed kernel tiles in tests: autotuning every tiny test shape would only cost compile time
 AIHF_FAST_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_logprobs.py tests/test_aihf_loss.py tests/test_bad_input.py 2>&1 | tee "$OUT/gpu_tests.log"
+  tests/ops/test_logprobs.py tests/ops/test_aihf_loss.py tests/ops/test_bad_input.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-340}" python3 benchmarks/bench_loss.py --time-budget "${BENCH_BUDGET:-300}" \
   --out "$OUT/bench_loss_${GPU_TAG:-gpu}.json" 2>&1 | tee "$OUT/bench_loss_${GPU_TAG:-gpu}.log"
 echo "bench exit: ${PIPESTATUS[0]}"
+if python3 -c "import trl" 2>/dev/null; then
+  timeout "${TRL_TIMEOUT:-300}" python3 benchmarks/bench_trl.py --preset gpu-1b --rounds 1 \
+    --out "$OUT/bench_trl_${GPU_TAG:-gpu}.json" 2>&1 | tee "$OUT/bench_trl_${GPU_TAG:-gpu}.log"
+  echo "bench_trl exit: ${PIPESTATUS[0]}"
+fi
