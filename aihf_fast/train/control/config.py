@@ -54,6 +54,13 @@ class ControlConfig:
     rl_reward: str = field(default="sigmoid", metadata={"help": "what PPO maximises of r_theta: sigmoid (positive, so "
                            "that ending an episode early never pays; the usual fix for IRL's termination bias) | raw"})
     rlhf_reward_steps: int = field(default=2000, metadata={"help": "rlhf: reward-model steps before RL"})
+    reward_holdout: float = field(default=0.0, metadata={
+        "help": "fraction of the preference pairs held out of the reward steps (the last of the budget, at least "
+                "one): their likelihood and accuracy under r_theta are logged at each evaluation, and rlhf's "
+                "reward fit stops early on them (0: none)"})
+    rlhf_patience: int = field(default=5, metadata={
+        "help": "rlhf with reward_holdout: stop the reward fit after this many checks (every 50 steps) without a "
+                "better held-out pair likelihood, keeping the best parameters"})
     bc_steps: int = field(default=2000, metadata={"help": "bc, and bc_init: behaviour-cloning steps"})
     bc_init: bool = field(default=False, metadata={"help": "rlhf/irl/aihf: start the actor from BC on the demonstrations"})
     # evaluation, logging, checkpoints
@@ -107,6 +114,10 @@ def validate(cfg: ControlConfig) -> None:
         if cfg.w_D == 0 or cfg.w_P == 0:
             raise ConfigError("reward_lr_P gives the preference term a step size of its own: it needs both terms "
                               f"(w_D > 0 and w_P > 0), got w_D={cfg.w_D}, w_P={cfg.w_P}")
+    if not 0 <= cfg.reward_holdout < 1:
+        raise ConfigError(f"reward_holdout must be in [0, 1), got {cfg.reward_holdout}")
+    if cfg.rlhf_patience < 1:
+        raise ConfigError(f"rlhf_patience must be >= 1, got {cfg.rlhf_patience}")
     if cfg.reward_replay < 0:
         raise ConfigError(f"reward_replay must be >= 0, got {cfg.reward_replay}")
     if cfg.reward_replay and not (cfg.method == "irl" or (cfg.method == "aihf" and cfg.w_D > 0)):

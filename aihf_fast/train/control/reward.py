@@ -6,7 +6,7 @@ Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every meth
 
     L(theta) = w_D * (mean_{(s,a) ~ policy samples} r(s, a) - mean_{(s,a) ~ demonstrations} r(s, a))
              + w_P * mean_k -log sigmoid(R(seg_w_k) - R(seg_l_k))          R(seg) = sum_t r(s_t, a_t)
-             + l2 * mean r^2 over the demonstration and sample state-actions
+             + l2 * mean r^2 over every state-action the step reads (demonstrations, samples, segments)
 
     irl   w_P = 0   maximum-likelihood IRL: demonstrations up, current-policy samples down
     rlhf  w_D = 0   a Bradley-Terry reward model on the segment preferences
@@ -14,7 +14,8 @@ Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every meth
 
 The demonstration term is linear in r, so without a bound it runs off: the output clip and the
 small l2 term keep the scale (the policy only sees r through RL, where the scale sets the
-effective entropy temperature).
+effective entropy temperature). The l2 term covers the preference segments too, so that a
+Bradley-Terry reward model on few pairs (rlhf) is regularised like the others.
 """
 from __future__ import annotations
 
@@ -111,7 +112,9 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         metrics.update({"reward/demo": r_demo.mean().detach(), "reward/samples": r_samp.mean().detach(),
                         "loss/demo": term.detach()})
     if w_P > 0:
-        R = segment_returns(model, pairs)
+        r_seg = model(pairs.obs, pairs.act, pairs.next_obs if model.use_next_obs else None)  # (K, 2, L)
+        R = r_seg.sum(-1)
+        rs.append(r_seg)
         first = torch.as_tensor(pairs.first_preferred, dtype=torch.bool)
         h = torch.where(first, R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])  # R(preferred) - R(other)
         term = comparison_losses(h, 1.0, "sigmoid").mean()

@@ -38,7 +38,7 @@ from ..runs import check_resume_options, guard_output_dir, start_log, write_conf
 from .config import ControlConfig, validate
 from .data import SegmentPairs, Trajectories
 from .ppo import PPO, PPOConfig, evaluate
-from .reward import RewardModel, reward_step_loss
+from .reward import RewardModel, reward_step_loss, segment_returns
 
 
 def behaviour_clone(agent: PPO, demos: Trajectories, steps: int, batch: int = 256, lr: float = 1e-3,
@@ -98,6 +98,14 @@ class Trainer:
             if cfg.num_pairs > len(self.prefs):
                 raise ConfigError(f"num_pairs={cfg.num_pairs} but {cfg.preferences!r} holds {len(self.prefs)} pairs")
             self.prefs = self.prefs.subset(cfg.num_pairs)
+        self.heldout = None
+        if self.prefs is not None and cfg.reward_holdout > 0 and len(self.prefs):
+            n = len(self.prefs)
+            k = max(1, round(cfg.reward_holdout * n))
+            if k >= n:
+                raise ConfigError(f"reward_holdout={cfg.reward_holdout} of {n} pairs leaves none to train on")
+            self.heldout = self.prefs.take(np.arange(n - k, n))
+            self.prefs = self.prefs.subset(n - k)
         if cfg.method in ("rlhf",) and len(self.prefs) == 0:
             raise ConfigError("rlhf needs at least one preference pair (num_pairs > 0)")
         self.w_D, self.w_P = {"irl": (1.0, 0.0), "rlhf": (0.0, 1.0)}.get(cfg.method, (cfg.w_D, cfg.w_P))
@@ -167,6 +175,39 @@ class Trainer:
         self._update(loss_P, "P")
         return {**m, **m_P, "loss": m["loss"] + m_P["loss"]}
 
+    @torch.no_grad()
+    def _heldout_metrics(self) -> dict:
+        """Bradley-Terry NLL and accuracy of r_theta on the held-out pairs."""
+        R = segment_returns(self.reward, self.heldout)
+        first = torch.as_tensor(self.heldout.first_preferred, dtype=torch.bool)
+        h = torch.where(first, R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])
+        return {"reward/heldout_nll": float(torch.nn.functional.softplus(-h).mean()),
+                "reward/heldout_accuracy": float((h > 0).float().mean())}
+
+    def _fit_rlhf_reward(self) -> dict:
+        """rlhf's reward model before RL: ``rlhf_reward_steps`` steps; with held-out pairs, checked
+        every 50 steps, stopped after ``rlhf_patience`` checks without a better held-out likelihood,
+        and the best parameters kept."""
+        cfg = self.cfg
+        best, best_state, best_step, bad, m = float("inf"), None, 0, 0, {}
+        for step in range(1, cfg.rlhf_reward_steps + 1):
+            m = self._reward_step()
+            if self.heldout is None or (step % 50 and step != cfg.rlhf_reward_steps):
+                continue
+            nll = self._heldout_metrics()["reward/heldout_nll"]
+            if nll < best:
+                best, best_step, bad = nll, step, 0
+                best_state = {k: v.clone() for k, v in self.reward.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.rlhf_patience:
+                    break
+        out = {f"rlhf/{k}": float(v) for k, v in m.items()}
+        if best_state is not None:
+            self.reward.load_state_dict(best_state)
+            out.update({"rlhf/steps": step, "rlhf/best_step": best_step, "rlhf/heldout_nll": best})
+        return out
+
     def _update(self, loss, term=None):
         if term is not None:
             self.ropt.term = term
@@ -200,8 +241,11 @@ class Trainer:
     def evaluate(self) -> dict:
         ret = evaluate(self.eval_envs, self.agent.policy(deterministic=True), self.cfg.eval_episodes, self.max_steps,
                        seed=10_000 + self.cfg.seed)
-        return {"iter": self.it, "env_steps": self.agent.env_steps, "eval/return": float(ret.mean()),
-                "eval/return_std": float(ret.std()), "eval/episodes": len(ret)}
+        rec = {"iter": self.it, "env_steps": self.agent.env_steps, "eval/return": float(ret.mean()),
+               "eval/return_std": float(ret.std()), "eval/episodes": len(ret)}
+        if self.reward is not None and self.heldout is not None:
+            rec.update(self._heldout_metrics())
+        return rec
 
     def _log(self, rec):
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -215,7 +259,8 @@ class Trainer:
                   ropt=self.ropt.state_dict() if self.reward is not None else None, replay=self.replay,
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
-                                                         "reward_lr", "reward_lr_P", "reward_replay")})
+                                                         "reward_lr", "reward_lr_P", "reward_replay",
+                                                         "reward_holdout")})
         tmp = self.ckpt + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(st, f)
@@ -370,9 +415,7 @@ class Trainer:
             if cfg.method == "bc" or cfg.bc_init:
                 pre["bc/nll"] = behaviour_clone(self.agent, self.demos, cfg.bc_steps, seed=cfg.seed)
             if cfg.method == "rlhf":
-                for _ in range(cfg.rlhf_reward_steps):
-                    m = self._reward_step()
-                pre.update({f"rlhf/{k}": float(v) for k, v in m.items()} if cfg.rlhf_reward_steps else {})
+                pre.update(self._fit_rlhf_reward())
             self.learn_s += time.time() - t0
             ev = self.evaluate()
             self._log({**ev, **pre})
