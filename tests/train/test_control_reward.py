@@ -92,9 +92,9 @@ def test_loss_is_the_formula_and_methods_are_weights():
     rd, rs = r(*demo), r(*samp)
     R = r(seg.obs, seg.act).sum(-1)
     h = torch.where(torch.as_tensor(seg.first_preferred), R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])
-    r_seg = r(seg.obs, seg.act).reshape(-1)  # the l2 term covers every state-action read, segments too
+    r_seg = r(seg.obs, seg.act).reshape(-1)  # the l2 term covers the segments too, with a mean of its own
     want = (w_D * (rs.mean() - rd.mean()) + w_P * (-F.logsigmoid(h)).mean()
-            + l2 * torch.cat([rd, rs, r_seg]).pow(2).mean())
+            + l2 * (torch.cat([rd, rs]).pow(2).mean() + r_seg.pow(2).mean()))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     params = list(m.parameters())  # gradients too, against autograd of the hand formula
     for got, ref in zip(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)):

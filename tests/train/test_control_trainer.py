@@ -215,10 +215,11 @@ def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     (["--method", "irl", "--demonstrations", "DEMOS", "--reward-lr-P", "1e-4"], "reward_lr_P is an option of method 'aihf'"),
     (["--method", "aihf", "--demonstrations", "DEMOS", "--w-P", "0", "--reward-lr-P", "1e-4"], "it needs both terms"),
     (["--method", "rlhf", "--preferences", "PREFS", "--reward-replay", "100"], "reward_replay keeps policy samples"),
-    (["--method", "rlhf", "--preferences", "PREFS", "--reward-holdout", "1"], "reward_holdout must be in [0, 1)"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--heldout-pairs", "-1"], "heldout_pairs must be >= 0"),
     (["--method", "rlhf", "--preferences", "PREFS", "--rlhf-patience", "0"], "rlhf_patience must be >= 1"),
-    (["--method", "rlhf", "--preferences", "PREFS", "--num-pairs", "1", "--reward-holdout", "0.5"],
-     "leaves none to train on"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--heldout-pairs", "60"], "none would be left to train on"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--heldout-pairs", "20", "--num-pairs", "50"],
+     "(20 more held out)"),
 ])
 def test_bad_config_fails_early(data, tmp_path, capsys, flags, msg):
     d = data[0]
@@ -306,7 +307,7 @@ def test_two_reward_rates_and_replay(data, tmp_path):
     samples = (batch["obs"].reshape(T * N, -1)[j], batch["actions"].reshape(T * N, -1)[j])
     pairs = tr.prefs.take(rng.integers(len(tr.prefs), size=min(64, len(tr.prefs))))
     for lr, kw in ((1e-3, dict(demo=demo, samples=samples, w_D=1.0, w_P=0.0, l2=1e-3)),
-                   (2e-4, dict(pairs=pairs, w_D=0.0, w_P=1.0))):
+                   (2e-4, dict(pairs=pairs, w_D=0.0, w_P=1.0, l2=1e-3))):
         opt = torch.optim.Adam(ref.parameters(), lr=lr)
         loss, _ = reward_step_loss(ref, **kw)
         opt.zero_grad()
@@ -404,20 +405,26 @@ def test_ppo_update_equals_the_plain_loop():
 
 
 def test_rlhf_reward_fit_stops_early_on_held_out_pairs(data, tmp_path):
-    """reward_holdout: the last pairs are held out of the reward steps; rlhf's fit stops after
-    rlhf_patience checks without a better held-out likelihood and keeps the best parameters (the
-    first evaluation, after the fit, reads the logged best likelihood); aihf logs them too."""
+    """heldout_pairs: the file's last pairs are never trained on, the same set for every budget;
+    rlhf's fit stops after rlhf_patience checks without a better held-out likelihood and keeps the
+    best parameters (the first evaluation, after the fit, reads the logged best likelihood); aihf
+    logs them too."""
     d = data[0]
     base = dict(task=TASK, demonstrations=os.path.join(d, "demos.npz"), preferences=os.path.join(d, "prefs.npz"),
                 num_envs=4, rollout_steps=32, eval_every=1, eval_episodes=2, env_steps=4 * 32, progress=False,
-                reward_holdout=0.25)
+                heldout_pairs=15)
     train(ControlConfig(**base, method="rlhf", rlhf_reward_steps=3000, rlhf_patience=1, reward_lr=3e-3,
                         output_dir=str(tmp_path / "rlhf")))
     logs = [json.loads(x) for x in open(tmp_path / "rlhf" / "log.jsonl")]
     first = logs[0]
-    assert 50 <= first["rlhf/best_step"] < first["rlhf/steps"] < 3000  # stopped early, the best kept
+    assert 0 <= first["rlhf/best_step"] < first["rlhf/steps"] < 3000  # stopped early, the best kept
     assert first["rlhf/heldout_nll"] == pytest.approx(first["reward/heldout_nll"], rel=1e-6)
     assert 0 <= first["reward/heldout_accuracy"] <= 1
     train(ControlConfig(**base, method="aihf", output_dir=str(tmp_path / "aihf")))
     logs = [json.loads(x) for x in open(tmp_path / "aihf" / "log.jsonl")]
     assert all("reward/heldout_nll" in r for r in logs if "eval/return" in r)
+    from aihf_fast.train.control.trainer import Trainer
+
+    sets = [Trainer(ControlConfig(**base, method="rlhf", num_pairs=n, output_dir=str(tmp_path / f"n{n}"))).heldout
+            for n in (10, 40)]
+    assert np.array_equal(sets[0].obs, sets[1].obs) and len(sets[0]) == 15  # outside every budget

@@ -48,19 +48,19 @@ class ControlConfig:
     reward_steps: int = field(default=5, metadata={"help": "irl/aihf: reward steps per PPO iteration"})
     reward_batch: int = field(default=256, metadata={"help": "state-actions per term per reward step"})
     pair_batch: int = field(default=64, metadata={"help": "preference pairs per reward step"})
-    reward_l2: float = field(default=1e-3, metadata={"help": "l2 penalty on reward values (mean r^2) of the demonstration/sample terms"})
+    reward_l2: float = field(default=1e-3, metadata={"help": "l2 penalty on reward values: l2 * mean r^2 of the demonstration/sample state-actions, plus l2 * mean r^2 of the preference segments' state-actions"})
     reward_clip: float = field(default=10.0, metadata={"help": "reward model output clipped to [-clip, clip]"})
     reward_next_obs: bool = field(default=False, metadata={"help": "r(s, a, s') instead of r(s, a)"})
     rl_reward: str = field(default="sigmoid", metadata={"help": "what PPO maximises of r_theta: sigmoid (positive, so "
                            "that ending an episode early never pays; the usual fix for IRL's termination bias) | raw"})
     rlhf_reward_steps: int = field(default=2000, metadata={"help": "rlhf: reward-model steps before RL"})
-    reward_holdout: float = field(default=0.0, metadata={
-        "help": "fraction of the preference pairs held out of the reward steps (the last of the budget, at least "
-                "one): their likelihood and accuracy under r_theta are logged at each evaluation, and rlhf's "
-                "reward fit stops early on them (0: none)"})
+    heldout_pairs: int = field(default=0, metadata={
+        "help": "the last N pairs of the preferences file, never trained on and outside every num_pairs budget "
+                "(the same set for every budget): their likelihood and accuracy under r_theta are logged at each "
+                "evaluation, and rlhf's reward fit stops early on them (0: none)"})
     rlhf_patience: int = field(default=5, metadata={
-        "help": "rlhf with reward_holdout: stop the reward fit after this many checks (every 50 steps) without a "
-                "better held-out pair likelihood, keeping the best parameters"})
+        "help": "rlhf with heldout_pairs: stop the reward fit after this many checks (at step 0, every 50 steps, "
+                "the last) without a better held-out pair likelihood, keeping the best parameters"})
     bc_steps: int = field(default=2000, metadata={"help": "bc, and bc_init: behaviour-cloning steps"})
     bc_init: bool = field(default=False, metadata={"help": "rlhf/irl/aihf: start the actor from BC on the demonstrations"})
     # evaluation, logging, checkpoints
@@ -114,8 +114,8 @@ def validate(cfg: ControlConfig) -> None:
         if cfg.w_D == 0 or cfg.w_P == 0:
             raise ConfigError("reward_lr_P gives the preference term a step size of its own: it needs both terms "
                               f"(w_D > 0 and w_P > 0), got w_D={cfg.w_D}, w_P={cfg.w_P}")
-    if not 0 <= cfg.reward_holdout < 1:
-        raise ConfigError(f"reward_holdout must be in [0, 1), got {cfg.reward_holdout}")
+    if cfg.heldout_pairs < 0:
+        raise ConfigError(f"heldout_pairs must be >= 0, got {cfg.heldout_pairs}")
     if cfg.rlhf_patience < 1:
         raise ConfigError(f"rlhf_patience must be >= 1, got {cfg.rlhf_patience}")
     if cfg.reward_replay < 0:

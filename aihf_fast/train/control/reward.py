@@ -6,7 +6,8 @@ Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every meth
 
     L(theta) = w_D * (mean_{(s,a) ~ policy samples} r(s, a) - mean_{(s,a) ~ demonstrations} r(s, a))
              + w_P * mean_k -log sigmoid(R(seg_w_k) - R(seg_l_k))          R(seg) = sum_t r(s_t, a_t)
-             + l2 * mean r^2 over every state-action the step reads (demonstrations, samples, segments)
+             + l2 * (mean r^2 over the demonstration and sample state-actions
+                     + mean r^2 over the preference segments' state-actions)     (each term it has)
 
     irl   w_P = 0   maximum-likelihood IRL: demonstrations up, current-policy samples down
     rlhf  w_D = 0   a Bradley-Terry reward model on the segment preferences
@@ -14,7 +15,8 @@ Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every meth
 
 The demonstration term is linear in r, so without a bound it runs off: the output clip and the
 small l2 term keep the scale (the policy only sees r through RL, where the scale sets the
-effective entropy temperature). The l2 term covers the preference segments too, so that a
+effective entropy temperature). The l2 term covers the preference segments too, with a mean of
+its own (the demonstration term's regularisation does not depend on the pair count), so that a
 Bradley-Terry reward model on few pairs (rlhf) is regularised like the others.
 """
 from __future__ import annotations
@@ -121,6 +123,9 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         loss = loss + w_P * term
         metrics.update({"loss/preference": term.detach(), "preference/accuracy": (h > 0).float().mean().detach()})
     if l2 > 0 and rs:
-        loss = loss + l2 * torch.cat([r.reshape(-1) for r in rs]).pow(2).mean()
+        if w_D > 0:
+            loss = loss + l2 * torch.cat([rs[0].reshape(-1), rs[1].reshape(-1)]).pow(2).mean()
+        if w_P > 0:
+            loss = loss + l2 * rs[-1].pow(2).mean()
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -94,18 +94,20 @@ class Trainer:
         self.agent = PPO(D, A, sp.low, sp.high, ppo, seed=cfg.seed)
         self.demos = self._load(Trajectories, cfg.demonstrations, D, A, "demonstrations")
         self.prefs = self._load(SegmentPairs, cfg.preferences, D, A, "preferences")
+        self.heldout = None
+        if cfg.heldout_pairs:
+            n = 0 if self.prefs is None else len(self.prefs)
+            if cfg.heldout_pairs >= n:
+                raise ConfigError(f"heldout_pairs={cfg.heldout_pairs} but {cfg.preferences!r} holds {n} pairs: "
+                                  "none would be left to train on")
+            self.heldout = self.prefs.take(np.arange(n - cfg.heldout_pairs, n))  # the file's last pairs
+            self.prefs = self.prefs.subset(n - cfg.heldout_pairs)
         if self.prefs is not None and cfg.num_pairs is not None:
             if cfg.num_pairs > len(self.prefs):
-                raise ConfigError(f"num_pairs={cfg.num_pairs} but {cfg.preferences!r} holds {len(self.prefs)} pairs")
+                held = f" ({cfg.heldout_pairs} more held out)" if cfg.heldout_pairs else ""
+                raise ConfigError(f"num_pairs={cfg.num_pairs} but {cfg.preferences!r} holds {len(self.prefs)} pairs"
+                                  + held)
             self.prefs = self.prefs.subset(cfg.num_pairs)
-        self.heldout = None
-        if self.prefs is not None and cfg.reward_holdout > 0 and len(self.prefs):
-            n = len(self.prefs)
-            k = max(1, round(cfg.reward_holdout * n))
-            if k >= n:
-                raise ConfigError(f"reward_holdout={cfg.reward_holdout} of {n} pairs leaves none to train on")
-            self.heldout = self.prefs.take(np.arange(n - k, n))
-            self.prefs = self.prefs.subset(n - k)
         if cfg.method in ("rlhf",) and len(self.prefs) == 0:
             raise ConfigError("rlhf needs at least one preference pair (num_pairs > 0)")
         self.w_D, self.w_P = {"irl": (1.0, 0.0), "rlhf": (0.0, 1.0)}.get(cfg.method, (cfg.w_D, cfg.w_P))
@@ -171,7 +173,7 @@ class Trainer:
             return m
         loss_D, m = reward_step_loss(self.reward, demo=demo, samples=samples, w_D=self.w_D, w_P=0.0, l2=cfg.reward_l2)
         self._update(loss_D, "D")
-        loss_P, m_P = reward_step_loss(self.reward, pairs=pairs, w_D=0.0, w_P=self.w_P)
+        loss_P, m_P = reward_step_loss(self.reward, pairs=pairs, w_D=0.0, w_P=self.w_P, l2=cfg.reward_l2)
         self._update(loss_P, "P")
         return {**m, **m_P, "loss": m["loss"] + m_P["loss"]}
 
@@ -186,26 +188,32 @@ class Trainer:
 
     def _fit_rlhf_reward(self) -> dict:
         """rlhf's reward model before RL: ``rlhf_reward_steps`` steps; with held-out pairs, checked
-        every 50 steps, stopped after ``rlhf_patience`` checks without a better held-out likelihood,
-        and the best parameters kept."""
+        at step 0, every 50 steps and at the last, stopped after ``rlhf_patience`` checks without a
+        better held-out likelihood, and the best parameters kept (the untrained model included).
+        Logs the kept model's loss and accuracy on all its training pairs."""
         cfg = self.cfg
-        best, best_state, best_step, bad, m = float("inf"), None, 0, 0, {}
-        for step in range(1, cfg.rlhf_reward_steps + 1):
-            m = self._reward_step()
-            if self.heldout is None or (step % 50 and step != cfg.rlhf_reward_steps):
-                continue
-            nll = self._heldout_metrics()["reward/heldout_nll"]
-            if nll < best:
-                best, best_step, bad = nll, step, 0
-                best_state = {k: v.clone() for k, v in self.reward.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= cfg.rlhf_patience:
-                    break
-        out = {f"rlhf/{k}": float(v) for k, v in m.items()}
+        best, best_state, best_step, bad, step = float("inf"), None, 0, 0, 0
+        while True:
+            if self.heldout is not None and (step % 50 == 0 or step == cfg.rlhf_reward_steps):
+                nll = self._heldout_metrics()["reward/heldout_nll"]
+                if nll < best:
+                    best, best_step, bad = nll, step, 0
+                    best_state = {k: v.clone() for k, v in self.reward.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= cfg.rlhf_patience:
+                        break
+            if step == cfg.rlhf_reward_steps:
+                break
+            self._reward_step()
+            step += 1
+        out = {}
         if best_state is not None:
             self.reward.load_state_dict(best_state)
             out.update({"rlhf/steps": step, "rlhf/best_step": best_step, "rlhf/heldout_nll": best})
+        with torch.no_grad():
+            _, m = reward_step_loss(self.reward, pairs=self.prefs, w_D=0.0, w_P=1.0, l2=cfg.reward_l2)
+        out.update({f"rlhf/{k}": float(v) for k, v in m.items()})
         return out
 
     def _update(self, loss, term=None):
@@ -260,7 +268,7 @@ class Trainer:
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
                                                          "reward_lr", "reward_lr_P", "reward_replay",
-                                                         "reward_holdout")})
+                                                         "heldout_pairs")})
         tmp = self.ckpt + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(st, f)
