@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit, versions  # noqa: E402
+from common import child_result, commit, print_result, versions, write_report  # noqa: E402
 
 TASKS = ("Hopper-v5", "HalfCheetah-v5")
 METHODS = ("expert", "aihf")
@@ -94,7 +94,7 @@ def main(argv=None):
         task, method, data = a._child
         with tempfile.TemporaryDirectory() as tmp:
             row = run_one(task, method, data, a.env_steps, tmp)
-        print("RESULT " + json.dumps(row), flush=True)
+        print_result(row)
         return row
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench_control_learner_"))
@@ -127,11 +127,10 @@ def main(argv=None):
                             env["PYTHONPATH"] = str(tree)
                         cmd = [sys.executable, str(Path(__file__)), "--env-steps", str(a.env_steps), "--_child", task,
                                method, data[task]]
-                        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(work))
-                        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-                        if not line:
-                            raise RuntimeError(f"{name} {task} {method} failed:\n{r.stderr[-2000:]}")
-                        row = dict(json.loads(line[-1][7:]), tree=name)
+                        row, err = child_result(cmd, env=env, cwd=str(work))
+                        if row is None:
+                            raise RuntimeError(f"{name} {task} {method} failed:\n{err[-2000:]}")
+                        row = dict(row, tree=name)
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     finally:
@@ -162,10 +161,7 @@ def main(argv=None):
                   rounds=a.rounds, versions=versions(), wall_s=round(time.time() - t_start, 1), results=rows,
                   summary=summary)
     out = a.out or str(ROOT / "benchmarks" / "results" / "bench_control_learner_cpu.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

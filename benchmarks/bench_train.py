@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit, versions  # noqa: E402
+from common import child_result, commit, print_result, versions, write_report  # noqa: E402
 
 PRESETS = {
     # CPU: small model, vocabulary of a real tokenizer, 2k tokens per micro-batch
@@ -273,7 +272,7 @@ def main(argv=None):
             row = (run_one_rl if a.step == "rl" else run_one)(a._child, p, a.device, a.steps, a.warmup)
         except torch.OutOfMemoryError as e:
             row = dict(provider=a._child, status=f"oom: {str(e)[:200]}")
-        print("RESULT " + json.dumps(row), flush=True)
+        print_result(row)
         return row
     rows = {}
     for prov in [q for _ in range(a.rounds) for q in a.providers.split(",")]:
@@ -281,9 +280,8 @@ def main(argv=None):
                "--warmup", str(a.warmup), "--preset", preset, "--step", a.step]
         for k, v in p.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(line[-1][7:]) if line else dict(provider=prov, status=f"failed: {r.stderr[-500:]}")
+        row, err = child_result(cmd)
+        row = row or dict(provider=prov, status=f"failed: {err[-500:]}")
         print(json.dumps(row), flush=True)
         old = rows.get(prov)
         if old is None or old.get("status") != "ok" or (row.get("status") == "ok" and row["step_s_median"] < old["step_s_median"]):
@@ -313,10 +311,7 @@ def main(argv=None):
                   results=rows, ratios=ratios)
     tail = "_rl" if a.step == "rl" else ""
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}{tail}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

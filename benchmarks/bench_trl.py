@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit, versions  # noqa: E402
+from common import child_result, commit, print_result, versions, write_report  # noqa: E402
 
 PRESETS = {
     "cpu-small": dict(vocab=32000, hidden=256, layers=2, heads=4, kv_heads=4, inter=688, seq=256, prompt=32,
@@ -167,7 +166,7 @@ def main(argv=None):
             row = run_one(a._child, p, a.device, a.steps, a.warmup)
         except torch.OutOfMemoryError as e:
             row = dict(provider=a._child, status=f"oom: {str(e)[:200]}")
-        print("RESULT " + json.dumps(row), flush=True)
+        print_result(row)
         return row
     rows, t_start = {}, time.time()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TQDM_DISABLE="1")
@@ -176,9 +175,8 @@ def main(argv=None):
                "--warmup", str(a.warmup), "--preset", preset]
         for k, v in p.items():
             cmd += [f"--{k}", str(v)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(line[-1][7:]) if line else dict(provider=prov, status=f"failed: {r.stderr[-800:]}")
+        row, err = child_result(cmd, env=env)
+        row = row or dict(provider=prov, status=f"failed: {err[-800:]}")
         print(json.dumps(row), flush=True)
         old = rows.get(prov)
         if old is None or old.get("status") != "ok" or (row.get("status") == "ok"
@@ -201,10 +199,7 @@ def main(argv=None):
                   commit=commit(), wall_s=round(time.time() - t_start, 1), results=list(rows.values()),
                   ratios=ratios)
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_trl_{report['device_type']}_{preset}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

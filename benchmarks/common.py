@@ -79,6 +79,28 @@ def cpu_name() -> str:
     return f"cpu ({model}, {cores} cores)"
 
 
+def print_result(row: dict) -> None:
+    """A child process's result, for ``child_result`` in its parent."""
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def child_result(cmd: list, **kw) -> tuple[dict | None, str]:
+    """Run ``cmd`` (``subprocess.run`` keywords: env, cwd) -> (the last row it printed with
+    ``print_result``, or None; its stderr)."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    return (json.loads(lines[-1][len("RESULT "):]) if lines else None), r.stderr
+
+
+def write_report(report: dict, out: str) -> str:
+    """``report`` as indented JSON at ``out`` (its folder made), said on stdout."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+    return out
+
+
 def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
     """Run ``fn(job, *fn_args) -> record`` for every job (dicts with ``key``, ``deps``: keys that
     must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is
