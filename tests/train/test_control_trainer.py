@@ -220,6 +220,14 @@ def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     (["--method", "rlhf", "--preferences", "PREFS", "--heldout-pairs", "60"], "none would be left to train on"),
     (["--method", "rlhf", "--preferences", "PREFS", "--heldout-pairs", "20", "--num-pairs", "50"],
      "(20 more held out)"),
+    (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "end"], "termination must be one of"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--termination", "absorbing"],
+     "methods irl and aihf (w_D > 0) only, got method 'rlhf'"),
+    (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "absorbing", "--reward-replay", "100"],
+     "does not combine with reward_replay"),
+    (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "horizon"],
+     "InvertedPendulum-v5 ends episodes without a terminate_when_unhealthy option"),
+    (["--method", "bc", "--demonstrations", "DEMOS", "--termination", "horizon"], "method 'bc' has none"),
 ])
 def test_bad_config_fails_early(data, tmp_path, capsys, flags, msg):
     d = data[0]
@@ -428,3 +436,116 @@ def test_rlhf_reward_fit_stops_early_on_held_out_pairs(data, tmp_path):
     sets = [Trainer(ControlConfig(**base, method="rlhf", num_pairs=n, output_dir=str(tmp_path / f"n{n}"))).heldout
             for n in (10, 40)]
     assert np.array_equal(sets[0].obs, sets[1].obs) and len(sets[0]) == 15  # outside every budget
+
+
+def test_absorbing_termination(data, tmp_path):
+    """termination='absorbing' (irl): the demonstrations' and each batch's shares of absorbing
+    visits enter the reward step, which learns r_abs; PPO gets r_theta - r_abs; resume is exact."""
+    d = data[0]
+    base = dict(task=TASK, method="irl", demonstrations=os.path.join(d, "demos.npz"), termination="absorbing",
+                rl_reward="raw", num_envs=4, rollout_steps=64, eval_every=2, save_every=2, eval_episodes=2,
+                progress=False)
+    full = train(ControlConfig(**base, env_steps=4 * 4 * 64, output_dir=str(tmp_path / "full")))
+    train(ControlConfig(**base, env_steps=2 * 4 * 64, output_dir=str(tmp_path / "part")))
+    train(ControlConfig(**base, env_steps=4 * 4 * 64, output_dir=str(tmp_path / "part"), resume=True))
+    a = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "part" / "log.jsonl")]
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    steps = [r for r in a if "reward_step/loss" in r]
+    # an untrained policy ends its episodes within tens of steps, the demonstrations far later
+    assert all(r["reward_step/samples_absorbing_share"] > 0.5 for r in steps)
+    assert steps[-1]["reward_step/reward/absorbing"] < steps[0]["reward_step/reward/absorbing"] <= 0
+    assert full["final_return"] > 0 and all("eval/length" in e for e in full["evals"])
+
+    from aihf_fast.train.control.trainer import Trainer
+
+    tr = Trainer(ControlConfig(**base, env_steps=4 * 64, output_dir=str(tmp_path / "t")))
+    with torch.no_grad():
+        tr.reward.absorbing.fill_(-2.0)
+    r_abs = 10 * np.tanh(-0.2)
+    learned = np.array([[0.5, -1.0]])
+    np.testing.assert_allclose(tr._rl_rewards(learned), learned - r_abs, rtol=1e-6)
+    tr.cfg.rl_reward = "sigmoid"
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(tr._rl_rewards(learned), sig(learned) - sig(r_abs), rtol=1e-6)
+    # the demonstrations' share: episodes of t < H steps spend H - t absorbed
+    lengths = np.array([b_ - a_ for a_, b_ in tr.demos.episode_bounds()])
+    want = np.clip(1000 - lengths, 0, None).sum() / (1000 - lengths).clip(0).sum().__add__(lengths.sum())
+    assert tr.demo_absorbing == pytest.approx(want)
+    tr.envs.close()
+    tr.eval_envs.close()
+
+
+def test_batch_absorbing_share_counts_the_rest_of_the_horizon(data, tmp_path):
+    """A termination after t steps of its episode (counted across batches) adds H - t absorbing
+    visits; a truncation adds none and restarts the count."""
+    from aihf_fast.train.control.trainer import Trainer
+
+    d = data[0]
+    tr = Trainer(ControlConfig(task=TASK, method="irl", demonstrations=os.path.join(d, "demos.npz"),
+                               termination="absorbing", num_envs=2, output_dir=str(tmp_path / "t"), progress=False))
+    H = tr.max_steps
+    term, trunc = np.zeros((3, 2), bool), np.zeros((3, 2), bool)
+    term[1, 0] = True   # env 0: ends after 2 steps
+    trunc[0, 1] = True  # env 1: cut after 1 step (no absorbing visits)
+    assert tr._batch_absorbing_share(dict(terminated=term, truncated=trunc)) == pytest.approx((H - 2) / (6 + H - 2))
+    term2 = np.zeros((3, 2), bool)
+    term2[0, 1] = True  # env 1: its episode restarted at step 1 of the first batch: 2 + 1 = 3 steps
+    share = tr._batch_absorbing_share(dict(terminated=term2, truncated=np.zeros((3, 2), bool)))
+    assert share == pytest.approx((H - 3) / (6 + H - 3))
+    tr._reset_envs()
+    assert not tr.elapsed.any()
+    tr.envs.close()
+    tr.eval_envs.close()
+
+
+def test_constant_positive_reward_rewards_survival_unless_measured_from_the_absorbing_state(data, tmp_path):
+    """The termination bias: with a reward that is the same positive constant on every state-action,
+    PPO under the task's terminations learns to prolong its episodes (and to end them with a negative
+    constant); measured from an absorbing state worth the same constant (r - r_abs = 0), the episode
+    length stays on the random policy's scale."""
+    from aihf_fast.train.control.trainer import Trainer
+
+    def lengths(c, termination):
+        tr = Trainer(ControlConfig(task=TASK, method="irl", demonstrations=os.path.join(data[0], "demos.npz"),
+                                   termination=termination, rl_reward="raw", num_envs=8, seed=1,
+                                   output_dir=str(tmp_path / f"{c}{termination}"), progress=False))
+        with torch.no_grad():  # r_theta = c on every state-action, r_abs = c
+            tr.reward.net[-1].weight.zero_()
+            tr.reward.net[-1].bias.fill_(float(np.arctanh(c / 10) * 10))
+            if tr.reward.absorbing is not None:
+                tr.reward.absorbing.fill_(float(np.arctanh(c / 10) * 10))
+        tr._reset_envs()
+        out = []
+        for it in range(12):
+            batch = tr.agent.collect(tr.envs, seed=it)
+            out.append(batch["rewards"].size / max(int(batch["terminated"].sum()), 1))
+            tr.agent.update(batch, tr._rl_rewards(tr._learned_rewards(batch)))
+        tr.envs.close()
+        tr.eval_envs.close()
+        return out[0], float(np.mean(out[-3:]))
+
+    first, up = lengths(1.0, "env")
+    _, down = lengths(-1.0, "env")
+    _, absorbed = lengths(1.0, "absorbing")
+    assert up > 20 * first and down < 0.7 * first  # the bias, both ways
+    assert first / 3 < absorbed < up / 8
+
+
+def test_horizon_termination_trains_to_the_time_limit(tmp_path):
+    """termination='horizon' (Hopper): the training envs never terminate (terminate_when_unhealthy
+    off), the evaluation envs keep the task's terminations."""
+    from aihf_fast.train.control.trainer import Trainer
+
+    kw = dict(task="Hopper-v5", method="expert", num_envs=4, eval_episodes=4, progress=False)
+    runs = {}
+    for termination in ("env", "horizon"):
+        tr = Trainer(ControlConfig(**kw, termination=termination, output_dir=str(tmp_path / termination)))
+        tr._reset_envs()
+        batch = tr.agent.collect(tr.envs, steps=300, seed=0)
+        runs[termination] = (int(batch["terminated"].sum()), tr.evaluate()["eval/length"])
+        tr.envs.close()
+        tr.eval_envs.close()
+    assert runs["env"][0] > 4 and runs["horizon"][0] == 0  # an untrained hopper falls within ~100 steps
+    assert runs["horizon"][1] == runs["env"][1] < 300

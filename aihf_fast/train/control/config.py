@@ -10,6 +10,23 @@ from ..options import ConfigError
 METHODS = ("expert", "bc", "irl", "rlhf", "aihf")
 NEEDS_DEMOS = ("bc", "irl", "aihf")
 NEEDS_PREFS = ("rlhf",)
+TERMINATIONS = ("env", "absorbing", "horizon")
+# gymnasium MuJoCo tasks whose episodes end only at the time limit
+_NEVER_TERMINATE = ("HalfCheetah", "Swimmer", "Reacher", "Pusher", "HumanoidStandup")
+
+
+def fixed_horizon_options(task: str) -> dict | None:
+    """The env keywords that make ``task``'s episodes run to the time limit ({} if they already
+    do), None when the task terminates without an option to turn it off (InvertedPendulum)."""
+    import inspect
+
+    import gymnasium
+    from gymnasium.envs.registration import load_env_creator
+
+    spec = gymnasium.spec(task)
+    if "terminate_when_unhealthy" in inspect.signature(load_env_creator(spec.entry_point)).parameters:
+        return {"terminate_when_unhealthy": False}
+    return {} if spec.name in _NEVER_TERMINATE else None
 
 
 @dataclass
@@ -53,6 +70,11 @@ class ControlConfig:
     reward_next_obs: bool = field(default=False, metadata={"help": "r(s, a, s') instead of r(s, a)"})
     rl_reward: str = field(default="sigmoid", metadata={"help": "what PPO maximises of r_theta: sigmoid (positive, so "
                            "that ending an episode early never pays; the usual fix for IRL's termination bias) | raw"})
+    termination: str = field(default="env", metadata={
+        "help": "what the end of an episode is worth in training: env (the task's terminations, nothing after) | "
+                "absorbing (irl/aihf: a termination leads to an absorbing state whose reward the reward step "
+                "learns, DAC) | horizon (train with terminate_when_unhealthy=False: every episode runs to the "
+                "time limit; evaluation keeps the task's terminations)"})
     rlhf_reward_steps: int = field(default=2000, metadata={"help": "rlhf: reward-model steps before RL"})
     heldout_pairs: int = field(default=0, metadata={
         "help": "the last N pairs of the preferences file, never trained on and outside every num_pairs budget "
@@ -127,6 +149,21 @@ def validate(cfg: ControlConfig) -> None:
         raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
     if cfg.rl_reward not in ("sigmoid", "raw"):
         raise ConfigError(f"rl_reward must be 'sigmoid' or 'raw', got {cfg.rl_reward!r}")
+    if cfg.termination not in TERMINATIONS:
+        raise ConfigError(f"termination must be one of {TERMINATIONS}, got {cfg.termination!r}")
+    if cfg.termination == "absorbing":
+        if not (cfg.method == "irl" or (cfg.method == "aihf" and cfg.w_D > 0)):
+            raise ConfigError("termination='absorbing' learns the absorbing state's reward in the demonstration "
+                              f"term: methods irl and aihf (w_D > 0) only, got method {cfg.method!r}")
+        if cfg.reward_replay:
+            raise ConfigError("termination='absorbing' does not combine with reward_replay (the replayed samples "
+                              "carry no absorbing-state share); set reward_replay=0")
+    if cfg.termination == "horizon":
+        if cfg.method == "bc":
+            raise ConfigError("termination='horizon' changes the RL environments: method 'bc' has none")
+        if fixed_horizon_options(cfg.task) is None:
+            raise ConfigError(f"termination='horizon': {cfg.task} ends episodes without a "
+                              "terminate_when_unhealthy option to turn off")
     if cfg.learn_threads is not None and cfg.learn_threads < 1:
         raise ConfigError(f"learn_threads must be >= 1 or unset, got {cfg.learn_threads}")
     if cfg.sim_threads is not None and cfg.sim_threads < 1:

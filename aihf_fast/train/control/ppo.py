@@ -235,10 +235,3 @@ class PPO:
         self._ret = None if d["ret"] is None else np.asarray(d["ret"])
         self.env_steps = int(d["env_steps"])
 
-
-def evaluate(envs, policy: MLPPolicy, episodes: int, max_steps: int, seed: int = 0) -> np.ndarray:
-    """True returns (episodes,) of ``policy`` (deterministic: the rollouts' noise is unused) in the
-    batched envs, one episode per env per reset round (``data.first_episodes``)."""
-    from .data import first_episodes
-
-    return first_episodes(envs, policy, episodes, max_steps, seed).episode_returns()

@@ -1,6 +1,8 @@
 """The learned reward r_theta(s, a) of the control methods and its reward step.
 
     r(s, a[, s']) = clip * tanh(mlp(normalise(s), a[, normalise(s')]) / clip)     (clip=None: no clip)
+    r_abs         = clip * tanh(theta_abs / clip)   (absorbing=True: the reward of the absorbing state
+                    that follows a termination, one learned scalar as in DAC, Kostrikov et al. 2019)
 
 Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every method:
 
@@ -18,6 +20,12 @@ small l2 term keep the scale (the policy only sees r through RL, where the scale
 effective entropy temperature). The l2 term covers the preference segments too, with a mean of
 its own (the demonstration term's regularisation does not depend on the pair count), so that a
 Bradley-Terry reward model on few pairs (rlhf) is regularised like the others.
+
+Absorbing state: on a horizon of H steps an episode that terminates after t steps spends its other
+H - t steps in the absorbing state, so a mean over a policy's (or the demonstrations') state-actions
+is (1 - f) * mean over its real ones + f * r_abs, with f the fraction of absorbing visits
+(``demo_absorbing``, ``samples_absorbing``). Ending an episode then earns what r_abs is learned to
+be (demonstrations that end less often than the policy push it down), not 0 by construction.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ class RewardModel(nn.Module):
     output (...,). Observations are normalised by stored mean/std (``fit_normalizer``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple = (256, 256), use_next_obs: bool = False,
-                 clip: float | None = 10.0, activation: str = "relu"):
+                 clip: float | None = 10.0, activation: str = "relu", absorbing: bool = False):
         super().__init__()
         if obs_dim < 1 or act_dim < 1:
             raise ValueError(f"obs_dim and act_dim must be >= 1, got {obs_dim}, {act_dim}")
@@ -51,6 +59,7 @@ class RewardModel(nn.Module):
             if i < len(dims) - 2:
                 layers.append(acts[activation]())
         self.net = nn.Sequential(*layers)
+        self.absorbing = nn.Parameter(torch.zeros(())) if absorbing else None
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
 
@@ -75,8 +84,16 @@ class RewardModel(nn.Module):
             if next_obs.shape != obs.shape:
                 raise ValueError(f"next_obs must have obs's shape {tuple(obs.shape)}, got {tuple(next_obs.shape)}")
             x.append((next_obs - self.obs_mean) / self.obs_std)
-        r = self.net(torch.cat(x, -1)).squeeze(-1)
+        return self._bound(self.net(torch.cat(x, -1)).squeeze(-1))
+
+    def _bound(self, r):
         return r if self.clip is None else self.clip * torch.tanh(r / self.clip)
+
+    def absorbing_reward(self) -> torch.Tensor:
+        """r_abs (0-d float32), the reward of the absorbing state; needs ``absorbing=True``."""
+        if self.absorbing is None:
+            raise ValueError("this reward model has no absorbing state: build it with absorbing=True")
+        return self._bound(self.absorbing)
 
 
 def segment_returns(model: RewardModel, pairs) -> torch.Tensor:
@@ -86,14 +103,17 @@ def segment_returns(model: RewardModel, pairs) -> torch.Tensor:
 
 
 def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: tuple | None = None,
-                     pairs=None, w_D: float = 1.0, w_P: float = 1.0, l2: float = 0.0):
+                     pairs=None, w_D: float = 1.0, w_P: float = 1.0, l2: float = 0.0,
+                     demo_absorbing: float = 0.0, samples_absorbing: float = 0.0):
     """The reward step's loss (module docstring) -> (loss, metrics: a dict of detached 0-d tensors;
     ``float()`` the ones you log, no device sync meanwhile).
 
     demo / samples: (obs (N, obs_dim), act (N, act_dim)[, next_obs]) state-action batches of the
     demonstrations and of the current policy; pairs: a ``SegmentPairs`` (or any object with obs,
     act, next_obs, first_preferred of its shapes), e.g. a minibatch ``pairs.take(idx)``. A term whose weight is
-    0 needs no data; a term with weight > 0 must have it.
+    0 needs no data; a term with weight > 0 must have it. demo_absorbing / samples_absorbing: the
+    fraction f in [0, 1) of the demonstrations' / policy's occupancy spent in the absorbing state
+    (module docstring; > 0 needs a model with ``absorbing=True``).
     """
     if w_D < 0 or w_P < 0 or l2 < 0:
         raise ValueError(f"w_D, w_P and l2 must be >= 0, got {w_D}, {w_P}, {l2}")
@@ -103,15 +123,28 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         raise ValueError("w_P > 0 needs preference pairs")
     if w_D == 0 and w_P == 0:
         raise ValueError("w_D and w_P are both 0: the reward step has nothing to fit")
+    for name, f in (("demo_absorbing", demo_absorbing), ("samples_absorbing", samples_absorbing)):
+        if not 0 <= f < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {f}")
+    absorbing = demo_absorbing > 0 or samples_absorbing > 0
+    if absorbing and model.absorbing is None:
+        raise ValueError("demo_absorbing/samples_absorbing > 0 need a reward model with absorbing=True")
     loss = torch.zeros(())
     metrics = {}
     rs = []
     if w_D > 0:
         r_demo, r_samp = model(*demo), model(*samples)
-        term = r_samp.mean() - r_demo.mean()
+        if absorbing:  # (1 - f) * mean over the real state-actions + f * r_abs
+            r_abs = model.absorbing_reward()
+            m_demo = (1 - demo_absorbing) * r_demo.mean() + demo_absorbing * r_abs
+            m_samp = (1 - samples_absorbing) * r_samp.mean() + samples_absorbing * r_abs
+            metrics["reward/absorbing"] = r_abs.detach()
+        else:
+            m_demo, m_samp = r_demo.mean(), r_samp.mean()
+        term = m_samp - m_demo
         loss = loss + w_D * term
         rs += [r_demo, r_samp]
-        metrics.update({"reward/demo": r_demo.mean().detach(), "reward/samples": r_samp.mean().detach(),
+        metrics.update({"reward/demo": m_demo.detach(), "reward/samples": m_samp.detach(),
                         "loss/demo": term.detach()})
     if w_P > 0:
         r_seg = model(pairs.obs, pairs.act, pairs.next_obs if model.use_next_obs else None)  # (K, 2, L)
@@ -123,7 +156,12 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         loss = loss + w_P * term
         metrics.update({"loss/preference": term.detach(), "preference/accuracy": (h > 0).float().mean().detach()})
     if l2 > 0 and rs:
-        if w_D > 0:
+        if w_D > 0 and absorbing:  # every row stands for (1 - f) of its share, r_abs for the rest
+            n_d, n_s = rs[0].numel(), rs[1].numel()
+            sq = ((1 - demo_absorbing) * rs[0].pow(2).sum() + (1 - samples_absorbing) * rs[1].pow(2).sum()
+                  + (demo_absorbing * n_d + samples_absorbing * n_s) * model.absorbing_reward().pow(2))
+            loss = loss + l2 * sq / (n_d + n_s)
+        elif w_D > 0:
             loss = loss + l2 * torch.cat([rs[0].reshape(-1), rs[1].reshape(-1)]).pow(2).mean()
         if w_P > 0:
             loss = loss + l2 * rs[-1].pow(2).mean()

@@ -11,8 +11,12 @@ five methods.
     aihf    as irl with w_D * (demonstrations vs the fresh batch) + w_P * Bradley-Terry on the
             preference pairs in every reward step: the paper's single loop
 
+termination: env (nothing follows the task's terminations) | absorbing (irl/aihf: a termination
+leads to an absorbing state whose reward the reward step learns; PPO gets r - r_abs) | horizon (the
+training envs run every episode to the time limit; evaluation keeps the task's terminations).
+
 Every evaluation runs the deterministic policy for ``eval_episodes`` episodes in the C++ rollouts
-and logs the true return; every iteration logs the Pearson correlation of r_theta with the true
+and logs the true return and episode length; every iteration logs the Pearson correlation of r_theta with the true
 reward on the batch, and the wall-clock split between simulation (rollouts) and learning.
 Outputs in output_dir: log.jsonl, checkpoint.pt (--resume continues it; the one before it is kept
 as checkpoint.prev.pt, each with a manifest of size and SHA-256, and --resume falls back to the
@@ -35,9 +39,9 @@ from ..optim import TermAdamW
 from ..options import ConfigError
 from ..preemption import Interrupted, StopOnSignal, signal_hook
 from ..runs import check_resume_options, guard_output_dir, start_log, write_config
-from .config import ControlConfig, validate
-from .data import SegmentPairs, Trajectories
-from .ppo import PPO, PPOConfig, evaluate
+from .config import ControlConfig, fixed_horizon_options, validate
+from .data import SegmentPairs, Trajectories, first_episodes
+from .ppo import PPO, PPOConfig
 from .reward import RewardModel, reward_step_loss, segment_returns
 
 
@@ -83,7 +87,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.envs = make_vec(cfg.task, num_envs=cfg.num_envs, num_threads=cfg.sim_threads or min(cfg.num_envs, os.cpu_count() or 1))
+        train_options = fixed_horizon_options(cfg.task) if cfg.termination == "horizon" else {}
+        self.envs = make_vec(cfg.task, num_envs=cfg.num_envs, num_threads=cfg.sim_threads or min(cfg.num_envs, os.cpu_count() or 1),
+                             **train_options)
         self.eval_envs = make_vec(cfg.task, num_envs=min(cfg.eval_episodes, 16), num_threads=1)
         self.max_steps = self.envs.spec.max_episode_steps or 1000
         D, A = self.envs.single_observation_space.shape[0], self.envs.single_action_space.shape[0]
@@ -120,7 +126,8 @@ class Trainer:
                   "reward_lr_P unused", flush=True)
         if cfg.uses_reward_model:
             self.reward = RewardModel(D, A, hidden=(cfg.reward_hidden, cfg.reward_hidden),
-                                      use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip)
+                                      use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip,
+                                      absorbing=cfg.termination == "absorbing")
             ref = self.demos.obs if self.demos is not None and len(self.demos) else self.prefs.obs.reshape(-1, D)
             self.reward.fit_normalizer(ref)
             if self._two_rates:  # Adam per term (TermAdamW without decay is Adam)
@@ -130,6 +137,10 @@ class Trainer:
                 self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
         # policy state-actions of earlier iterations (reward_replay > 0), newest last
         self.replay = None
+        # termination='absorbing': the demonstrations' share of absorbing visits on the horizon, the
+        # steps each training env's episode has run (reset with the envs)
+        self.demo_absorbing = self._absorbing_share(self.demos) if cfg.termination == "absorbing" else 0.0
+        self.elapsed = np.zeros(cfg.num_envs, np.int64)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.it = 0
         self.iterations = cfg.env_steps // (cfg.num_envs * cfg.rollout_steps) if cfg.method != "bc" else 0
@@ -147,8 +158,32 @@ class Trainer:
             raise ConfigError(f"{name} {path!r} is empty")
         return data
 
+    # ------------------------------------------------------------------ absorbing state
+    def _absorbing_share(self, demos: Trajectories) -> float:
+        """f = absorbing visits / all visits of the demonstrations on the horizon H: an episode of
+        t < H steps ended by termination and spends H - t steps absorbed."""
+        lengths = np.array([b - a for a, b in demos.episode_bounds()])
+        absorbed = np.clip(self.max_steps - lengths, 0, None).sum()
+        return float(absorbed / (lengths.sum() + absorbed))
+
+    def _batch_absorbing_share(self, batch) -> float:
+        """f of a rollout batch: each termination after t steps of its episode adds H - t absorbing
+        visits; ``self.elapsed`` carries the running episodes over to the next batch."""
+        term, done = batch["terminated"], batch["terminated"] | batch["truncated"]
+        absorbed = 0
+        for t in range(len(term)):
+            self.elapsed += 1
+            absorbed += int(np.clip(self.max_steps - self.elapsed[term[t]], 0, None).sum())
+            self.elapsed[done[t]] = 0
+        return absorbed / (term.size + absorbed)
+
+    def _reset_envs(self):
+        """Seeded reset of the training envs (start, resume, after each evaluation)."""
+        self.envs.reset(seed=self.cfg.seed + 1000 * self.it)
+        self.elapsed[:] = 0
+
     # ------------------------------------------------------------------ pieces
-    def _reward_step(self, batch=None):
+    def _reward_step(self, batch=None, samples_absorbing: float = 0.0):
         """One reward step (``reward_step_loss``); with reward_lr_P two Adam updates, the
         demonstration term then the preference term, each from its own gradient and moments.
         Returns its metrics as 0-d tensors (``float`` the ones logged)."""
@@ -166,12 +201,14 @@ class Trainer:
                 samples = tuple(torch.cat([torch.as_tensor(a), b[k]]) for a, b in zip(samples, self.replay))
         if self.w_P > 0:
             pairs = self.prefs.take(self.rng.integers(len(self.prefs), size=min(cfg.pair_batch, len(self.prefs))))
+        shares = dict(demo_absorbing=self.demo_absorbing, samples_absorbing=samples_absorbing) if self.w_D > 0 else {}
         if not self._two_rates:
             loss, m = reward_step_loss(self.reward, demo=demo, samples=samples, pairs=pairs, w_D=self.w_D, w_P=self.w_P,
-                                       l2=cfg.reward_l2)
+                                       l2=cfg.reward_l2, **shares)
             self._update(loss)
             return m
-        loss_D, m = reward_step_loss(self.reward, demo=demo, samples=samples, w_D=self.w_D, w_P=0.0, l2=cfg.reward_l2)
+        loss_D, m = reward_step_loss(self.reward, demo=demo, samples=samples, w_D=self.w_D, w_P=0.0, l2=cfg.reward_l2,
+                                     **shares)
         self._update(loss_D, "D")
         loss_P, m_P = reward_step_loss(self.reward, pairs=pairs, w_D=0.0, w_P=self.w_P, l2=cfg.reward_l2)
         self._update(loss_P, "P")
@@ -244,13 +281,26 @@ class Trainer:
         return r.double().numpy().reshape(T, N)
 
     def _rl_rewards(self, learned):
-        return 1.0 / (1.0 + np.exp(-learned)) if self.cfg.rl_reward == "sigmoid" else learned
+        """What PPO maximises: r_theta (or sigmoid(r_theta)), minus the absorbing state's with
+        termination='absorbing'. Nothing follows a termination then, and on an infinite horizon
+        that ranks policies exactly as the absorbing state would (a trajectory that ends after t
+        steps and stays absorbed returns sum_{k<t} gamma^k r_k + gamma^t r_abs / (1 - gamma), which
+        is sum_{k<t} gamma^k (r_k - r_abs) plus the same r_abs / (1 - gamma) for every policy),
+        while the critic's values stay on the rewards' scale."""
+        rl = (lambda r: 1.0 / (1.0 + np.exp(-r))) if self.cfg.rl_reward == "sigmoid" else (lambda r: r)  # noqa: E731
+        if self.cfg.termination != "absorbing":
+            return rl(learned)
+        with torch.no_grad():
+            r_abs = float(self.reward.absorbing_reward())
+        return rl(learned) - rl(r_abs)
 
     def evaluate(self) -> dict:
-        ret = evaluate(self.eval_envs, self.agent.policy(deterministic=True), self.cfg.eval_episodes, self.max_steps,
-                       seed=10_000 + self.cfg.seed)
+        eps = first_episodes(self.eval_envs, self.agent.policy(deterministic=True), self.cfg.eval_episodes,
+                             self.max_steps, seed=10_000 + self.cfg.seed)
+        ret = eps.episode_returns()
+        length = np.array([b - a for a, b in eps.episode_bounds()])
         rec = {"iter": self.it, "env_steps": self.agent.env_steps, "eval/return": float(ret.mean()),
-               "eval/return_std": float(ret.std()), "eval/episodes": len(ret)}
+               "eval/return_std": float(ret.std()), "eval/episodes": len(ret), "eval/length": float(length.mean())}
         if self.reward is not None and self.heldout is not None:
             rec.update(self._heldout_metrics())
         return rec
@@ -268,7 +318,7 @@ class Trainer:
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
                                                          "reward_lr", "reward_lr_P", "reward_replay",
-                                                         "heldout_pairs")})
+                                                         "heldout_pairs", "termination", "rl_reward")})
         tmp = self.ckpt + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(st, f)
@@ -354,9 +404,12 @@ class Trainer:
             t1 = time.time()
             rec = {"iter": self.it + 1, "env_steps": self.agent.env_steps}
             if cfg.method in ("irl", "aihf"):
+                share = self._batch_absorbing_share(batch) if cfg.termination == "absorbing" else 0.0
                 for _ in range(cfg.reward_steps):
-                    m = self._reward_step(batch)
+                    m = self._reward_step(batch, share)
                 rec.update({f"reward_step/{k}": float(v) for k, v in m.items()})
+                if cfg.termination == "absorbing":
+                    rec["reward_step/samples_absorbing_share"] = share
                 self._remember_samples(batch)
             if self.reward is not None:
                 rewards = self._learned_rewards(batch)
@@ -376,7 +429,7 @@ class Trainer:
                 self._log(last_eval)
                 if cfg.method == "expert" and (self.it % cfg.save_every == 0 or self.it == self.iterations):
                     self._snapshot(last_eval)
-                self.envs.reset(seed=cfg.seed + 1000 * self.it)  # the eval used other envs; keep runs reproducible
+                self._reset_envs()  # the eval used other envs; keep runs reproducible
             if self.it % cfg.save_every == 0 or self.it == self.iterations:
                 self.save()
             if bar is not None:
@@ -429,7 +482,7 @@ class Trainer:
             self._log({**ev, **pre})
             if cfg.method == "expert":
                 self._snapshot(ev)
-        self.envs.reset(seed=cfg.seed + 1000 * self.it)
+        self._reset_envs()
         bar = None
         if cfg.progress and self.iterations > self.it:
             from tqdm.auto import tqdm
