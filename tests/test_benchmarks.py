@@ -156,3 +156,29 @@ def test_bench_alignment_control_tiny(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "bench_loss"}))
     with pytest.raises(SystemExit, match="not a bench_alignment_control result"):
         bench.main(["--reanalyse", str(tmp_path / "other.json")])
+
+
+def test_bench_termination_tiny(tmp_path):
+    """The termination benchmark end to end on its tiny profile: the expert, the data, every
+    treatment of irl and rlhf and the true reward under horizon; the rule picks an admissible one."""
+    pytest.importorskip("aihf_fast._C")
+    import bench_termination as bench
+
+    out = tmp_path / "term.json"
+    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "term.png").stat().st_size > 0 and data["commit"] and data["device"]
+    cells = {(r["method"], r["treatment"]) for r in data["analysis"]["table"]}
+    want = {("expert", "true+env"), ("expert", "true+horizon")}
+    want |= {(m, t) for m, ts in bench.TREATMENTS.items() for t in ts}
+    assert cells == want
+    choice, ok = res["analysis"]["choice"], res["analysis"]["admissible"]
+    assert choice["aihf"] == choice["irl"] and all(ok[choice[m].split("+")[1]] for m in choice)
+    table = {(r["method"], r["treatment"]): r for r in res["analysis"]["table"]}
+    assert choice["irl"] == max((t for t in bench.TREATMENTS["irl"] if ok[t.split("+")[1]]),
+                                key=lambda t: table[("irl", t)]["mean_normalised"])
+    assert table[("irl", bench.BASELINE)]["diff_vs_baseline"] == 0.0
+    assert all(0 < length <= 1000 for r in table.values() for length in r["length"])
+    again = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "again.json")])
+    same = json.dumps(again["analysis"]["table"]) == json.dumps(res["analysis"]["table"])
+    assert same  # every record cached: nothing reruns (NaN intervals of one seed compare as text)
