@@ -228,6 +228,8 @@ def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "horizon"],
      "InvertedPendulum-v5 ends episodes without a terminate_when_unhealthy option"),
     (["--method", "bc", "--demonstrations", "DEMOS", "--termination", "horizon"], "method 'bc' has none"),
+    (["--method", "bc", "--demonstrations", "DEMOS", "--heldout-demos", "4"], "none would be left to train on"),
+    (["--method", "rlhf", "--preferences", "PREFS", "--heldout-demos", "1"], "give demonstrations"),
 ])
 def test_bad_config_fails_early(data, tmp_path, capsys, flags, msg):
     d = data[0]
@@ -549,3 +551,25 @@ def test_horizon_termination_trains_to_the_time_limit(tmp_path):
         tr.eval_envs.close()
     assert runs["env"][0] > 4 and runs["horizon"][0] == 0  # an untrained hopper falls within ~100 steps
     assert runs["horizon"][1] == runs["env"][1] < 300
+
+
+def test_heldout_demonstrations(data, tmp_path):
+    """heldout_demos: the file's last episodes are never trained on (bc's normaliser and fit use the
+    others) and every evaluation logs the policy's NLL of their actions."""
+    from aihf_fast.train.control import Trajectories
+    from aihf_fast.train.control.trainer import Trainer
+
+    d = os.path.join(data[0], "demos.npz")
+    cfg = ControlConfig(task=TASK, method="bc", demonstrations=d, heldout_demos=1, bc_steps=50,
+                        output_dir=str(tmp_path / "bc"), progress=False, eval_episodes=2)
+    tr = Trainer(cfg)
+    demos = Trajectories.load(d)
+    a, _ = demos.episode_bounds()[-1]
+    assert len(tr.demos) == a and np.array_equal(tr.heldout_demos.obs, demos.obs[a:])
+    tr.train()
+    ev = [json.loads(x) for x in open(tmp_path / "bc" / "log.jsonl")][-1]
+    with torch.no_grad():
+        want = -tr.agent._logp(tr.agent.normalize(demos.obs[a:]), torch.as_tensor(demos.act[a:])).mean().item()
+    assert ev["eval/heldout_demo_nll"] == pytest.approx(want, rel=1e-6)
+    # more BC steps fit the training episodes better; the held-out NLL is finite either way
+    assert np.isfinite(ev["eval/heldout_demo_nll"]) and ev["bc/nll"] < 10

@@ -80,6 +80,10 @@ class ControlConfig:
         "help": "the last N pairs of the preferences file, never trained on and outside every num_pairs budget "
                 "(the same set for every budget): their likelihood and accuracy under r_theta are logged at each "
                 "evaluation, and rlhf's reward fit stops early on them (0: none)"})
+    heldout_demos: int = field(default=0, metadata={
+        "help": "the last N episodes of the demonstrations file, never trained on: each evaluation logs the "
+                "policy's negative log-likelihood of their actions (eval/heldout_demo_nll), bc's a validation "
+                "signal (0: none)"})
     rlhf_patience: int = field(default=5, metadata={
         "help": "rlhf with heldout_pairs: stop the reward fit after this many checks (at step 0, every 50 steps, "
                 "the last) without a better held-out pair likelihood, keeping the best parameters"})
@@ -138,6 +142,10 @@ def validate(cfg: ControlConfig) -> None:
                               f"(w_D > 0 and w_P > 0), got w_D={cfg.w_D}, w_P={cfg.w_P}")
     if cfg.heldout_pairs < 0:
         raise ConfigError(f"heldout_pairs must be >= 0, got {cfg.heldout_pairs}")
+    if cfg.heldout_demos < 0:
+        raise ConfigError(f"heldout_demos must be >= 0, got {cfg.heldout_demos}")
+    if cfg.heldout_demos and not cfg.demonstrations:
+        raise ConfigError("heldout_demos holds out episodes of the demonstrations: give demonstrations")
     if cfg.rlhf_patience < 1:
         raise ConfigError(f"rlhf_patience must be >= 1, got {cfg.rlhf_patience}")
     if cfg.reward_replay < 0:

@@ -71,6 +71,11 @@ class Trajectories:
     def episode_returns(self) -> np.ndarray:
         return np.array([self.rewards[a:b].sum() for a, b in self.episode_bounds()])
 
+    def rows(self, sl: slice) -> Trajectories:
+        """The transitions in ``sl`` (cut at episode bounds to keep whole episodes)."""
+        return Trajectories(self.obs[sl], self.act[sl], self.next_obs[sl], self.rewards[sl], self.episode[sl],
+                            dict(self.meta))
+
     @classmethod
     def from_rollout(cls, out: dict, meta: dict | None = None, complete_only: bool = True) -> Trajectories:
         """From ``BatchedMujocoVectorEnv.rollout`` arrays [t, env]: each env's steps in order, cut

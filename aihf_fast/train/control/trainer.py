@@ -100,6 +100,15 @@ class Trainer:
         self.agent = PPO(D, A, sp.low, sp.high, ppo, seed=cfg.seed)
         self.demos = self._load(Trajectories, cfg.demonstrations, D, A, "demonstrations")
         self.prefs = self._load(SegmentPairs, cfg.preferences, D, A, "preferences")
+        self.heldout_demos = None
+        if cfg.heldout_demos:
+            bounds = self.demos.episode_bounds()
+            if cfg.heldout_demos >= len(bounds):
+                raise ConfigError(f"heldout_demos={cfg.heldout_demos} but {cfg.demonstrations!r} holds {len(bounds)} "
+                                  "episodes: none would be left to train on")
+            cut = bounds[-cfg.heldout_demos][0]  # the file's last episodes
+            self.heldout_demos = self.demos.rows(slice(cut, None))
+            self.demos = self.demos.rows(slice(0, cut))
         self.heldout = None
         if cfg.heldout_pairs:
             n = 0 if self.prefs is None else len(self.prefs)
@@ -303,6 +312,10 @@ class Trainer:
                "eval/return_std": float(ret.std()), "eval/episodes": len(ret), "eval/length": float(length.mean())}
         if self.reward is not None and self.heldout is not None:
             rec.update(self._heldout_metrics())
+        if self.heldout_demos is not None:
+            with torch.no_grad():
+                logp = self.agent._logp(self.agent.normalize(self.heldout_demos.obs), torch.as_tensor(self.heldout_demos.act))
+            rec["eval/heldout_demo_nll"] = float(-logp.mean())
         return rec
 
     def _log(self, rec):
@@ -318,7 +331,8 @@ class Trainer:
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
                                                          "reward_lr", "reward_lr_P", "reward_replay",
-                                                         "heldout_pairs", "termination", "rl_reward")})
+                                                         "heldout_pairs", "heldout_demos", "termination",
+                                                         "rl_reward")})
         tmp = self.ckpt + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(st, f)
