@@ -182,3 +182,34 @@ def test_bench_termination_tiny(tmp_path):
     again = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "again.json")])
     same = json.dumps(again["analysis"]["table"]) == json.dumps(res["analysis"]["table"])
     assert same  # every record cached: nothing reruns (NaN intervals of one seed compare as text)
+
+
+def test_bench_control_round2_tiny(tmp_path):
+    """The round-two control benchmark end to end on its tiny profile: experts, clean and noisy
+    data, 4 configurations per method on the tuning seed, the final runs with the selected ones."""
+    pytest.importorskip("aihf_fast._C")
+    import bench_control_round2 as bench
+
+    out = tmp_path / "r2.json"
+    tuned = bench.main(["--profile", "tiny", "--stage", "tune", "--work", str(tmp_path / "w"), "--out", str(out)])
+    assert tuned["analysis"]["verdict"] == [] and tuned["analysis"]["missing"]  # the final runs wait
+    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "r2.png").stat().st_size > 0 and data["commit"] and not res["analysis"]["missing"]
+    recs = {r["key"]: r for r in data["records"] if r.get("kind") == "run"}
+    prof = bench.PROFILES["tiny"]
+    for m in ("bc", "irl", "rlhf", "aihf"):  # the final runs use the configuration the rule selects
+        want = bench.select(recs, "Hopper-v5", m, prof)
+        finals = [r for r in recs.values() if r["stage"] == "final" and r["method"] == m]
+        assert finals and all(r["chosen"] == want for r in finals)
+    sig = {c: bench.selection_signal(recs[f"tune-rlhf-c{c}-Hopper-v5-s200"]) for c in range(4)}
+    assert bench.select(recs, "Hopper-v5", "rlhf", prof)["config"] == max(sig, key=sig.get)
+    noisy = next(r for r in data["records"] if r.get("kind") == "data")["meta_noisy"]
+    assert noisy["label_noise"] == bench.LABEL_NOISE
+    arms = {(v["arm"], v["start"]) for v in res["analysis"]["verdict"]}
+    assert arms == {("clean", "bc"), ("noisy", "bc"), ("clean", "scratch")}
+    primary = [v for v in res["analysis"]["verdict"] if v["primary"]]
+    assert len(primary) == 1 and "diff_vs_bc" in primary[0] and "diff_vs_irl" in primary[0]
+    assert all(r["treatment"] == "raw+horizon" for r in recs.values() if r["method"] != "bc")
+    with pytest.raises(SystemExit, match="not tasks of profile"):
+        bench.main(["--profile", "tiny", "--tasks", "Ant-v5", "--work", str(tmp_path / "w")])
