@@ -242,7 +242,7 @@ def analyse(records, prof):
             if tuned:
                 chosen[f"{task}/{m}"] = tuned[0]["chosen"]
 
-        def cell(m, b, arm="clean", start="bc"):
+        def cell(m, b, arm="clean", start="bc", task=task):
             return {r["seed"]: r for r in runs if (r["task"], r["method"], r["budget"], r["arm"], r["start"]) ==
                     (task, m, b, arm, start)}
 
