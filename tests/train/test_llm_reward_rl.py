@@ -409,3 +409,42 @@ def test_aihf_rm_replay_buffer_content_order_and_draws(task, tmp_path):
     assert tr.replayed(2, 0) != tr.replayed(1, 0) or tr.replayed(2, 0) != tr.replayed(3, 0)
     loss, met, _ = tr._rm_micro(tr.rm_engine, 2, 0)  # 2 pairs + 2 fresh + 2 replayed comparisons
     assert "rm/demo_accuracy" in met and float(met["rm/demo_accuracy"]) * 4 == round(float(met["rm/demo_accuracy"]) * 4)
+
+
+def _agreement(rows, key, k):
+    """Pair accuracy of rows[i][key] against rows[i]['reward'] over same-prompt pairs (groups of k)."""
+    hits = n = 0
+    for g in range(0, len(rows), k):
+        grp = rows[g:g + k]
+        for a in grp:
+            for b in grp:
+                if a["reward"] > b["reward"]:
+                    n += 1
+                    hits += 1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0
+    return hits / n
+
+
+@pytest.mark.parametrize("method", ["dpo", "aihf_rm"])
+def test_evaluation_measures_the_learned_reward_on_the_policy_samples(task, tmp_path, method):
+    """eval_samples_per_prompt >= 2: every evaluation logs how the method's learned reward (the
+    implicit log pi - log pi_ref with eval_kl, or the reward model) orders the policy's own samples
+    against the true reward, and writes each sample's learned reward beside its true one."""
+    import json
+
+    kw = dict(rm_steps=2, rl_steps=2) if method == "aihf_rm" else dict(eval_kl=True)
+    s = train(_cfg(task, tmp_path / "o", method=method, eval_prompts=task["eval_prompts"], eval_reward=REWARD,
+                   eval_samples_per_prompt=4, **kw))
+    name = "rm" if method == "aihf_rm" else "implicit"
+    ev = s["evals"][-1]
+    rows = [json.loads(x) for x in open(tmp_path / "o" / f"eval_samples_step{ev['step']}.jsonl")]
+    assert len(rows) == ev["eval/num_samples"] and all(name in r for r in rows)
+    assert ev[f"eval/{name}_pair_accuracy"] == pytest.approx(_agreement(rows, name, 4), abs=1e-9)
+    assert ev[f"eval/{name}_reward"] == pytest.approx(sum(r[name] for r in rows) / len(rows), rel=1e-6)
+    learned = torch.tensor([r[name] for r in rows], dtype=torch.float64)
+    true = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    assert ev[f"eval/{name}_true_corr"] == pytest.approx(float(torch.corrcoef(torch.stack([learned, true]))[0, 1]),
+                                                         abs=1e-9)
+    other = "implicit" if name == "rm" else "rm"
+    assert f"eval/{other}_pair_accuracy" not in ev
+    if method == "dpo":
+        assert all(r["kl"] == r["implicit"] for r in rows)

@@ -128,6 +128,22 @@ def _lr_lambda(cfg, total_steps: int):
     return f
 
 
+def reward_agreement(learned: torch.Tensor, true: torch.Tensor, k: int, prefix: str) -> dict:
+    """How well a learned reward orders a policy's own samples against the true reward, both (n,)
+    float64 in groups of k samples of one prompt: ``{prefix}true_corr``, the Pearson correlation
+    over all samples, and ``{prefix}pair_accuracy`` over the same-prompt pairs whose true rewards
+    differ (a learned tie counts 1/2)."""
+    out = {}
+    if learned.numel() > 1 and learned.std() > 0 and true.std() > 0:
+        out[f"{prefix}true_corr"] = float(torch.corrcoef(torch.stack([learned, true]))[0, 1])
+    L, T = learned.view(-1, k), true.view(-1, k)
+    dl, dt = L[:, :, None] - L[:, None, :], T[:, :, None] - T[:, None, :]
+    pairs = dt > 0
+    if pairs.any():
+        out[f"{prefix}pair_accuracy"] = float((dl[pairs] > 0).double().mean() + 0.5 * (dl[pairs] == 0).double().mean())
+    return out
+
+
 def load_reward_fn(spec: str, option: str = "eval_reward"):
     """The function ``module:function`` named by ``option``."""
     mod, _, fn = spec.partition(":")
@@ -534,16 +550,30 @@ class Trainer:
         r = np.asarray(self.eval_reward([p for p, _ in prompts], texts), dtype=np.float64)
         res = {"eval/reward": float(r.mean()), "eval/reward_sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
                "eval/num_samples": len(r)}
+        seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
+        kl = None
         if cfg.eval_kl:  # Monte-Carlo KL(pi || pi_init) per sequence, on the same samples
-            seqs = [(ids, c) for (_, ids), c in zip(prompts, comps)]
-            kl = self._score(self.policy, seqs) - self._score(self.eval_ref, seqs)
-            res["eval/kl"] = float(kl.double().mean())
-            res["eval/kl_sem"] = float(kl.double().std() / np.sqrt(len(kl))) if len(kl) > 1 else 0.0
-        if self.rank == 0:
+            kl = (self._score(self.policy, seqs) - self._score(self.eval_ref, seqs)).double()
+            res["eval/kl"] = float(kl.mean())
+            res["eval/kl_sem"] = float(kl.std() / np.sqrt(len(kl))) if len(kl) > 1 else 0.0
+        learned = {k: v.cpu() for k, v in self._learned_sample_rewards(seqs, kl).items()}
+        if n >= 2:  # does the learned reward order the policy's own samples as the true reward does?
+            for name, v in learned.items():
+                res[f"eval/{name}_reward"] = float(v.mean())
+                res.update(reward_agreement(v, torch.as_tensor(r), n, f"eval/{name}_"))
+        if self.rank == 0:  # per sample: the true reward, and the KL / learned rewards when measured
+            extra = dict(learned, **({"kl": kl.cpu()} if kl is not None else {}))
             with open(os.path.join(cfg.output_dir, f"eval_samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
-                for (p, _), t, x in zip(prompts, texts, r):
-                    f.write(json.dumps({"prompt": p, "completion": t, "reward": float(x)}) + "\n")
+                for i, ((p, _), t, x) in enumerate(zip(prompts, texts, r)):
+                    row = {"prompt": p, "completion": t, "reward": float(x), **{k: float(v[i]) for k, v in extra.items()}}
+                    f.write(json.dumps(row) + "\n")
         return res
+
+    def _learned_sample_rewards(self, seqs, log_ratio) -> dict:
+        """{name: (n,) float64} learned rewards of the evaluation samples: the implicit reward
+        log pi - log pi_eval_ref (the per-sample KL, with eval_kl) of the methods that have one."""
+        implicit = log_ratio is not None and self.cfg.method not in REWARD_METHODS
+        return {"implicit": log_ratio} if implicit else {}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int):

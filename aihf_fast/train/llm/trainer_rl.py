@@ -41,7 +41,7 @@ from . import sampling
 from .batches import DEMOS, PAIRS, PROMPTS, build_inputs, micro_batch_indices, replay_draw, replay_push
 from .model import PolicyWithLoss, RewardModel, build_model, build_reward_model, disable_dropout
 from .rl import AdaptiveKLController, rloo_advantages, rloo_loss
-from .trainer import Trainer, load_reward_fn
+from .trainer import Trainer, load_reward_fn, reward_agreement
 
 _OWN_SAMPLE_SEED = 500_000_000  # own samples of the reward steps: another seed range than rollouts
 
@@ -247,7 +247,7 @@ class RewardRLTrainer(Trainer):
                "scoring_tokens_per_s": sum(len(p) + len(c) for p, c in seqs) * (2 + (self.rm is not None)) / max(t2 - t1, 1e-9)}
         if self.rm is not None and self.eval_reward is not None:  # is the learned reward right on these samples?
             true = self._on_rank0(lambda: _call_reward(self.eval_reward, cfg.eval_reward, [p for p, _ in prompts], texts))
-            met.update(_reward_agreement(reward, true, k))
+            met.update(reward_agreement(reward, true, k, "rl/rm_"), **{"rl/true_reward": float(true.mean())})
         self._gen_time += t1 - t0
         return dict(seqs=seqs, old=old, adv=adv, metrics=met)
 
@@ -285,6 +285,10 @@ class RewardRLTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ evaluation, checkpoints
+    def _learned_sample_rewards(self, seqs, log_ratio) -> dict:
+        """The reward model's scores of the evaluation samples (none without a reward model)."""
+        return {"rm": self._score_rm(seqs).double()} if self.rm is not None else {}
+
     @torch.no_grad()
     def evaluate(self, step: int) -> dict | None:
         res = (super().evaluate(step) if self.cfg.method != "rm" else None) or {"step": step}
@@ -340,18 +344,3 @@ def _call_reward(fn, name: str, prompts: list, completions: list) -> torch.Tenso
         raise ValueError(f"{name!r} returned {tuple(r.shape)} values (finite: {bool(torch.isfinite(r).all())}) for "
                          f"{len(completions)} completions; it must return one finite number per completion")
     return r
-
-
-def _reward_agreement(learned: torch.Tensor, true: torch.Tensor, k: int) -> dict:
-    """How well the learned reward orders the policy's own samples, against the true reward:
-    Pearson correlation over all samples, and the accuracy over the pairs of samples of the same
-    prompt whose true rewards differ."""
-    out = {"rl/true_reward": float(true.mean())}
-    if learned.numel() > 1 and learned.std() > 0 and true.std() > 0:
-        out["rl/rm_true_corr"] = float(torch.corrcoef(torch.stack([learned, true]))[0, 1])
-    L, T = learned.view(-1, k), true.view(-1, k)
-    dl, dt = L[:, :, None] - L[:, None, :], T[:, :, None] - T[:, None, :]
-    pairs = dt > 0
-    if pairs.any():
-        out["rl/rm_pair_accuracy"] = float((dl[pairs] > 0).double().mean() + 0.5 * (dl[pairs] == 0).double().mean())
-    return out
