@@ -4,6 +4,8 @@ SFT -> DPO and SPIN, as the number of preference pairs grows. Every method is a 
 
     python benchmarks/bench_alignment_llm.py --profile small      # 2-core CPU, ~40 min
     python benchmarks/bench_alignment_llm.py --profile full       # bigger model and budgets (GPU box)
+    python benchmarks/bench_alignment_llm.py --protocol round2 --profile small   # round two (its own docstring:
+                                                                  # benchmarks/bench_alignment_llm_round2.py)
 
 Protocol (fixed before any result was seen; the profiles only change sizes)
 --------------------------------------------------------------------------
@@ -528,6 +530,18 @@ def plot(result: dict, prof: dict, path: str):
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--protocol" in args:  # round two lives in its own module; round one stays as it was run
+        i = args.index("--protocol")
+        proto = args[i + 1] if i + 1 < len(args) else None
+        if proto not in ("round1", "round2"):
+            raise SystemExit(f"--protocol must be round1 or round2, got {proto!r}")
+        args = args[:i] + args[i + 2:]
+        if proto == "round2":
+            import bench_alignment_llm_round2
+
+            return bench_alignment_llm_round2.main(args)
+    argv = args
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="small")
     ap.add_argument("--work", default=None, help="run directory (cached records; default runs/bench_alignment_llm_<profile>)")

@@ -213,3 +213,45 @@ def test_bench_control_round2_tiny(tmp_path):
     assert all(r["treatment"] == "raw+horizon" for r in recs.values() if r["method"] != "bc")
     with pytest.raises(SystemExit, match="not tasks of profile"):
         bench.main(["--profile", "tiny", "--tasks", "Ant-v5", "--work", str(tmp_path / "w")])
+
+
+def test_bench_alignment_llm_round2_tiny(tmp_path):
+    """The LLM round-two protocol end to end on its tiny profile (through bench_alignment_llm.py
+    --protocol round2): the task, the SFT anchor from the tuned sft, every method's configurations
+    on the tuning seed, the final runs with the selected ones, the noisy arm, the verdicts."""
+    pytest.importorskip("deepspeed")
+    import bench_alignment_llm as round1
+    import bench_alignment_llm_round2 as bench
+
+    out = tmp_path / "r2.json"
+    tuned = round1.main(["--protocol", "round2", "--profile", "tiny", "--stage", "tune", "--work", str(tmp_path / "w"),
+                         "--out", str(out)])
+    assert not any(r.get("stage") == "final" for r in tuned["records"]) and tuned["analysis"]["missing"]
+    res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "r2.png").stat().st_size > 0 and data["commit"] and not res["analysis"]["missing"]
+    prof = bench.PROFILES["tiny"]
+    recs = {r["key"]: r for r in data["records"]}
+    runs = [r for r in recs.values() if r.get("kind") == "run"]
+    for m in bench.METHODS[1:]:  # every final run uses the configuration the rule picks from the tuning runs
+        tuning = {k: r for k, r in recs.items() if r.get("stage") == "tune" and r["method"] == m}
+        assert len(tuning) == len(bench.grid(m, prof)) * len(prof["tune_seeds"])
+        want = bench.choose(recs, m, prof)
+        assert all(r["chosen"] == want for r in runs if r["stage"] == "final" and r["method"] == m)
+    anchor = next(r for r in recs.values() if r.get("kind") == "anchor")
+    assert anchor["chosen"] == bench.choose(recs, "sft", prof)
+    finals = {(r["method"], r["budget"], r["arm"]) for r in runs if r["stage"] == "final"}
+    assert ("dpo", 0, "clean") not in finals and ("rlhf", 0, "clean") not in finals and ("sft", 8, "clean") not in finals
+    assert {("aihf_rm", 0, "clean"), ("rm_once", 0, "clean"), ("rlhf", 8, "noisy"), ("aihf", 8, "noisy")} <= finals
+    rl = next(r for r in runs if r["stage"] == "final" and r["method"] == "rlhf")
+    assert rl["reward_model_eval"]["eval/rm_accuracy"] is not None and rl["wall_seconds"] > rl["reward_model_seconds"] > 0
+    for r in runs:  # the mechanism: the learned reward's accuracy on the policy's own samples, every checkpoint
+        key = "eval/rm_pair_accuracy" if r["method"] in bench.RL else "eval/implicit_pair_accuracy"
+        assert all(key in e or e["eval/reward_sem"] == 0 for e in r["evals"]), (r["key"], key)
+    # the selection rule reads no true reward: shuffling it leaves every choice the same
+    shuffled = {k: dict(r, evals=[dict(e, **{"eval/reward": -e["eval/reward"]}) for e in r["evals"]])
+                if "evals" in r else r for k, r in recs.items()}
+    assert all(bench.choose(shuffled, m, prof) == bench.choose(recs, m, prof) for m in bench.METHODS[1:])
+    v = res["analysis"]["verdict"]
+    assert {r["method"] for r in v["clean"]["rows"]} == {"aihf", "aihf_rm"} and v["noisy"]["rows"]
+    assert set(res["analysis"]["verdict_best_checkpoint_oracle"]) == {"clean", "noisy"}

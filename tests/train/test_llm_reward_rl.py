@@ -302,6 +302,8 @@ def test_aihf_rm_logs_the_reward_model_on_the_policy_samples(task, tmp_path):
         assert key in first, key
     assert "rm/loss" in recs[2] and "rm/loss" not in recs[1]  # reward steps at the start of each outer iteration
     assert "eval/rm_accuracy" in s["evals"][-1] and "eval/reward" in s["evals"][-1]
+    # the policy's implicit reward log pi - log pi_init on the held-out pairs too: all ties at step 0
+    assert s["evals"][0]["eval/pref_accuracy"] == 0.5 and 0 <= s["evals"][-1]["eval/pref_accuracy"] <= 1
     from transformers import AutoModelForSequenceClassification
 
     m = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "o" / "reward_model"))

@@ -36,7 +36,7 @@ class LLMTrainConfig:
     eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for sampling evaluations"})
     eval_reward: str | None = field(default=None, metadata={"help": "'module:function'(prompts, completions) -> rewards, for evaluations"})
     eval_demonstrations: str | None = field(default=None, metadata={"help": "held-out demonstrations: evaluations log eval/demo_nll (per token)"})
-    eval_preferences: str | None = field(default=None, metadata={"help": "held-out preference pairs: evaluations log eval/pref_accuracy of the implicit reward log pi - log pi_eval_ref; for rm and aihf_rm eval/rm_accuracy and eval/rm_nll of the reward model"})
+    eval_preferences: str | None = field(default=None, metadata={"help": "held-out preference pairs: evaluations log eval/pref_accuracy of the policy's implicit reward log pi - log pi_eval_ref (every method that trains a policy, RL included); with a reward model (rm, rlhf, aihf_rm) also eval/rm_accuracy and eval/rm_nll of the reward model"})
     eval_reference: str | None = field(default=None, metadata={"help": "model for eval/kl and eval/pref_accuracy (default: the initial model)"})
     max_length: int = field(default=512, metadata={"help": "max prompt + completion tokens"})
     append_eos: bool = field(default=True, metadata={"help": "append EOS to string completions"})

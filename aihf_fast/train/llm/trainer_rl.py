@@ -77,9 +77,10 @@ class RewardRLTrainer(Trainer):
         if cfg.eval_demonstrations and m != "rm":  # eval/demo_nll of the policy
             self.eval_demos = tokenize_records(self.tok, load_demonstrations(cfg.eval_demonstrations), cfg.max_length,
                                                "demonstrations", cfg.append_eos).items
-        self.eval_prefs = []  # the base class's implicit-reward evaluation does not apply
         self.eval_rm_prefs = tokenize_records(self.tok, load_preferences(cfg.eval_preferences), cfg.max_length,
                                               "preferences", cfg.append_eos).items if cfg.eval_preferences else []
+        # the policy's implicit reward log pi - log pi_eval_ref on them too (the base class's evaluation)
+        self.eval_prefs = self.eval_rm_prefs if m != "rm" else []
 
     def _prompt_ids(self, rec) -> list:
         ids = encode_prompt(self.tok, rec.prompt, rec.where)
@@ -108,7 +109,7 @@ class RewardRLTrainer(Trainer):
             self.policy = self.engine.module
             self.packed = cfg.packing and self._packing_works()
             self.ref = self._build_reference()
-            if cfg.eval_kl:
+            if cfg.eval_kl or self.eval_prefs:
                 self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
             if cfg.reward_fn:
                 self.reward_fn = load_reward_fn(cfg.reward_fn, "reward_fn")
