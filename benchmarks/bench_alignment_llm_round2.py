@@ -243,7 +243,8 @@ def select(evals: list, uses_pairs: bool) -> dict:
 def signal(rec: dict) -> tuple:
     """A run's selection signal at its selected checkpoint: larger is better."""
     e = select(rec["evals"], rec["uses_pairs"])
-    return (e["eval/pref_accuracy"], -e["eval/demo_nll"]) if rec["uses_pairs"] else (-e["eval/demo_nll"],)
+    sig = (e["eval/pref_accuracy"], -e["eval/demo_nll"]) if rec["uses_pairs"] else (-e["eval/demo_nll"],)
+    return tuple(float(v) if np.isfinite(v) else -np.inf for v in sig)  # a diverged run is the worst
 
 
 def choose(records: dict, method: str, prof: dict) -> dict:
@@ -438,15 +439,22 @@ def _verdict(table, prof, meta, field, arm):
                 best = max(rivals, key=lambda r: r[field])
                 dm, dc = diffs[best["method"]]
                 row = dict(design=d, method=form, budget=b, best_baseline=best["method"], best_reward=best[field],
-                           aihf_reward=a[field], diff=dm, diff_ci95=dc, gap=gap, diffs=diffs,
-                           at_least_as_good=bool(dm + (dc if np.isfinite(dc) else 0.0) >= 0))
+                           aihf_reward=a[field], diff=dm, diff_ci95=dc, gap=gap, diffs=diffs, seeds=len(a["seeds"]),
+                           complete=len(a["seeds"]) == len(prof["final_seeds"]),
+                           # the paired test needs an interval (>= 2 seeds)
+                           at_least_as_good=bool(dm + dc >= 0) if np.isfinite(dc) else None)
                 if b == smallest:
                     row["beats_all_by_20pct_gap"] = bool(all(v[0] >= 0.2 * gap for v in diffs.values()))
                 rows.append(row)
+    # the goal is stated only on the whole grid (every design and budget, every final seed)
+    expected = len(prof["designs"]) * len(budgets)
     goal = {f: dict(at_least_as_good_everywhere=all(r["at_least_as_good"] for r in rows if r["method"] == f),
                     beats_all_by_20pct_at_smallest=all(r.get("beats_all_by_20pct_gap", True)
                                                        for r in rows if r["method"] == f))
-            for f in ("aihf", "aihf_rm") if any(r["method"] == f for r in rows)}
+            if sum(r["method"] == f and r["complete"] for r in rows) == expected
+            else dict(incomplete=f"{sum(r['method'] == f and r['complete'] for r in rows)} of {expected} cells have "
+                                 "every final seed")
+            for f in ("aihf", "aihf_rm")}
     return dict(rows=rows, goal=goal, missing_cells=missing)
 
 
@@ -512,12 +520,11 @@ def main(argv=None):
         jobs = [j for j in jobs if j.get("stage") != "final"]
     if a.designs:
         jobs = [j for j in jobs if j.get("stage") != "final" or j["design"] in a.designs]
-    if a.analyse_only:
-        have = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
-        records = _records(rec_dir, [j["key"] for j in plan(prof) if j["key"] in have])
-    else:
-        records = run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker,
-                           (a.threads,))
+    if not a.analyse_only:
+        run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
+    # the analysis reads every record of the whole protocol made so far (by any slice)
+    have = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
+    records = _records(rec_dir, [j["key"] for j in plan(prof) if j["key"] in have])
     analysis = analyse(records, prof)
     analysis["missing"] = [j["key"] for j in plan(prof) if j["key"] not in records]
     result = dict(benchmark="bench_alignment_llm_round2", profile=a.profile, profile_config=prof, device=device_name(),
@@ -534,7 +541,8 @@ def main(argv=None):
     for arm, v in analysis["verdict"].items():
         for r in v["rows"]:
             print(f"{arm:<5} {r['design']} {r['method']:<8} {r['budget']:>5} pairs: {r['aihf_reward']:.2f} vs "
-                  f"{r['best_baseline']} {r['best_reward']:.2f} (diff {r['diff']:+.2f} +- {r['diff_ci95']:.2f})")
+                  f"{r['best_baseline']} {r['best_reward']:.2f} (diff {r['diff']:+.2f} +- {r['diff_ci95']:.2f}, "
+                  f"{r['seeds']} seeds)")
     print(f"goal (clean, selected checkpoint): {analysis['verdict']['clean']['goal']}; "
           f"{len(analysis['missing'])} runs missing")
     print(f"[bench] wrote {out}")

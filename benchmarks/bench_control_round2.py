@@ -147,8 +147,10 @@ def selection_signal(rec) -> tuple:
     accuracy, then -held-out pair NLL (each at the last evaluation)."""
     last = rec["evals"][-1]
     if rec["method"] == "bc":
-        return (-last["eval/heldout_demo_nll"],)
-    return (last["reward/heldout_accuracy"], -last["reward/heldout_nll"])
+        sig = (-last["eval/heldout_demo_nll"],)
+    else:
+        sig = (last["reward/heldout_accuracy"], -last["reward/heldout_nll"])
+    return tuple(-np.inf if not np.isfinite(v) else float(v) for v in sig)  # a diverged run is the worst
 
 
 def select(records: dict, task: str, method: str, prof) -> dict:
@@ -171,7 +173,7 @@ def _records(rec_dir, keys):
 
 
 def run_job(job, prof, work, treat, head):
-    from aihf_fast.train.control.config import ControlConfig
+    from aihf_fast.train.control.config import ControlConfig, fixed_horizon_options
     from aihf_fast.train.control.datagen import make_data
     from aihf_fast.train.control.trainer import train
 
@@ -204,6 +206,8 @@ def run_job(job, prof, work, treat, head):
     kw = dict(chosen["options"], demonstrations=os.path.join(data, "demos.npz"), heldout_demos=prof["heldout_demos"])
     if m != "bc":
         rl_reward, termination = treat[m].split("+")
+        if termination == "absorbing" and fixed_horizon_options(task) == {}:
+            termination = "env"  # a task that never ends early: nothing to absorb, the same run
         kw.update(rl_reward=rl_reward, termination=termination, bc_init=job["start"] == "bc",
                   bc_steps=prof["bc_init_steps"], preferences=os.path.join(data, "prefs.npz"),
                   heldout_pairs=prof["heldout_pairs"], rlhf_reward_steps=prof["rlhf_reward_steps"])
@@ -213,12 +217,13 @@ def run_job(job, prof, work, treat, head):
             kw["num_pairs"] = 0
     out = os.path.join(work, "runs", job["key"])
     summ = train(ControlConfig(method=m, env_steps=prof["method_steps"], output_dir=out, **common, **kw))
+    effective = None if m == "bc" else f"{kw['rl_reward']}+{kw['termination']}"
     with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
         corr = [[r["env_steps"], r["reward/corr_true"]] for r in map(json.loads, f) if r.get("reward/corr_true") is not None]
     shutil.rmtree(out, ignore_errors=True)
     ev = summ["evals"]
     return dict(kind="run", key=job["key"], stage=job["stage"], task=task, seed=s, method=m, budget=b, arm=job["arm"],
-                start=job["start"], chosen=chosen, treatment=None if m == "bc" else treat[m], evals=ev, reward_corr=corr,
+                start=job["start"], chosen=chosen, treatment=None if m == "bc" else treat[m], effective_treatment=effective, evals=ev, reward_corr=corr,
                 corr_last10=float(np.mean([c[1] for c in corr[-10:]])) if corr else None,
                 final=float(np.mean([e["eval/return"] for e in ev[-3:]])),
                 length=float(np.mean([e["eval/length"] for e in ev[-3:]])), device=cpu_name(),
@@ -229,7 +234,12 @@ def run_job(job, prof, work, treat, head):
 def _paired(a: dict, b: dict):
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
-    return seeds, (float(np.mean(d)) if d else None), (ci95(d) if d else None)
+    return seeds, (float(np.mean(d)) if d else None), (ci95(d) if len(d) > 1 else None)
+
+
+def _not_below(diff, half):
+    """The paired test: the interval's upper end >= 0; None without an interval (< 2 seeds)."""
+    return None if diff is None or half is None else bool(diff + half >= 0)
 
 
 def analyse(records, prof):
@@ -256,25 +266,25 @@ def analyse(records, prof):
                               corr_last10=[per[s]["corr_last10"] for s in sorted(per)],
                               heldout_accuracy=[per[s]["evals"][-1].get("reward/heldout_accuracy") for s in sorted(per)]))
         ret = lambda c: {s: r["final"] for s, r in c.items()}  # noqa: E731
-        rand = float(np.mean([v["random_return"] for (t, _), v in data.items() if t == task] or [np.nan]))
+        rand = float(np.mean([v["random_return"] for (t, s), v in data.items() if t == task and s in prof["final_seeds"]]
+                             or [np.nan]))
         smallest = min(prof["budgets"])
         for arm, start, budgets in (("clean", "bc", prof["budgets"]), ("noisy", "bc", prof["noisy_budgets"]),
                                     ("clean", "scratch", [smallest])):
             for b in budgets:
                 a, h = ret(cell("aihf", b, arm, start)), ret(cell("rlhf", b, arm, start))
-                if not (a and h):
-                    continue
                 seeds, diff, half = _paired(a, h)
+                if not seeds:
+                    continue
                 row = dict(task=task, budget=b, arm=arm, start=start, seeds=seeds,
+                           complete=len(seeds) == len(prof["final_seeds"]),
                            primary=arm == "clean" and start == "bc", aihf=float(np.mean([a[s] for s in seeds])),
-                           rlhf=float(np.mean([h[s] for s in seeds])), diff_vs_rlhf=diff, diff_vs_rlhf_ci95=half)
-                row["aihf_not_below_rlhf"] = bool(np.isnan(half) or diff + half >= 0)
+                           rlhf=float(np.mean([h[s] for s in seeds])), diff_vs_rlhf=diff, diff_vs_rlhf_ci95=half,
+                           aihf_not_below_rlhf=_not_below(diff, half))
                 for other, bb in (("bc", 0), ("irl", 0)):
-                    o = ret(cell(other, bb, "clean", start if other == "irl" else "bc"))
-                    if o:
-                        _, dd, hh = _paired(a, o)
-                        row[f"diff_vs_{other}"], row[f"diff_vs_{other}_ci95"] = dd, hh
-                        row[f"aihf_not_below_{other}"] = bool(dd is not None and (np.isnan(hh) or dd + hh >= 0))
+                    _, dd, hh = _paired(a, ret(cell(other, bb, "clean", start if other == "irl" else "bc")))
+                    row[f"diff_vs_{other}"], row[f"diff_vs_{other}_ci95"] = dd, hh
+                    row[f"aihf_not_below_{other}"] = _not_below(dd, hh)
                 if b == smallest:
                     row["aihf_ge_1.2x_rlhf"] = bool(row["aihf"] >= 1.2 * row["rlhf"]) if row["rlhf"] > 0 else None
                     row["gain_over_random_ratio"] = ((row["aihf"] - rand) / (row["rlhf"] - rand)
@@ -285,10 +295,14 @@ def analyse(records, prof):
                 learn_seconds_per_100k=1e5 * sum(r["learn_seconds"] for r in runs) / steps if steps else None,
                 run_seconds=sum(r["sim_seconds"] + r["learn_seconds"] for r in records.values() if "sim_seconds" in r))
     primary = [v for v in verdict if v["primary"]]
+    expected = len(prof["tasks"]) * len(prof["budgets"])
+    complete = len(primary) == expected and all(v["complete"] for v in primary)
+    # the goal is stated only on the whole primary grid (every task and budget, every final seed)
     goal = dict(cells=len(primary), not_below_rlhf_everywhere=all(v["aihf_not_below_rlhf"] for v in primary),
                 ge_1_2x_rlhf_at_smallest=[v.get("aihf_ge_1.2x_rlhf") for v in primary if v["budget"] == min(prof["budgets"])],
-                not_below_bc_and_irl=all(v.get("aihf_not_below_bc", False) and v.get("aihf_not_below_irl", False)
-                                         for v in primary)) if primary else None
+                not_below_bc_and_irl=all(v["aihf_not_below_bc"] and v["aihf_not_below_irl"] for v in primary)) \
+        if complete else dict(incomplete=f"{sum(v['complete'] for v in primary)} of {expected} primary cells have every "
+                                         "final seed")
     return dict(table=table, verdict=verdict, goal=goal, chosen=chosen, wall_clock=wall)
 
 
@@ -358,21 +372,29 @@ def main(argv=None):
         unknown = sorted(set(a.tasks) - set(prof["tasks"]))
         if unknown:
             raise SystemExit(f"--tasks: {unknown} are not tasks of profile {a.profile} ({prof['tasks']})")
-        prof["tasks"] = [t for t in prof["tasks"] if t in a.tasks]
-    treat = treatments(prof)
     work = a.work or str(ROOT / "runs" / f"bench_control_round2_{a.profile}")
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_control_round2_{a.profile}.json")
     head, t0 = commit(), time.time()
     rec_dir = os.path.join(work, "records")
-    jobs = plan(prof)
-    if a.stage == "tune":
-        jobs = [j for j in jobs if j.get("stage") != "final"]
+
+    def have():  # every record of the whole protocol made so far (by any slice)
+        keys = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
+        return _records(rec_dir, [j["key"] for j in plan(prof) if j["key"] in keys])
+
+    made = [r for r in have().values() if r.get("treatment")]
     if a.analyse_only:
-        have = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
-        records = _records(rec_dir, [j["key"] for j in jobs if j["key"] in have])
+        treat = {r["method"]: r["treatment"] for r in made}
     else:
-        records = run_jobs(jobs, run_job, (prof, work, treat, head), rec_dir, a.workers or prof["workers"], _init_worker,
-                           (a.threads,))
+        treat = treatments(prof)
+        stale = sorted({r["key"] for r in made if r["treatment"] != treat[r["method"]]})
+        if stale:
+            raise SystemExit(f"{len(stale)} records in {rec_dir} ran another end-of-episode treatment than "
+                             f"{TREATMENT_FILE.name} now chooses ({treat}), e.g. {stale[0]}: use a new --work")
+        jobs = [j for j in plan(dict(prof, tasks=a.tasks or prof["tasks"]))
+                if a.stage == "all" or j.get("stage") != "final"]
+        run_jobs(jobs, run_job, (prof, work, treat, head), rec_dir, a.workers or prof["workers"], _init_worker,
+                 (a.threads,))
+    records = have()
     analysis = analyse(records, prof)
     analysis["missing"] = [j["key"] for j in plan(prof) if j["key"] not in records]  # of the whole protocol
     result = dict(benchmark="bench_control_round2", profile=a.profile, profile_config=prof, treatments=treat,
@@ -386,8 +408,9 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     for v in analysis["verdict"]:
+        half = "n/a" if v["diff_vs_rlhf_ci95"] is None else f"{v['diff_vs_rlhf_ci95']:.1f}"
         print(f"{v['task']:<15} {v['budget']:>5} pairs {v['arm']:<5} {v['start']:<7}: aihf {v['aihf']:8.1f} rlhf "
-              f"{v['rlhf']:8.1f} diff {v['diff_vs_rlhf']:+.1f} +- {v['diff_vs_rlhf_ci95']:.1f}")
+              f"{v['rlhf']:8.1f} diff {v['diff_vs_rlhf']:+.1f} +- {half} ({len(v['seeds'])} seeds)")
     print(f"goal: {analysis['goal']}; {len(analysis['missing'])} runs missing")
     print(f"[bench] wrote {out}")
     return result

@@ -53,7 +53,7 @@ from common import ci95, commit, cpu_name, run_jobs, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tasks=["Hopper-v5"], seeds=[100], steps=2 * 8 * 32, pairs=8, heldout=4, num_envs=8,
-                 rollout_steps=32, pool_episodes=2, segment_len=10, eval_episodes=2, eval_every=1, workers=1,
+                 rollout_steps=32, pool_episodes=2, segment_len=10, eval_episodes=2, eval_every=32, workers=1,
                  rlhf_reward_steps=20),
     "small": dict(tasks=["Hopper-v5", "Walker2d-v5"], seeds=[100, 101], steps=1_000_000, pairs=200, heldout=50,
                   num_envs=16, rollout_steps=128, pool_episodes=8, segment_len=50, eval_episodes=10, eval_every=10,

@@ -213,6 +213,20 @@ def test_bench_control_round2_tiny(tmp_path):
     assert all(r["treatment"] == "raw+horizon" for r in recs.values() if r["method"] != "bc")
     with pytest.raises(SystemExit, match="not tasks of profile"):
         bench.main(["--profile", "tiny", "--tasks", "Ant-v5", "--work", str(tmp_path / "w")])
+    assert res["analysis"]["goal"]["cells"] == 1  # the whole (tiny) primary grid
+    # a partial grid (a slice, or runs still to come): analysed without the missing cells, no goal
+    (tmp_path / "w" / "records" / "aihf-clean-bc-p8-Hopper-v5-s10.json").unlink()
+    part = bench.main(["--profile", "tiny", "--analyse-only", "--work", str(tmp_path / "w"),
+                       "--out", str(tmp_path / "part.json")])
+    assert part["analysis"]["missing"] == ["aihf-clean-bc-p8-Hopper-v5-s10"] and "incomplete" in part["analysis"]["goal"]
+    # records made under another end-of-episode treatment are not mixed with new ones
+    monkey = dict(bench.PROFILES["tiny"], treatments=dict(irl="raw+env", rlhf="raw+horizon"))
+    bench.PROFILES["__t"] = monkey
+    try:
+        with pytest.raises(SystemExit, match="another end-of-episode treatment"):
+            bench.main(["--profile", "__t", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "x.json")])
+    finally:
+        del bench.PROFILES["__t"]
 
 
 def test_bench_alignment_llm_round2_tiny(tmp_path):

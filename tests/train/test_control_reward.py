@@ -155,37 +155,55 @@ def test_bad_model_input():
 
 def test_absorbing_state_share_is_the_formula():
     """termination='absorbing': each term's mean is (1 - f) * mean over its real state-actions +
-    f * r_abs, the l2 term counts r_abs for the same share; f = 0 is the plain loss exactly, and
-    r_abs moves down when the policy's occupancy ends in the absorbing state more than the
-    demonstrations' (and up in the other case)."""
+    f * r_abs, the l2 term counts r_abs for the same share (values and gradients against the
+    formula); f = 0 is the plain loss; r_abs is the network's output at the absorbing flag, so it
+    learns as fast as the other rewards: down when the policy's occupancy ends in the absorbing
+    state more than the demonstrations', up in the other case."""
     demo, samp, seg, _ = _toy_data(n=64, pairs=16)
+    torch.manual_seed(0)
     m = RewardModel(D, A, hidden=(8,), clip=3.0, absorbing=True)
-    with torch.no_grad():
-        m.absorbing.fill_(0.4)
     f_d, f_s, l2 = 0.1, 0.6, 0.01
     loss, metrics = reward_step_loss(m, demo=demo, samples=samp, pairs=seg, w_D=1.0, w_P=1.0, l2=l2,
                                      demo_absorbing=f_d, samples_absorbing=f_s)
-    rd, rs, r_abs = m(*demo), m(*samp), 3.0 * torch.tanh(m.absorbing / 3.0)
-    R = m(seg.obs, seg.act).sum(-1)
+
+    def r(o, a, flag=0.0):  # by hand: the flag is one more input
+        o, a = torch.as_tensor(o, dtype=torch.float32), torch.as_tensor(a, dtype=torch.float32)
+        x = torch.cat([(o - m.obs_mean) / m.obs_std, a, torch.full(o.shape[:-1] + (1,), flag)], -1)
+        return 3.0 * torch.tanh(m.net(x).squeeze(-1) / 3.0)
+
+    rd, rs = r(*demo), r(*samp)
+    r_abs = r(torch.zeros(1, D), torch.zeros(1, A), 1.0)[0]
+    R = r(seg.obs, seg.act).sum(-1)
     h = torch.where(torch.as_tensor(seg.first_preferred), R[:, 0] - R[:, 1], R[:, 1] - R[:, 0])
     sq = ((1 - f_d) * rd.pow(2).sum() + (1 - f_s) * rs.pow(2).sum() + (f_d + f_s) * 64 * r_abs.pow(2)) / 128
     want = ((1 - f_s) * rs.mean() + f_s * r_abs - (1 - f_d) * rd.mean() - f_d * r_abs + (-F.logsigmoid(h)).mean()
-            + l2 * (sq + m(seg.obs, seg.act).pow(2).mean()))
+            + l2 * (sq + r(seg.obs, seg.act).pow(2).mean()))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert float(metrics["reward/absorbing"]) == pytest.approx(r_abs.item())
-    # no absorbing visits: the loss of a model without an absorbing state, to the bit
-    plain = RewardModel(D, A, hidden=(8,), clip=3.0)
-    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "absorbing"})
+    params = list(m.parameters())
+    for got, ref in zip(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert float(metrics["reward/absorbing"]) == pytest.approx(r_abs.item(), rel=1e-6)
+    # no absorbing visits: the plain formula
+    plain = (rs.mean() - rd.mean() + (-F.logsigmoid(h)).mean()
+             + l2 * (torch.cat([rd, rs]).pow(2).mean() + r(seg.obs, seg.act).pow(2).mean()))
     kw = dict(demo=demo, samples=samp, pairs=seg, w_D=1.0, w_P=1.0, l2=l2)
-    assert torch.equal(reward_step_loss(m, **kw)[0], reward_step_loss(plain, **kw)[0])
-    # the direction of r_abs's gradient is the sign of f_samples - f_demo (the loss pushes samples down)
+    assert reward_step_loss(m, **kw)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+    # learning: 50 Adam steps at lr 1e-2 move r_abs by more than 1, in the direction of f_samples - f_demo
     for fd, fs, sign in ((0.0, 0.5, -1), (0.5, 0.0, 1)):
-        m.zero_grad()
-        reward_step_loss(m, demo=demo, samples=samp, w_D=1.0, w_P=0.0, demo_absorbing=fd, samples_absorbing=fs)[0].backward()
-        assert -m.absorbing.grad.item() * sign > 0
+        torch.manual_seed(0)
+        mm = RewardModel(D, A, hidden=(8,), clip=3.0, absorbing=True)
+        opt = torch.optim.Adam(mm.parameters(), lr=1e-2)
+        start = mm.absorbing_reward().item()
+        for _ in range(50):
+            opt.zero_grad()
+            reward_step_loss(mm, demo=demo, samples=samp, w_D=1.0, w_P=0.0, demo_absorbing=fd,
+                             samples_absorbing=fs)[0].backward()
+            opt.step()
+        assert (mm.absorbing_reward().item() - start) * sign > 1.0
     with pytest.raises(ValueError, match=r"samples_absorbing must be in \[0, 1\)"):
         reward_step_loss(m, demo=demo, samples=samp, w_D=1.0, w_P=0.0, samples_absorbing=1.0)
+    other = RewardModel(D, A, hidden=(8,), clip=3.0)
     with pytest.raises(ValueError, match="absorbing=True"):
-        reward_step_loss(plain, demo=demo, samples=samp, w_D=1.0, w_P=0.0, demo_absorbing=0.2)
+        reward_step_loss(other, demo=demo, samples=samp, w_D=1.0, w_P=0.0, demo_absorbing=0.2)
     with pytest.raises(ValueError, match="absorbing=True"):
-        plain.absorbing_reward()
+        other.absorbing_reward()

@@ -228,6 +228,10 @@ def test_learning_beats_random_by_a_wide_margin(data, tmp_path):
     (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "horizon"],
      "InvertedPendulum-v5 ends episodes without a terminate_when_unhealthy option"),
     (["--method", "bc", "--demonstrations", "DEMOS", "--termination", "horizon"], "method 'bc' has none"),
+    (["--method", "irl", "--demonstrations", "DEMOS", "--termination", "absorbing"],
+     "needs eval_every x rollout_steps >= the time limit"),
+    (["--task", "HalfCheetah-v5", "--method", "irl", "--demonstrations", "DEMOS", "--termination", "absorbing"],
+     "never ends an episode before the time limit"),
     (["--method", "bc", "--demonstrations", "DEMOS", "--heldout-demos", "4"], "none would be left to train on"),
     (["--method", "rlhf", "--preferences", "PREFS", "--heldout-demos", "1"], "give demonstrations"),
 ])
@@ -445,11 +449,11 @@ def test_absorbing_termination(data, tmp_path):
     visits enter the reward step, which learns r_abs; PPO gets r_theta - r_abs; resume is exact."""
     d = data[0]
     base = dict(task=TASK, method="irl", demonstrations=os.path.join(d, "demos.npz"), termination="absorbing",
-                rl_reward="raw", num_envs=4, rollout_steps=64, eval_every=2, save_every=2, eval_episodes=2,
+                rl_reward="raw", num_envs=2, rollout_steps=128, eval_every=8, save_every=8, eval_episodes=2,
                 progress=False)
-    full = train(ControlConfig(**base, env_steps=4 * 4 * 64, output_dir=str(tmp_path / "full")))
-    train(ControlConfig(**base, env_steps=2 * 4 * 64, output_dir=str(tmp_path / "part")))
-    train(ControlConfig(**base, env_steps=4 * 4 * 64, output_dir=str(tmp_path / "part"), resume=True))
+    full = train(ControlConfig(**base, env_steps=16 * 2 * 128, output_dir=str(tmp_path / "full")))
+    train(ControlConfig(**base, env_steps=8 * 2 * 128, output_dir=str(tmp_path / "part")))
+    train(ControlConfig(**base, env_steps=16 * 2 * 128, output_dir=str(tmp_path / "part"), resume=True))
     a = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl")]
     b = [json.loads(x) for x in open(tmp_path / "part" / "log.jsonl")]
     strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 - wall-clock differs
@@ -463,9 +467,7 @@ def test_absorbing_termination(data, tmp_path):
     from aihf_fast.train.control.trainer import Trainer
 
     tr = Trainer(ControlConfig(**base, env_steps=4 * 64, output_dir=str(tmp_path / "t")))
-    with torch.no_grad():
-        tr.reward.absorbing.fill_(-2.0)
-    r_abs = 10 * np.tanh(-0.2)
+    r_abs = tr.reward.absorbing_reward().item()
     learned = np.array([[0.5, -1.0]])
     np.testing.assert_allclose(tr._rl_rewards(learned), learned - r_abs, rtol=1e-6)
     tr.cfg.rl_reward = "sigmoid"
@@ -479,25 +481,47 @@ def test_absorbing_termination(data, tmp_path):
     tr.eval_envs.close()
 
 
-def test_batch_absorbing_share_counts_the_rest_of_the_horizon(data, tmp_path):
-    """A termination after t steps of its episode (counted across batches) adds H - t absorbing
-    visits; a truncation adds none and restarts the count."""
+def _episodes_batches(lengths, num_envs, T, iters, reset_every, rng):
+    """Rollout flags [t, env] of envs whose episodes last lengths() steps, restarted together every
+    reset_every iterations (as the trainer's evaluations restart them)."""
+    left = np.array([lengths(rng) for _ in range(num_envs)])
+    for it in range(iters):
+        term = np.zeros((T, num_envs), bool)
+        for t in range(T):
+            left -= 1
+            term[t] = left == 0
+            left[term[t]] = [lengths(rng) for _ in range(int(term[t].sum()))]
+        yield it, dict(terminated=term, truncated=np.zeros((T, num_envs), bool))
+        if (it + 1) % reset_every == 0:
+            left = np.array([lengths(rng) for _ in range(num_envs)])
+
+
+@pytest.mark.parametrize("mean_len,reset_every", [(300, 10), (800, 10), (800, 8), (60, 8)])
+def test_policy_absorbing_share_matches_the_demonstrations_at_equal_lengths(data, tmp_path, mean_len, reset_every):
+    """A policy whose episodes last as long as the demonstrations' gets the demonstrations' share
+    (within 0.05), although the restarts at evaluations cut its long episodes and its envs start
+    together (bunched terminations): the share comes from the termination hazard over the last
+    iterations, not from the terminations of one batch."""
+    from aihf_fast.train.control import Trajectories
     from aihf_fast.train.control.trainer import Trainer
 
     d = data[0]
     tr = Trainer(ControlConfig(task=TASK, method="irl", demonstrations=os.path.join(d, "demos.npz"),
-                               termination="absorbing", num_envs=2, output_dir=str(tmp_path / "t"), progress=False))
+                               termination="absorbing", num_envs=16, rollout_steps=128, eval_every=reset_every,
+                               output_dir=str(tmp_path / "t"), progress=False))
     H = tr.max_steps
-    term, trunc = np.zeros((3, 2), bool), np.zeros((3, 2), bool)
-    term[1, 0] = True   # env 0: ends after 2 steps
-    trunc[0, 1] = True  # env 1: cut after 1 step (no absorbing visits)
-    assert tr._batch_absorbing_share(dict(terminated=term, truncated=trunc)) == pytest.approx((H - 2) / (6 + H - 2))
-    term2 = np.zeros((3, 2), bool)
-    term2[0, 1] = True  # env 1: its episode restarted at step 1 of the first batch: 2 + 1 = 3 steps
-    share = tr._batch_absorbing_share(dict(terminated=term2, truncated=np.zeros((3, 2), bool)))
-    assert share == pytest.approx((H - 3) / (6 + H - 3))
-    tr._reset_envs()
-    assert not tr.elapsed.any()
+    lengths = lambda g: int(np.clip(g.integers(mean_len - 30, mean_len + 31), 1, H))  # noqa: E731
+    g = np.random.default_rng(0)
+    demo = Trajectories.concatenate([Trajectories(np.zeros((n, 4)), np.zeros((n, 1)), np.zeros((n, 4)), np.zeros(n),
+                                                  np.zeros(n, np.int64)) for n in (lengths(g) for _ in range(200))])
+    want = tr._absorbing_share(demo)
+    shares = []
+    for it, batch in _episodes_batches(lengths, 16, 128, 40, reset_every, np.random.default_rng(1)):
+        shares.append(tr._policy_absorbing_share(batch))
+        if (it + 1) % reset_every == 0:
+            tr._reset_envs()
+    assert abs(np.mean(shares[10:]) - want) < 0.05, (np.mean(shares[10:]), want)
+    assert len(tr.hazard_counts) == 10
     tr.envs.close()
     tr.eval_envs.close()
 
@@ -511,13 +535,11 @@ def test_constant_positive_reward_rewards_survival_unless_measured_from_the_abso
 
     def lengths(c, termination):
         tr = Trainer(ControlConfig(task=TASK, method="irl", demonstrations=os.path.join(data[0], "demos.npz"),
-                                   termination=termination, rl_reward="raw", num_envs=8, seed=1,
+                                   termination=termination, rl_reward="raw", num_envs=8, seed=1, eval_every=8,
                                    output_dir=str(tmp_path / f"{c}{termination}"), progress=False))
-        with torch.no_grad():  # r_theta = c on every state-action, r_abs = c
+        with torch.no_grad():  # r_theta = c on every state-action and at the absorbing flag: r_abs = c
             tr.reward.net[-1].weight.zero_()
             tr.reward.net[-1].bias.fill_(float(np.arctanh(c / 10) * 10))
-            if tr.reward.absorbing is not None:
-                tr.reward.absorbing.fill_(float(np.arctanh(c / 10) * 10))
         tr._reset_envs()
         out = []
         for it in range(12):

@@ -163,6 +163,9 @@ def validate(cfg: ControlConfig) -> None:
         if not (cfg.method == "irl" or (cfg.method == "aihf" and cfg.w_D > 0)):
             raise ConfigError("termination='absorbing' learns the absorbing state's reward in the demonstration "
                               f"term: methods irl and aihf (w_D > 0) only, got method {cfg.method!r}")
+        if fixed_horizon_options(cfg.task) == {}:
+            raise ConfigError(f"termination='absorbing': {cfg.task} never ends an episode before the time limit, so "
+                              "there is no absorbing state to learn; use termination='env'")
         if cfg.reward_replay:
             raise ConfigError("termination='absorbing' does not combine with reward_replay (the replayed samples "
                               "carry no absorbing-state share); set reward_replay=0")

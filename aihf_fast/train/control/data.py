@@ -72,7 +72,7 @@ class Trajectories:
         return np.array([self.rewards[a:b].sum() for a, b in self.episode_bounds()])
 
     def rows(self, sl: slice) -> Trajectories:
-        """The transitions in ``sl`` (cut at episode bounds to keep whole episodes)."""
+        """The transitions in ``sl`` (a slice at episode bounds keeps whole episodes: the caller's choice)."""
         return Trajectories(self.obs[sl], self.act[sl], self.next_obs[sl], self.rewards[sl], self.episode[sl],
                             dict(self.meta))
 

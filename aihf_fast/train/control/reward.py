@@ -1,8 +1,10 @@
 """The learned reward r_theta(s, a) of the control methods and its reward step.
 
     r(s, a[, s']) = clip * tanh(mlp(normalise(s), a[, normalise(s')]) / clip)     (clip=None: no clip)
-    r_abs         = clip * tanh(theta_abs / clip)   (absorbing=True: the reward of the absorbing state
-                    that follows a termination, one learned scalar as in DAC, Kostrikov et al. 2019)
+    r_abs         = clip * tanh(mlp(0, 0[, 0], flag=1) / clip)   (absorbing=True: the reward of the
+                    absorbing state that follows a termination; as in DAC, Kostrikov et al. 2019, the
+                    same network with an absorbing flag input, 0 on every real state-action, so that
+                    r_abs learns as fast as any other reward)
 
 Reward step (the upper level of AIHF, ../paper/aihf.md), one loss for every method:
 
@@ -52,14 +54,14 @@ class RewardModel(nn.Module):
         if activation not in acts:
             raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
         self.obs_dim, self.act_dim, self.use_next_obs, self.clip = obs_dim, act_dim, use_next_obs, clip
-        dims = [obs_dim * (2 if use_next_obs else 1) + act_dim, *hidden, 1]
+        self.absorbing = absorbing
+        dims = [obs_dim * (2 if use_next_obs else 1) + act_dim + int(absorbing), *hidden, 1]
         layers = []
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
                 layers.append(acts[activation]())
         self.net = nn.Sequential(*layers)
-        self.absorbing = nn.Parameter(torch.zeros(())) if absorbing else None
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
 
@@ -84,6 +86,8 @@ class RewardModel(nn.Module):
             if next_obs.shape != obs.shape:
                 raise ValueError(f"next_obs must have obs's shape {tuple(obs.shape)}, got {tuple(next_obs.shape)}")
             x.append((next_obs - self.obs_mean) / self.obs_std)
+        if self.absorbing:  # the flag of the absorbing state: 0 on real state-actions
+            x.append(obs.new_zeros(obs.shape[:-1] + (1,)))
         return self._bound(self.net(torch.cat(x, -1)).squeeze(-1))
 
     def _bound(self, r):
@@ -91,9 +95,11 @@ class RewardModel(nn.Module):
 
     def absorbing_reward(self) -> torch.Tensor:
         """r_abs (0-d float32), the reward of the absorbing state; needs ``absorbing=True``."""
-        if self.absorbing is None:
+        if not self.absorbing:
             raise ValueError("this reward model has no absorbing state: build it with absorbing=True")
-        return self._bound(self.absorbing)
+        x = torch.zeros(self.net[0].in_features, device=self.obs_mean.device)
+        x[-1] = 1.0
+        return self._bound(self.net(x).squeeze(-1))
 
 
 def segment_returns(model: RewardModel, pairs) -> torch.Tensor:
@@ -127,7 +133,7 @@ def reward_step_loss(model: RewardModel, *, demo: tuple | None = None, samples: 
         if not 0 <= f < 1:
             raise ValueError(f"{name} must be in [0, 1), got {f}")
     absorbing = demo_absorbing > 0 or samples_absorbing > 0
-    if absorbing and model.absorbing is None:
+    if absorbing and not model.absorbing:
         raise ValueError("demo_absorbing/samples_absorbing > 0 need a reward model with absorbing=True")
     loss = torch.zeros(())
     metrics = {}

@@ -66,6 +66,9 @@ def behaviour_clone(agent: PPO, demos: Trajectories, steps: int, batch: int = 25
     return nll
 
 
+HAZARD_WINDOW = 10  # PPO iterations whose terminations estimate the policy's absorbing share
+
+
 class Trainer:
     def __init__(self, cfg: ControlConfig):
         validate(cfg)
@@ -137,7 +140,9 @@ class Trainer:
             self.reward = RewardModel(D, A, hidden=(cfg.reward_hidden, cfg.reward_hidden),
                                       use_next_obs=cfg.reward_next_obs, clip=cfg.reward_clip,
                                       absorbing=cfg.termination == "absorbing")
-            ref = self.demos.obs if self.demos is not None and len(self.demos) else self.prefs.obs.reshape(-1, D)
+            # rlhf's reward never sees a demonstration (not even through bc_init's demonstrations)
+            use_demos = cfg.method != "rlhf" and self.demos is not None and len(self.demos)
+            ref = self.demos.obs if use_demos else self.prefs.obs.reshape(-1, D)
             self.reward.fit_normalizer(ref)
             if self._two_rates:  # Adam per term (TermAdamW without decay is Adam)
                 self.ropt = TermAdamW(self.reward.parameters(), {"D": 1.0, "P": cfg.reward_lr_P / cfg.reward_lr},
@@ -146,10 +151,17 @@ class Trainer:
                 self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
         # policy state-actions of earlier iterations (reward_replay > 0), newest last
         self.replay = None
-        # termination='absorbing': the demonstrations' share of absorbing visits on the horizon, the
-        # steps each training env's episode has run (reset with the envs)
+        # termination='absorbing': the demonstrations' share of absorbing visits on the horizon; the
+        # steps each training env's episode has run (reset with the envs); per recent iteration, the
+        # episodes at risk and ended at each step of the horizon (the policy's termination hazard)
         self.demo_absorbing = self._absorbing_share(self.demos) if cfg.termination == "absorbing" else 0.0
         self.elapsed = np.zeros(cfg.num_envs, np.int64)
+        self.hazard_counts = []
+        if cfg.termination == "absorbing" and cfg.eval_every * cfg.rollout_steps < self.max_steps:
+            raise ConfigError(f"termination='absorbing' needs eval_every x rollout_steps >= the time limit "
+                              f"({self.max_steps} steps of {cfg.task}): the training envs restart after each "
+                              f"evaluation, and the policy's termination rate must be seen at every step of an "
+                              f"episode; got {cfg.eval_every} x {cfg.rollout_steps}")
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.it = 0
         self.iterations = cfg.env_steps // (cfg.num_envs * cfg.rollout_steps) if cfg.method != "bc" else 0
@@ -175,16 +187,28 @@ class Trainer:
         absorbed = np.clip(self.max_steps - lengths, 0, None).sum()
         return float(absorbed / (lengths.sum() + absorbed))
 
-    def _batch_absorbing_share(self, batch) -> float:
-        """f of a rollout batch: each termination after t steps of its episode adds H - t absorbing
-        visits; ``self.elapsed`` carries the running episodes over to the next batch."""
+    def _policy_absorbing_share(self, batch) -> float:
+        """The policy's f = 1 - E[T] / H, with E[T] = sum_t S(t) the expected episode length on
+        the horizon from its termination hazard h(t) = ended(t) / at_risk(t) at each step t of an
+        episode (S(t) = prod_{k<t} (1 - h(k))), counted over this batch and the ``HAZARD_WINDOW`` - 1
+        before it. Episodes cut by the restarts at evaluations count while they run (the hazard
+        handles censoring), and one estimate over several batches does not follow the bunched
+        terminations of a single one."""
+        H = self.max_steps
+        at_risk, ended = np.zeros(H, np.int64), np.zeros(H, np.int64)
         term, done = batch["terminated"], batch["terminated"] | batch["truncated"]
-        absorbed = 0
         for t in range(len(term)):
+            step = np.minimum(self.elapsed, H - 1)
+            np.add.at(at_risk, step, 1)
+            np.add.at(ended, step[term[t]], 1)
             self.elapsed += 1
-            absorbed += int(np.clip(self.max_steps - self.elapsed[term[t]], 0, None).sum())
             self.elapsed[done[t]] = 0
-        return absorbed / (term.size + absorbed)
+        self.hazard_counts = [*self.hazard_counts, (at_risk, ended)][-HAZARD_WINDOW:]
+        n = sum(c[0] for c in self.hazard_counts)
+        d = sum(c[1] for c in self.hazard_counts)
+        hazard = np.divide(d, n, out=np.zeros(H), where=n > 0)
+        survival = np.concatenate([[1.0], np.cumprod(1.0 - hazard)[:-1]])
+        return float(1.0 - survival.sum() / H)
 
     def _reset_envs(self):
         """Seeded reset of the training envs (start, resume, after each evaluation)."""
@@ -328,6 +352,7 @@ class Trainer:
                   rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(), np_rng=np.random.get_state(),
                   reward=self.reward.state_dict() if self.reward is not None else None,
                   ropt=self.ropt.state_dict() if self.reward is not None else None, replay=self.replay,
+                  hazard_counts=self.hazard_counts,
                   run={k: getattr(self.cfg, k) for k in ("task", "method", "seed", "demonstrations", "preferences",
                                                          "num_pairs", "num_envs", "rollout_steps", "w_D", "w_P",
                                                          "reward_lr", "reward_lr_P", "reward_replay",
@@ -394,6 +419,7 @@ class Trainer:
             self.reward.load_state_dict(st["reward"])
             self.ropt.load_state_dict(st["ropt"])
             self.replay = st.get("replay")
+            self.hazard_counts = st.get("hazard_counts") or []
         return True
 
     def _snapshot(self, ev):
@@ -418,7 +444,7 @@ class Trainer:
             t1 = time.time()
             rec = {"iter": self.it + 1, "env_steps": self.agent.env_steps}
             if cfg.method in ("irl", "aihf"):
-                share = self._batch_absorbing_share(batch) if cfg.termination == "absorbing" else 0.0
+                share = self._policy_absorbing_share(batch) if cfg.termination == "absorbing" else 0.0
                 for _ in range(cfg.reward_steps):
                     m = self._reward_step(batch, share)
                 rec.update({f"reward_step/{k}": float(v) for k, v in m.items()})
