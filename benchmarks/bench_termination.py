@@ -30,6 +30,12 @@ highest mean normalised return over tasks and seeds (aihf takes irl's: the same 
 term); this reads the true reward, on design seeds only, as choosing PPO's settings would. Paired
 differences against ``sigmoid+env`` are reported with 95% intervals (2 seeds x 2 tasks: wide).
 Outputs: benchmarks/results/bench_termination_<profile>.json + .png (device, versions, commit).
+Amendment (made before any learned-reward run of this benchmark had finished; none was seen): a
+review found the first ``absorbing`` implementation faulty (r_abs a lone scalar that Adam moved at
+most lr per step; the policy's absorbing share read from single batches, biased by the restarts
+after evaluations), and rlhf's reward normaliser fitted on demonstrations; the learned-reward runs
+use the corrected trainer (commit 353528e on), the expert and true-reward runs made before are kept
+(their code did not change).
 """
 from __future__ import annotations
 
