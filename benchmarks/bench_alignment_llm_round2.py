@@ -93,7 +93,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_alignment_llm as round1  # noqa: E402
-from common import ci95, commit, device_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, device_name, grid_arguments, run_jobs, save_grid_result, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tune_seeds=[300], final_seeds=[20], designs=["A"], budgets=[0, 8], tune_budget=8, noisy_budgets=[8],
@@ -500,14 +500,9 @@ def plot(result: dict, prof: dict, path: str):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="small")
+    ap = grid_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), PROFILES, "small")
     ap.add_argument("--stage", choices=("tune", "all"), default="all", help="tune: stop after the tuning runs")
     ap.add_argument("--designs", nargs="+", default=None, help="a slice: only these designs' final runs")
-    ap.add_argument("--work", default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--analyse-only", action="store_true", help="run nothing: analyse the records in --work")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
@@ -534,10 +529,7 @@ def main(argv=None):
                   command="python benchmarks/bench_alignment_llm_round2.py " + " ".join(argv if argv is not None
                                                                                         else sys.argv[1:]),
                   analysis=analysis, records=list(records.values()))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_grid_result(result, out, lambda r, png: plot(r, prof, png))
     for arm, v in analysis["verdict"].items():
         for r in v["rows"]:
             print(f"{arm:<5} {r['design']} {r['method']:<8} {r['budget']:>5} pairs: {r['aihf_reward']:.2f} vs "

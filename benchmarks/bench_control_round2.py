@@ -66,7 +66,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import ci95, commit, cpu_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, cpu_name, grid_arguments, run_jobs, save_grid_result, versions  # noqa: E402
 
 TREATMENT_FILE = ROOT / "benchmarks" / "results" / "bench_termination_small.json"
 PROFILES = {
@@ -357,14 +357,9 @@ def plot(result, prof, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    ap = grid_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), PROFILES, "full")
     ap.add_argument("--tasks", nargs="+", default=None, help="a slice: only these tasks of the profile")
     ap.add_argument("--stage", choices=("tune", "all"), default="all", help="tune: stop after the tuning runs")
-    ap.add_argument("--work", default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--analyse-only", action="store_true", help="run nothing: analyse the records in --work")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
@@ -403,10 +398,7 @@ def main(argv=None):
                   wall_seconds_this_invocation=time.time() - t0,
                   command="python benchmarks/bench_control_round2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   analysis=analysis, records=list(records.values()))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    plot(result, prof, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_grid_result(result, out, lambda r, png: plot(r, prof, png))
     for v in analysis["verdict"]:
         half = "n/a" if v["diff_vs_rlhf_ci95"] is None else f"{v['diff_vs_rlhf_ci95']:.1f}"
         print(f"{v['task']:<15} {v['budget']:>5} pairs {v['arm']:<5} {v['start']:<7}: aihf {v['aihf']:8.1f} rlhf "

@@ -55,7 +55,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import ci95, commit, cpu_name, run_jobs, versions  # noqa: E402
+from common import ci95, commit, cpu_name, grid_arguments, run_jobs, save_grid_result, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tasks=["Hopper-v5"], seeds=[100], steps=2 * 8 * 32, pairs=8, heldout=4, num_envs=8,
@@ -209,12 +209,7 @@ def plot(result, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="small")
-    ap.add_argument("--work", default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = grid_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), PROFILES, "small")
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args(argv)
     prof = PROFILES[a.profile]
@@ -230,10 +225,7 @@ def main(argv=None):
                   versions=versions("mujoco", "gymnasium"), commit=head, wall_seconds_this_invocation=time.time() - t0,
                   command="python benchmarks/bench_termination.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   analysis=analysis, records=list(records.values()))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    plot(result, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_grid_result(result, out, plot)
     for r in analysis["table"]:
         d = "" if r["diff_vs_baseline"] is None else f"  diff {r['diff_vs_baseline']:+.2f} +- {r['diff_ci95']:.2f}"
         print(f"{r['method']:<7} {r['treatment']:<14} normalised {r['mean_normalised']:6.2f} +- {r['ci95']:.2f}  "

@@ -92,6 +92,24 @@ def child_result(cmd: list, **kw) -> tuple[dict | None, str]:
     return (json.loads(lines[-1][len("RESULT "):]) if lines else None), r.stderr
 
 
+def grid_arguments(ap, profiles: dict, default: str):
+    """The options every resumable grid benchmark takes (profile, work dir, output, workers)."""
+    ap.add_argument("--profile", choices=sorted(profiles), default=default)
+    ap.add_argument("--work", default=None, help="run directory (per-run records: rerunning continues)")
+    ap.add_argument("--out", default=None, help="result JSON (a PNG beside it)")
+    ap.add_argument("--workers", type=int, default=None, help="parallel runs (default: the profile's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    return ap
+
+
+def save_grid_result(result: dict, out: str, plot) -> None:
+    """``result`` as JSON at ``out`` and ``plot(result, png_path)`` beside it."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    plot(result, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def write_report(report: dict, out: str) -> str:
     """``report`` as indented JSON at ``out`` (its folder made), said on stdout."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
