@@ -531,6 +531,7 @@ def plot(result: dict, prof: dict, path: str):
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = list(sys.argv[1:] if argv is None else argv)
+    args = [x for a in args for x in (a.split("=", 1) if a.startswith("--protocol=") else [a])]
     if "--protocol" in args:  # round two lives in its own module; round one stays as it was run
         i = args.index("--protocol")
         proto = args[i + 1] if i + 1 < len(args) else None

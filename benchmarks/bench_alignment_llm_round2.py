@@ -50,8 +50,9 @@ Equal tuning: 6 configurations per method (``configs``), on the tuning seeds, de
   base has nothing to tune.
 Selection (never reads the true reward; the same rule for every method of a kind), for the
 checkpoint (every ``eval_every`` steps and step 0) and the configuration (the best mean over the
-tuning seeds of the signal at each run's selected checkpoint), used for every budget, design and
-arm: runs trained on pairs take the highest held-out preference accuracy of the implicit reward
+tuning seeds of the signal at each run's selected checkpoint; ties: the earlier configuration in
+the grid's order; a run whose numbers become non-finite ranks last), used for every budget,
+design and arm: runs trained on pairs take the highest held-out preference accuracy of the implicit reward
 log pi - log pi_anchor (anchor: the model the method is regularised toward, base, or the SFT
 anchor for sft_then_dpo, rlhf, aihf_rm, rm_once; ties: the lower held-out demonstration NLL, then
 the earlier step); runs without pairs the lowest held-out demonstration NLL (ties: the earlier).
@@ -114,6 +115,7 @@ AIHF_FORMS = ("aihf", "aihf_moving", "aihf_fresh", "aihf_rm", "rm_once")
 BASELINES = tuple(m for m in METHODS if m not in AIHF_FORMS)
 NEEDS_PAIRS = ("dpo", "ipo", "rpo", "dpo_nll", "sft_then_dpo", "rlhf")
 FROM_SFT = ("sft_then_dpo", "rlhf", "aihf_rm", "rm_once")  # start from, and are anchored to, the SFT anchor
+RM_ONCE = ("rlhf", "rm_once")  # a reward model fitted before RL (one per seed, design, budget and arm)
 RL = ("rlhf", "aihf_rm", "rm_once")
 LABEL_NOISE = 0.2
 BETA_LRS = [dict(lr=lr, beta=b) for lr in (1e-5, 1e-4, 1e-3) for b in (0.1, 0.5)]
@@ -182,24 +184,49 @@ def plan(prof: dict) -> list[dict]:
         for d in (["A"] if s in prof["tune_seeds"] else prof["designs"]):
             jobs.append(dict(kind="anchor", key=f"anchor-s{s}-{d}", deps=[f"prepare-s{s}", *tune_keys["sft"]], seed=s,
                              design=d, cost=10))
+    rms = set()
+
+    def rm_dep(m, s, d, b, arm):  # rlhf / rm_once: their reward model, fitted once for every configuration
+        if m not in RM_ONCE:
+            return []
+        key = rm_key(m, s, d, b, arm)
+        if key not in rms:
+            rms.add(key)
+            jobs.append(dict(kind="rm", stage="tune" if s in prof["tune_seeds"] else "final", key=key,
+                             deps=[f"prepare-s{s}", f"anchor-s{s}-{d}"], seed=s, design=d, method=m, budget=b,
+                             arm=arm, cost=8))
+        return [key]
+
     for m in METHODS[1:]:
         b = tune_budget(m, prof)
         for c in range(len(grid(m, prof))):
             for s in prof["tune_seeds"]:
-                deps = [f"prepare-s{s}"] + ([f"anchor-s{s}-A"] if m in FROM_SFT else [])
+                deps = [f"prepare-s{s}"] + ([f"anchor-s{s}-A"] if m in FROM_SFT else []) + rm_dep(m, s, "A", b, "clean")
                 jobs.append(dict(kind="run", stage="tune", key=run_key("tune", s, "A", m, b, config=c), deps=deps,
                                  seed=s, design="A", method=m, budget=b, arm="clean", config=c, cost=_cost(m)))
     for s in prof["final_seeds"]:
         for d in prof["designs"]:
             for m in METHODS:
-                cells = [(b, "clean") for b in prof["budgets"]] + [(b, "noisy") for b in prof["noisy_budgets"]]
-                for b, arm in cells:
-                    if (m in NEEDS_PAIRS and b == 0) or (m in ("base", "sft", "spin") and b > 0):
-                        continue  # no pairs used: the 0-pair run stands for every budget
-                    deps = [f"prepare-s{s}", f"anchor-s{s}-{d}", *tune_keys.get(m, [])]
+                for b, arm in final_cells(m, prof):
+                    deps = [f"prepare-s{s}", f"anchor-s{s}-{d}", *tune_keys.get(m, []), *rm_dep(m, s, d, b, arm)]
                     jobs.append(dict(kind="run", stage="final", key=run_key("final", s, d, m, b, arm), deps=deps,
                                      seed=s, design=d, method=m, budget=b, arm=arm, cost=_cost(m)))
+    for j in jobs:  # the data of the final seeds belongs to the final stage (a --stage tune slice skips it)
+        if j["kind"] in ("prepare", "anchor"):
+            j["stage"] = "tune" if j["seed"] in prof["tune_seeds"] else "final"
     return jobs
+
+
+def final_cells(method: str, prof: dict) -> list[tuple[int, str]]:
+    """(budget, arm) of a method's final runs: no 0-pair run for the methods that need pairs, one
+    0-pair run standing for every budget for those that use none."""
+    cells = [(b, "clean") for b in prof["budgets"]] + [(b, "noisy") for b in prof["noisy_budgets"]]
+    return [(b, arm) for b, arm in cells
+            if not ((method in NEEDS_PAIRS and b == 0) or (method in ("base", "sft", "spin") and b > 0))]
+
+
+def rm_key(method, seed, design, budget, arm):
+    return f"rm-{method}-s{seed}-{design}-p{budget}-{arm}"
 
 
 def tune_budget(method: str, prof: dict) -> int:
@@ -227,9 +254,9 @@ def job_prepare(job, prof, work):
     p1 = dict(prof, budgets=sorted({*prof["budgets"], prof["tune_budget"]}), ratio_demos=[], seeds=[job["seed"]])
     rec = round1.job_prepare(job, p1, work)
     p = round1._paths(work, job["seed"])
-    for name in ["prefs_base_val", *(f"prefs_base_{b}" for b in prof["noisy_budgets"])]:
-        rows = round1._read_jsonl(os.path.join(p["dir"], name + ".jsonl"))
-        round1._write_jsonl(os.path.join(p["dir"], name + "_noisy.jsonl"), _flip(rows, LABEL_NOISE, 30_000 + job["seed"]))
+    for name, seed in [("prefs_base_val", 31_000), *((f"prefs_base_{b}", 30_000) for b in prof["noisy_budgets"])]:
+        rows = round1._read_jsonl(os.path.join(p["dir"], name + ".jsonl"))  # held out: its own draws
+        round1._write_jsonl(os.path.join(p["dir"], name + "_noisy.jsonl"), _flip(rows, LABEL_NOISE, seed + job["seed"]))
     return rec
 
 
@@ -241,7 +268,10 @@ def select(evals: list, uses_pairs: bool) -> dict:
 
 
 def signal(rec: dict) -> tuple:
-    """A run's selection signal at its selected checkpoint: larger is better."""
+    """A run's selection signal at its selected checkpoint: larger is better (a run that diverged
+    is the worst)."""
+    if rec.get("diverged") or not rec["evals"]:
+        return (-np.inf, -np.inf) if rec["uses_pairs"] else (-np.inf,)
     e = select(rec["evals"], rec["uses_pairs"])
     sig = (e["eval/pref_accuracy"], -e["eval/demo_nll"]) if rec["uses_pairs"] else (-e["eval/demo_nll"],)
     return tuple(float(v) if np.isfinite(v) else -np.inf for v in sig)  # a diverged run is the worst
@@ -332,6 +362,40 @@ def _fit_reward_model(opts, out, prof, sample_policy=None):
     return summary["model_dir"], wall, summary["evals"][-1]
 
 
+def _rm_dir(work, m, s, d, b, arm):
+    return os.path.join(round1._paths(work, s)["dir"], rm_key(m, s, d, b, arm))
+
+
+def job_rm(job, prof, work, head):
+    """The reward model of rlhf (pairs) or rm_once (pairs + demonstration > SFT-anchor sample),
+    shared by every configuration of its seed, design, budget and arm."""
+    s, d, m, b, arm = job["seed"], job["design"], job["method"], job["budget"], job["arm"]
+    opts = _options(prof, s, d, work, m, {}, b, arm)
+    model_dir, wall, ev = _fit_reward_model(opts, _rm_dir(work, m, s, d, b, arm), prof,
+                                            opts["model"] if m == "rm_once" else None)
+    return dict(kind="rm", key=job["key"], seed=s, design=d, method=m, budget=b, arm=arm, model_dir=model_dir,
+                wall_seconds=wall, eval=ev, commit=head)
+
+
+_DIVERGED = ("nan", "inf", "finite")
+
+
+def _train_or_diverge(opts):
+    """(summary, wall, diverged): a run whose numbers become non-finite stops with an error; it is
+    recorded with the evaluations it logged before (the selection ranks it last)."""
+    t0 = time.time()
+    try:
+        summary, wall = round1._train(opts)
+        return summary, wall, False
+    except (RuntimeError, FloatingPointError, ValueError) as e:
+        if not any(w in str(e).lower() for w in _DIVERGED):
+            raise
+        log = os.path.join(opts["output_dir"], "log.jsonl")
+        evals = [r for r in round1._read_jsonl(log) if "eval/reward" in r] if os.path.isfile(log) else []
+        return dict(evals=evals, train_seconds=time.time() - t0, generation_seconds=float("nan"),
+                    error=f"{type(e).__name__}: {str(e)[:200]}"), time.time() - t0, True
+
+
 def job_run(job, prof, work, head):
     s, d, m, b, arm = job["seed"], job["design"], job["method"], job["budget"], job["arm"]
     if job["stage"] == "tune":
@@ -344,15 +408,15 @@ def job_run(job, prof, work, head):
     out = os.path.join(work, "runs", job["key"])
     opts["output_dir"] = out
     pre_wall, rm_eval = 0.0, None
-    if m in ("rlhf", "rm_once"):
-        sample = opts["model"] if m == "rm_once" else None
-        opts["reward_model"], pre_wall, rm_eval = _fit_reward_model(opts, out + "-rm", prof, sample)
-    summary, wall = round1._train(opts)
+    if m in RM_ONCE:  # the shared reward model (its fit counted in every run's pipeline time)
+        rm = _records(os.path.join(work, "records"), [rm_key(m, s, d, b, arm)])[rm_key(m, s, d, b, arm)]
+        opts["reward_model"], pre_wall, rm_eval = rm["model_dir"], rm["wall_seconds"], rm["eval"]
+    summary, wall, diverged = _train_or_diverge(opts)
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out + "-rm", ignore_errors=True)
     uses_pairs = b > 0
     return dict(kind="run", key=job["key"], stage=job["stage"], seed=s, design=d, method=m, budget=b, arm=arm,
-                chosen=chosen, uses_pairs=uses_pairs, evals=summary["evals"], wall_seconds=wall + pre_wall,
+                chosen=chosen, uses_pairs=uses_pairs, evals=summary["evals"], diverged=diverged,
+                error=summary.get("error"), wall_seconds=wall + pre_wall,
                 reward_model_seconds=pre_wall, reward_model_eval=rm_eval, train_seconds=summary["train_seconds"],
                 generation_seconds=summary["generation_seconds"], commit=head,
                 options={k: opts.get(k) for k in ("method", "lr", "beta", "w_P", "w_D", "nll_weight", "reference",
@@ -364,6 +428,8 @@ def run_job(job, prof, work, head):
         return dict(job_prepare(job, prof, work), commit=head)
     if job["kind"] == "anchor":
         return job_anchor(job, prof, work, head)
+    if job["kind"] == "rm":
+        return job_rm(job, prof, work, head)
     return job_run(job, prof, work, head)
 
 
@@ -384,7 +450,8 @@ def _point(rec):
 def analyse(records: dict, prof: dict) -> dict:
     meta = {r["seed"]: r["meta"] for r in records.values() if r.get("kind") == "prepare"}
     anchors = {(r["seed"], r["design"]): r["wall_seconds"] for r in records.values() if r.get("kind") == "anchor"}
-    runs = [r for r in records.values() if r.get("kind") == "run" and r["stage"] == "final"]
+    # a final run that diverged before its first evaluation has no point: its cell stays incomplete
+    runs = [r for r in records.values() if r.get("kind") == "run" and r["stage"] == "final" and r["evals"]]
     cells = {}
     for r in runs:
         budgets = prof["budgets"] if r["method"] in ("base", "sft", "spin") else [r["budget"]]
@@ -427,9 +494,13 @@ def _verdict(table, prof, meta, field, arm):
             for b in budgets:
                 a = main.get((d, form, b))
                 rivals = [main[(d, m, b)] for m in BASELINES if (d, m, b) in main]
+                expected_rivals = [m for m in BASELINES if b > 0 or m not in NEEDS_PAIRS]
                 if a is None or not rivals:
                     missing.append(f"{d}/{form}/{b}")
                     continue
+                n = len(prof["final_seeds"])
+                complete = len(a["seeds"]) == n and all(
+                    (d, m, b) in main and len(set(main[(d, m, b)]["seeds"]) & set(a["seeds"])) == n for m in expected_rivals)
                 diffs = {}
                 for r in rivals:
                     common = [s for s in a["seeds"] if s in r["seeds"]]
@@ -440,7 +511,9 @@ def _verdict(table, prof, meta, field, arm):
                 dm, dc = diffs[best["method"]]
                 row = dict(design=d, method=form, budget=b, best_baseline=best["method"], best_reward=best[field],
                            aihf_reward=a[field], diff=dm, diff_ci95=dc, gap=gap, diffs=diffs, seeds=len(a["seeds"]),
-                           complete=len(a["seeds"]) == len(prof["final_seeds"]),
+                           rivals=[r["method"] for r in rivals],
+                           # every expected baseline there, each with every final seed, paired
+                           complete=complete,
                            # the paired test needs an interval (>= 2 seeds)
                            at_least_as_good=bool(dm + dc >= 0) if np.isfinite(dc) else None)
                 if b == smallest:
@@ -453,7 +526,7 @@ def _verdict(table, prof, meta, field, arm):
                                                        for r in rows if r["method"] == f))
             if sum(r["method"] == f and r["complete"] for r in rows) == expected
             else dict(incomplete=f"{sum(r['method'] == f and r['complete'] for r in rows)} of {expected} cells have "
-                                 "every final seed")
+                                 "it and every baseline at every final seed")
             for f in ("aihf", "aihf_rm")}
     return dict(rows=rows, goal=goal, missing_cells=missing)
 
@@ -514,7 +587,12 @@ def main(argv=None):
     if a.stage == "tune":
         jobs = [j for j in jobs if j.get("stage") != "final"]
     if a.designs:
-        jobs = [j for j in jobs if j.get("stage") != "final" or j["design"] in a.designs]
+        if not set(a.designs) <= set(prof["designs"]):
+            raise SystemExit(f"--designs: {sorted(set(a.designs) - set(prof['designs']))} are not designs of profile "
+                             f"{a.profile} ({prof['designs']})")
+        jobs = [j for j in jobs if j.get("stage") != "final" or j.get("design", a.designs[0]) in a.designs]
+    if not set(prof["noisy_budgets"]) <= set(prof["budgets"]) - {0}:
+        raise SystemExit(f"profile {a.profile}: noisy_budgets {prof['noisy_budgets']} must be non-zero budgets")
     if not a.analyse_only:
         run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
     # the analysis reads every record of the whole protocol made so far (by any slice)

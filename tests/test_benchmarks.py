@@ -269,3 +269,34 @@ def test_bench_alignment_llm_round2_tiny(tmp_path):
     v = res["analysis"]["verdict"]
     assert {r["method"] for r in v["clean"]["rows"]} == {"aihf", "aihf_rm"} and v["noisy"]["rows"]
     assert set(res["analysis"]["verdict_best_checkpoint_oracle"]) == {"clean", "noisy"}
+
+
+def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
+    """The verdict's goal is stated only when AIHF and every baseline of every cell have every
+    final seed: with baselines missing it says incomplete, whatever AIHF's numbers."""
+    import bench_alignment_llm_round2 as bench
+
+    prof = dict(bench.PROFILES["tiny"], final_seeds=[20, 21])
+
+    def run(m, b, seed, reward, arm="clean"):
+        ev = [{"step": 0, "eval/reward": reward, "eval/kl": 0.0, "eval/pref_accuracy": 0.5, "eval/demo_nll": 1.0}]
+        return dict(kind="run", stage="final", key=f"{m}{b}{arm}{seed}", seed=seed, design="A", method=m, budget=b,
+                    arm=arm, uses_pairs=b > 0, evals=ev, wall_seconds=1.0, chosen={})
+
+    recs = {f"prepare{s}": dict(kind="prepare", seed=s, meta={"A": {"expert_data_reward": 5.0}}) for s in (20, 21)}
+    for s in (20, 21):
+        for m in ("base", "aihf", "aihf_rm"):
+            for b, arm in bench.final_cells(m, prof):
+                r = run(m, b, s, 1.0 if m == "base" else 3.0 + 0.1 * s, arm)
+                recs[r["key"]] = r
+    only_base = bench.analyse(recs, prof)["verdict"]["clean"]
+    assert all("incomplete" in g for g in only_base["goal"].values())
+    assert all(not r["complete"] for r in only_base["rows"] if r["budget"] > 0)
+    for s in (20, 21):  # every baseline now, each below AIHF
+        for m in bench.BASELINES:
+            for b, arm in bench.final_cells(m, prof):
+                r = run(m, b, s, 2.0 + 0.05 * s, arm)
+                recs.setdefault(r["key"], r)
+    full = bench.analyse(recs, prof)["verdict"]["clean"]
+    assert all(r["complete"] for r in full["rows"])
+    assert full["goal"]["aihf"]["at_least_as_good_everywhere"] is True

@@ -325,7 +325,6 @@ def test_aihf_rm_logs_the_reward_model_on_the_policy_samples(task, tmp_path):
     (dict(method="rm"), "method 'rm' uses demonstrations only as (demo > sample of sample_policy) pairs"),
     (dict(method="rm", demonstrations=None, eval_prompts="p", eval_reward=REWARD), "method 'rm' trains a reward model"),
     (dict(method="rm", sample_policy="/nonexistent/pol"), "sample_policy: no such directory"),
-    (dict(method="rlhf", reward_fn=REWARD, eval_preferences="p"), "rlhf with reward_fn has no reward model"),
     (dict(method="rlhf", reward_fn=REWARD, kl_coef=0, kl_target=1.0), "give an initial kl_coef > 0"),
     (dict(method="rlhf", reward_fn=REWARD, sample_top_p=0.9), "needs sample_top_p = 1"),
     (dict(method="aihf_rm", replay_per_batch=2), "goes with replay_size > 0"),
@@ -450,3 +449,12 @@ def test_evaluation_measures_the_learned_reward_on_the_policy_samples(task, tmp_
     assert f"eval/{other}_pair_accuracy" not in ev
     if method == "dpo":
         assert all(r["kl"] == r["implicit"] for r in rows)
+
+
+def test_rl_policy_with_a_reward_function_measures_its_implicit_reward(task, tmp_path):
+    """rlhf with reward_fn has no reward model, but its policy's implicit reward log pi - log pi_ref
+    is measured on held-out pairs (0.5 at step 0: every pair tied), and eval_reference equal to the
+    initial model reuses the reference."""
+    s = train(_cfg(task, tmp_path / "o", method="rlhf", reward_fn=REWARD, eval_preferences=task["preferences"],
+                   eval_reference=task["model"]))
+    assert s["evals"][0]["eval/pref_accuracy"] == 0.5 and "eval/rm_accuracy" not in s["evals"][-1]

@@ -109,8 +109,10 @@ class RewardRLTrainer(Trainer):
             self.policy = self.engine.module
             self.packed = cfg.packing and self._packing_works()
             self.ref = self._build_reference()
-            if cfg.eval_kl or self.eval_prefs:
-                self.eval_ref = self._build_reference(cfg.eval_reference) if cfg.eval_reference else self.ref
+            if cfg.eval_kl or self.eval_prefs:  # the reference itself when eval_reference is the initial model
+                same = not cfg.eval_reference or (cfg.model is not None and
+                                                  os.path.realpath(cfg.eval_reference) == os.path.realpath(cfg.model))
+                self.eval_ref = self.ref if same else self._build_reference(cfg.eval_reference)
             if cfg.reward_fn:
                 self.reward_fn = load_reward_fn(cfg.reward_fn, "reward_fn")
             elif m == "rlhf":
