@@ -377,7 +377,9 @@ def job_rm(job, prof, work, head):
                 wall_seconds=wall, eval=ev, commit=head)
 
 
-_DIVERGED = ("nan", "inf", "finite")
+# what a diverged run raises: the reward model's non-finite scores, or sampling from a policy
+# whose probabilities are no longer finite; anything else is a failure to fix (and rerun)
+_DIVERGED = "probability tensor contains either `inf`, `nan` or element < 0"
 
 
 def _train_or_diverge(opts):
@@ -387,12 +389,12 @@ def _train_or_diverge(opts):
     try:
         summary, wall = round1._train(opts)
         return summary, wall, False
-    except (RuntimeError, FloatingPointError, ValueError) as e:
-        if not any(w in str(e).lower() for w in _DIVERGED):
+    except (RuntimeError, FloatingPointError) as e:
+        if not (isinstance(e, FloatingPointError) or _DIVERGED in str(e)):
             raise
         log = os.path.join(opts["output_dir"], "log.jsonl")
         evals = [r for r in round1._read_jsonl(log) if "eval/reward" in r] if os.path.isfile(log) else []
-        return dict(evals=evals, train_seconds=time.time() - t0, generation_seconds=float("nan"),
+        return dict(evals=evals, train_seconds=time.time() - t0, generation_seconds=None,
                     error=f"{type(e).__name__}: {str(e)[:200]}"), time.time() - t0, True
 
 

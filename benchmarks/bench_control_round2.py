@@ -276,8 +276,11 @@ def analyse(records, prof):
                 seeds, diff, half = _paired(a, h)
                 if not seeds:
                     continue
+                others = (ret(cell("bc", 0, "clean", "bc")), ret(cell("irl", 0, "clean", start)))
+                n = len(prof["final_seeds"])
                 row = dict(task=task, budget=b, arm=arm, start=start, seeds=seeds,
-                           complete=len(seeds) == len(prof["final_seeds"]),
+                           # aihf, rlhf, bc and irl paired on every final seed
+                           complete=len(seeds) == n and all(len(set(o) & set(seeds)) == n for o in others),
                            primary=arm == "clean" and start == "bc", aihf=float(np.mean([a[s] for s in seeds])),
                            rlhf=float(np.mean([h[s] for s in seeds])), diff_vs_rlhf=diff, diff_vs_rlhf_ci95=half,
                            aihf_not_below_rlhf=_not_below(diff, half))
@@ -379,6 +382,9 @@ def main(argv=None):
     made = [r for r in have().values() if r.get("treatment")]
     if a.analyse_only:
         treat = {r["method"]: r["treatment"] for r in made}
+        mixed = sorted({r["method"] for r in made if r["treatment"] != treat[r["method"]]})
+        if mixed:
+            raise SystemExit(f"records in {rec_dir} ran {mixed} under more than one end-of-episode treatment")
     else:
         treat = treatments(prof)
         stale = sorted({r["key"] for r in made if r["treatment"] != treat[r["method"]]})

@@ -522,6 +522,8 @@ def test_policy_absorbing_share_matches_the_demonstrations_at_equal_lengths(data
             tr._reset_envs()
     assert abs(np.mean(shares[10:]) - want) < 0.05, (np.mean(shares[10:]), want)
     assert len(tr.hazard_counts) == 10
+    # the first batch: episodes longer than it have not been seen to end, so the share is not known
+    assert (shares[0] is None) == (mean_len > 128)
     tr.envs.close()
     tr.eval_envs.close()
 

@@ -87,6 +87,15 @@ class Trainer:
             for p in (p for c in (*ckpts, self.damaged_ckpt) for p in (c, file_manifest(c), c + ".tmp")):
                 if os.path.isfile(p):
                     os.remove(p)
+        if cfg.termination == "absorbing":
+            import gymnasium
+
+            H = gymnasium.spec(cfg.task).max_episode_steps or 1000
+            if cfg.eval_every * cfg.rollout_steps < H:
+                raise ConfigError(f"termination='absorbing' needs eval_every x rollout_steps >= the time limit ({H} "
+                                  f"steps of {cfg.task}): the training envs restart after each evaluation, and the "
+                                  f"policy's termination rate must be seen at every step of an episode; got "
+                                  f"{cfg.eval_every} x {cfg.rollout_steps}")
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -157,11 +166,9 @@ class Trainer:
         self.demo_absorbing = self._absorbing_share(self.demos) if cfg.termination == "absorbing" else 0.0
         self.elapsed = np.zeros(cfg.num_envs, np.int64)
         self.hazard_counts = []
-        if cfg.termination == "absorbing" and cfg.eval_every * cfg.rollout_steps < self.max_steps:
-            raise ConfigError(f"termination='absorbing' needs eval_every x rollout_steps >= the time limit "
-                              f"({self.max_steps} steps of {cfg.task}): the training envs restart after each "
-                              f"evaluation, and the policy's termination rate must be seen at every step of an "
-                              f"episode; got {cfg.eval_every} x {cfg.rollout_steps}")
+        # iterations whose terminations estimate the policy's share: at least one whole stretch
+        # between two restarts, and at least the horizon
+        self.hazard_window = max(HAZARD_WINDOW, cfg.eval_every, -(-self.max_steps // cfg.rollout_steps))
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.it = 0
         self.iterations = cfg.env_steps // (cfg.num_envs * cfg.rollout_steps) if cfg.method != "bc" else 0
@@ -187,13 +194,14 @@ class Trainer:
         absorbed = np.clip(self.max_steps - lengths, 0, None).sum()
         return float(absorbed / (lengths.sum() + absorbed))
 
-    def _policy_absorbing_share(self, batch) -> float:
+    def _policy_absorbing_share(self, batch) -> float | None:
         """The policy's f = 1 - E[T] / H, with E[T] = sum_t S(t) the expected episode length on
         the horizon from its termination hazard h(t) = ended(t) / at_risk(t) at each step t of an
-        episode (S(t) = prod_{k<t} (1 - h(k))), counted over this batch and the ``HAZARD_WINDOW`` - 1
-        before it. Episodes cut by the restarts at evaluations count while they run (the hazard
-        handles censoring), and one estimate over several batches does not follow the bunched
-        terminations of a single one."""
+        episode (S(t) = prod_{k<t} (1 - h(k))), counted over this batch and the iterations before
+        it (``self.hazard_window`` in all). Episodes cut by the restarts at evaluations count while
+        they run (the hazard handles censoring), and one estimate over several batches does not
+        follow the bunched terminations of a single one. None while some episodes outlive every
+        step observed (the start of training): the share is not known yet."""
         H = self.max_steps
         at_risk, ended = np.zeros(H, np.int64), np.zeros(H, np.int64)
         term, done = batch["terminated"], batch["terminated"] | batch["truncated"]
@@ -203,11 +211,13 @@ class Trainer:
             np.add.at(ended, step[term[t]], 1)
             self.elapsed += 1
             self.elapsed[done[t]] = 0
-        self.hazard_counts = [*self.hazard_counts, (at_risk, ended)][-HAZARD_WINDOW:]
+        self.hazard_counts = [*self.hazard_counts, (at_risk, ended)][-self.hazard_window:]
         n = sum(c[0] for c in self.hazard_counts)
         d = sum(c[1] for c in self.hazard_counts)
         hazard = np.divide(d, n, out=np.zeros(H), where=n > 0)
         survival = np.concatenate([[1.0], np.cumprod(1.0 - hazard)[:-1]])
+        if ((n == 0) & (survival > 0)).any():
+            return None
         return float(1.0 - survival.sum() / H)
 
     def _reset_envs(self):
@@ -445,6 +455,8 @@ class Trainer:
             rec = {"iter": self.it + 1, "env_steps": self.agent.env_steps}
             if cfg.method in ("irl", "aihf"):
                 share = self._policy_absorbing_share(batch) if cfg.termination == "absorbing" else 0.0
+                if share is None:  # not known yet: the demonstrations' share, so r_abs is left alone
+                    share = self.demo_absorbing
                 for _ in range(cfg.reward_steps):
                     m = self._reward_step(batch, share)
                 rec.update({f"reward_step/{k}": float(v) for k, v in m.items()})
