@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -94,7 +93,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_alignment_llm as round1  # noqa: E402
-from common import ci95, commit, device_name, grid_arguments, run_jobs, save_grid_result, versions  # noqa: E402
+from common import ci95, commit, device_name, grid_arguments, read_records, run_jobs, save_grid_result, versions  # noqa: E402
 
 PROFILES = {
     "tiny": dict(tune_seeds=[300], final_seeds=[20], designs=["A"], budgets=[0, 8], tune_budget=8, noisy_budgets=[8],
@@ -289,17 +288,10 @@ def choose(records: dict, method: str, prof: dict) -> dict:
     return dict(best, signal=list(best["signal"]))
 
 
-def _records(rec_dir: str, keys) -> dict:
-    out = {}
-    for k in keys:
-        with open(os.path.join(rec_dir, k + ".json")) as f:
-            out[k] = json.load(f)
-    return out
-
 
 def _tuning_records(work, method, prof):
     b = tune_budget(method, prof)
-    return _records(os.path.join(work, "records"), [run_key("tune", s, "A", method, b, config=c)
+    return read_records(os.path.join(work, "records"), [run_key("tune", s, "A", method, b, config=c)
                                                     for c in range(len(grid(method, prof))) for s in prof["tune_seeds"]])
 
 
@@ -411,7 +403,7 @@ def job_run(job, prof, work, head):
     opts["output_dir"] = out
     pre_wall, rm_eval = 0.0, None
     if m in RM_ONCE:  # the shared reward model (its fit counted in every run's pipeline time)
-        rm = _records(os.path.join(work, "records"), [rm_key(m, s, d, b, arm)])[rm_key(m, s, d, b, arm)]
+        rm = read_records(os.path.join(work, "records"), [rm_key(m, s, d, b, arm)])[rm_key(m, s, d, b, arm)]
         opts["reward_model"], pre_wall, rm_eval = rm["model_dir"], rm["wall_seconds"], rm["eval"]
     summary, wall, diverged = _train_or_diverge(opts)
     shutil.rmtree(out, ignore_errors=True)
@@ -598,8 +590,7 @@ def main(argv=None):
     if not a.analyse_only:
         run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
     # the analysis reads every record of the whole protocol made so far (by any slice)
-    have = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
-    records = _records(rec_dir, [j["key"] for j in plan(prof) if j["key"] in have])
+    records = read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)
     analysis = analyse(records, prof)
     analysis["missing"] = [j["key"] for j in plan(prof) if j["key"] not in records]
     result = dict(benchmark="bench_alignment_llm_round2", profile=a.profile, profile_config=prof, device=device_name(),

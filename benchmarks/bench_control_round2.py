@@ -66,7 +66,7 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import ci95, commit, cpu_name, grid_arguments, run_jobs, save_grid_result, versions  # noqa: E402
+from common import ci95, commit, cpu_name, grid_arguments, read_records, run_jobs, save_grid_result, versions  # noqa: E402
 
 TREATMENT_FILE = ROOT / "benchmarks" / "results" / "bench_termination_small.json"
 PROFILES = {
@@ -164,13 +164,6 @@ def select(records: dict, task: str, method: str, prof) -> dict:
     return dict(config=best[0], signal=list(best[1]), options=_grid(method, prof)[best[0]])
 
 
-def _records(rec_dir, keys):
-    out = {}
-    for k in keys:
-        with open(os.path.join(rec_dir, k + ".json")) as f:
-            out[k] = json.load(f)
-    return out
-
 
 def run_job(job, prof, work, treat, head):
     from aihf_fast.train.control.config import ControlConfig, fixed_horizon_options
@@ -201,7 +194,7 @@ def run_job(job, prof, work, treat, head):
     else:
         rec_dir = os.path.join(work, "records")
         keys = [f"tune-{m}-c{c}-{task}-s{t}" for c in range(4) for t in prof["tune_seeds"]]
-        chosen = select(_records(rec_dir, keys), task, m, prof)
+        chosen = select(read_records(rec_dir, keys), task, m, prof)
     data = os.path.join(root, f"data-{job['arm']}")
     kw = dict(chosen["options"], demonstrations=os.path.join(data, "demos.npz"), heldout_demos=prof["heldout_demos"])
     if m != "bc":
@@ -376,8 +369,7 @@ def main(argv=None):
     rec_dir = os.path.join(work, "records")
 
     def have():  # every record of the whole protocol made so far (by any slice)
-        keys = {f[:-5] for f in os.listdir(rec_dir) if f.endswith(".json")} if os.path.isdir(rec_dir) else set()
-        return _records(rec_dir, [j["key"] for j in plan(prof) if j["key"] in keys])
+        return read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)
 
     made = [r for r in have().values() if r.get("treatment")]
     if a.analyse_only:

@@ -92,6 +92,19 @@ def child_result(cmd: list, **kw) -> tuple[dict | None, str]:
     return (json.loads(lines[-1][len("RESULT "):]) if lines else None), r.stderr
 
 
+def read_records(rec_dir: str, keys, missing_ok: bool = False) -> dict:
+    """{key: record} of the per-run records rec_dir/KEY.json (``run_jobs``'s); with ``missing_ok``
+    the keys without a record are left out (what a grid has made so far)."""
+    out = {}
+    for k in keys:
+        path = os.path.join(rec_dir, k + ".json")
+        if missing_ok and not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            out[k] = json.load(f)
+    return out
+
+
 def grid_arguments(ap, profiles: dict, default: str):
     """The options every resumable grid benchmark takes (profile, work dir, output, workers)."""
     ap.add_argument("--profile", choices=sorted(profiles), default=default)
