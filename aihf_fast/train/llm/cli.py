@@ -57,17 +57,23 @@ def main(argv=None) -> int:
 
 
 def main_then_exit(argv=None) -> int:
-    """``main`` for a process that exits next (``python -m``, the console command): afterwards it
-    leaves the process group (a barrier only after success), so no rank aborts at exit with
-    ``terminate called without an active exception`` (launcher exit code 250). In-process
-    callers use ``main``, which keeps the group for the next run."""
+    """``main`` for a process that exits next (``python -m``, the console command). Afterwards it
+    leaves the process group (a barrier only after success) and, if the run had several processes,
+    ends this one with ``os._exit`` once its streams are flushed: native threads that DeepSpeed and
+    the collectives backend leave running can otherwise abort a rank at interpreter exit (``terminate
+    called without an active exception``, launcher exit code 250) after all its outputs are written.
+    In-process callers use ``main``, which keeps the group for the next run."""
     with StopOnSignal():  # handled until the process exits (see preemption.main_then_exit)
-        ok = False
+        ok, rc = False, 1
         try:
             rc = main(argv)
             ok = rc == 0
-            return rc
         finally:
             trainer = sys.modules.get(f"{__package__}.trainer")  # imported only if a run started
             if trainer is not None:
                 trainer.shutdown_distributed(barrier=ok)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by the launcher
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        return rc
