@@ -14,6 +14,12 @@ fraction of that (measured in ``benchmarks/bench_alignment_control.py``).
 
 Observations are normalised by running statistics, frozen during each rollout and folded into
 the first layer of the exported ``MLPPolicy`` (so the C++ rollouts see raw observations).
+
+Speed (the networks are small, so per-operation overhead, not arithmetic, sets the cost): a
+minibatch's gradients are written by hand (``_loss_and_grads``; ``loss`` is the autograd
+reference it is tested against) into one flat gradient buffer that the 13 parameter tensors view,
+so clipping is one norm and Adam one fused kernel; tanh is numpy's (torch's CPU tanh is ~5x slower
+at these sizes).
 """
 from __future__ import annotations
 
@@ -85,6 +91,39 @@ def _mlp(inp, hidden, out):
     return nn.Sequential(*layers)
 
 
+def _tanh_(x: torch.Tensor) -> torch.Tensor:
+    """tanh in place; a contiguous float32 CPU tensor (no autograd) by numpy's vectorised tanh."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+        np.tanh(x.numpy(), out=x.numpy())
+        return x
+    return x.tanh_()
+
+
+def _linears(net: nn.Sequential) -> list:
+    return [m for m in net if isinstance(m, nn.Linear)]
+
+
+def _forward(linears: list, x: torch.Tensor):
+    """A tanh MLP without autograd: (output, inputs of each linear layer)."""
+    ins = [x]
+    for lin in linears[:-1]:
+        x = _tanh_(torch.addmm(lin.bias, x, lin.weight.t()))
+        ins.append(x)
+    return torch.addmm(linears[-1].bias, x, linears[-1].weight.t()), ins
+
+
+def _backward(linears: list, ins: list, d_out: torch.Tensor, grads: list) -> None:
+    """Gradients of a ``_forward`` given d loss / d output (B, out), written into ``grads``
+    [(d weight, d bias)] per layer."""
+    d = d_out
+    for k in reversed(range(len(linears))):
+        g_w, g_b = grads[k]
+        torch.mm(d.t(), ins[k], out=g_w)
+        torch.sum(d, 0, out=g_b)
+        if k:
+            d = torch.ops.aten.tanh_backward(torch.mm(d, linears[k].weight), ins[k])
+
+
 class PPO:
     """PPO agent for one task. ``collect`` runs the stochastic policy in the batched envs;
     ``update(batch, rewards)`` takes one PPO iteration on it; ``policy(deterministic)`` is the
@@ -103,8 +142,21 @@ class PPO:
             self.actor[-1].bias.zero_()
         self.log_std = nn.Parameter(torch.full((act_dim,), float(self.cfg.log_std_init)))
         self.params = [*self.actor.parameters(), *self.critic.parameters(), self.log_std]
-        # foreach: one kernel per operation over all 13 tensors, not a Python loop over them
-        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr, eps=1e-5, foreach=True)
+        # one flat parameter (what Adam steps) that every parameter tensor views, and one flat
+        # gradient: clipping is one norm, Adam one fused kernel
+        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
+        self.flat.grad = torch.zeros_like(self.flat)
+        self._grads, at = [], 0
+        for p in self.params:
+            p.data = self.flat.data[at:at + p.numel()].view_as(p)
+            self._grads.append(self.flat.grad[at:at + p.numel()].view_as(p))
+            at += p.numel()
+        n_actor = 2 * len(_linears(self.actor))
+        pairs = lambda g: list(zip(g[0::2], g[1::2]))  # noqa: E731 - [(d weight, d bias)] per layer
+        self._actor_grads = pairs(self._grads[:n_actor])
+        self._critic_grads = pairs(self._grads[n_actor:-1])
+        self._log_std_grad = self._grads[-1]
+        self.opt = torch.optim.Adam([self.flat], lr=self.cfg.lr, eps=1e-5, fused=True)
         self.obs_rms = RunningMeanStd(obs_dim)
         self.ret_rms = RunningMeanStd(1)
         self._ret = None  # running discounted return per env (reward normalisation)
@@ -168,9 +220,9 @@ class PPO:
         nxt = self.normalize(batch["next_obs"].reshape(T * N, -1))
         act = torch.as_tensor(batch["actions"].reshape(T * N, -1))
         with torch.no_grad():
-            v = self.critic(obs).view(T, N).double().numpy()
-            v_next = self.critic(nxt).view(T, N).double().numpy()
-            old_logp = self._logp(obs, act)
+            v = _forward(_linears(self.critic), obs)[0].view(T, N).double().numpy()
+            v_next = _forward(_linears(self.critic), nxt)[0].view(T, N).double().numpy()
+            old_logp = self._gaussian(_forward(_linears(self.actor), obs)[0], act)[0]
         # GAE: the episode continues from next_obs unless terminated; a done step cuts the trace
         adv = np.zeros((T, N))
         last = np.zeros(N)
@@ -182,39 +234,88 @@ class PPO:
             adv[t] = last
         ret = torch.as_tensor((adv + v).reshape(-1), dtype=torch.float32)
         adv_t = torch.as_tensor(adv.reshape(-1), dtype=torch.float32)
-        stats = torch.zeros(4)  # pg_loss, v_loss, approx_kl, clip_frac summed over minibatches (one sync at the end)
-        n_mb = 0
-        M = T * N
+        M, B = T * N, cfg.minibatch_size
+        losses, ratios = [], []  # per minibatch: (pg_loss, v_loss); the ratios (statistics at the end: one sync)
         for _ in range(cfg.epochs):
             perm = torch.randperm(M)
-            for i in range(0, M, cfg.minibatch_size):
-                idx = perm[i:i + cfg.minibatch_size]
-                a = adv_t[idx]
-                a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
-                logp = self._logp(obs[idx], act[idx])
-                ratio = (logp - old_logp[idx]).exp()
-                pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
-                vl = 0.5 * (self.critic(obs[idx]).squeeze(-1) - ret[idx]).pow(2).mean()
-                loss = pg + cfg.vf_coef * vl
-                if cfg.ent_coef:
-                    loss = loss - cfg.ent_coef * (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum()
-                self.opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
-                self.opt.step()
-                with torch.no_grad():
-                    stats += torch.stack([pg, vl, ((ratio - 1) - ratio.log()).mean(),
-                                          ((ratio - 1).abs() > cfg.clip).float().mean()])
-                n_mb += 1
+            o, a, lp, ad, rt = obs[perm], act[perm], old_logp[perm], adv_t[perm], ret[perm]
+            for i in range(0, M, B):
+                pg, vl, ratio = self._minibatch_step(o[i:i + B], a[i:i + B], lp[i:i + B], ad[i:i + B], rt[i:i + B])
+                losses.append(torch.stack([pg, vl]))
+                ratios.append(ratio)
         # statistics for the next rollout's normalisation (after this batch's update: the
         # update used the same frozen statistics as the rollout)
         self.obs_rms.update(batch["obs"].reshape(T * N, -1))
-        return dict(zip(("pg_loss", "v_loss", "approx_kl", "clip_frac"), (stats / max(n_mb, 1)).tolist()))
+        pg_loss, v_loss = torch.stack(losses).mean(0).tolist()
+        ratio = torch.cat(ratios)  # every minibatch's transitions, every epoch
+        return dict(pg_loss=pg_loss, v_loss=v_loss, approx_kl=float(((ratio - 1) - ratio.log()).mean()),
+                    clip_frac=float(((ratio - 1).abs() > cfg.clip).float().mean()))
 
-    def _logp(self, obs, act):
-        mean = self.actor(obs)
-        std = self.log_std.exp()
-        return (-0.5 * ((act - mean) / std) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    def _minibatch_step(self, obs, act, old_logp, adv, ret):
+        """One Adam step on a minibatch's ``loss``, its gradient norm clipped to max_grad_norm;
+        returns (pg_loss, v_loss, ratio) as 0-d / (B,) tensors."""
+        pg, vl, ratio = self._loss_and_grads(obs, act, old_logp, adv, ret)
+        g = self.flat.grad
+        g.mul_(torch.clamp(self.cfg.max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6), max=1.0))
+        self.opt.step()
+        return pg, vl, ratio
+
+    def _normalized_advantages(self, adv):
+        return (adv - adv.mean()) / (adv.std() + 1e-8) if len(adv) > 1 else adv
+
+    def loss(self, obs, act, old_logp, adv, ret):
+        """The minibatch loss by autograd: clipped surrogate + vf_coef x value loss - ent_coef x
+        entropy, advantages normalised within the minibatch: the reference the hand-written
+        ``_loss_and_grads`` is tested against. obs (B, obs_dim), act (B, act_dim), old_logp / adv / ret (B,): float32.
+        Returns (loss, pg_loss, v_loss, ratio)."""
+        cfg = self.cfg
+        a = self._normalized_advantages(adv)
+        ratio = (self.log_prob(obs, act) - old_logp).exp()
+        pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
+        vl = 0.5 * (self.critic(obs).squeeze(-1) - ret).pow(2).mean()
+        loss = pg + cfg.vf_coef * vl
+        if cfg.ent_coef:
+            loss = loss - cfg.ent_coef * (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum()
+        return loss, pg, vl, ratio
+
+    @torch.no_grad()
+    def _loss_and_grads(self, obs, act, old_logp, adv, ret):
+        """``loss``'s gradients, by hand, written into the flat gradient buffer; returns
+        (pg_loss, v_loss, ratio) as 0-d / (B,) tensors."""
+        cfg, B = self.cfg, len(obs)
+        a = self._normalized_advantages(adv)
+        actor, critic = _linears(self.actor), _linears(self.critic)
+        mean, actor_in = _forward(actor, obs)
+        logp, z, inv_std = self._gaussian(mean, act)                # (B,), (B, A), (A,)
+        ratio = (logp - old_logp).exp()
+        surr = ratio * a
+        clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a
+        pg = -torch.minimum(surr, clipped).mean()
+        # d pg / d ratio: the unclipped branch wherever it is the minimum (a tie is inside the
+        # clip range, where both branches have slope a)
+        d_logp = torch.where(surr <= clipped, a, 0.0).mul_(ratio).mul_(-1.0 / B)   # (B,)
+        # d logp / d mean = z / std;  d logp / d log_std = z^2 - 1
+        _backward(actor, actor_in, (z * inv_std).mul_(d_logp[:, None]), self._actor_grads)
+        torch.mm(d_logp[None, :], z * z, out=self._log_std_grad[None, :])
+        self._log_std_grad.sub_(d_logp.sum())
+        if cfg.ent_coef:
+            self._log_std_grad.sub_(cfg.ent_coef)
+        value, critic_in = _forward(critic, obs)
+        err = value.squeeze(-1) - ret
+        vl = 0.5 * (err * err).mean()
+        _backward(critic, critic_in, err.mul(cfg.vf_coef / B)[:, None], self._critic_grads)
+        return pg, vl, ratio
+
+    def log_prob(self, obs, act) -> torch.Tensor:
+        """log pi(act | obs) of the stochastic policy, by autograd: obs (B, obs_dim) normalised,
+        act (B, act_dim) -> (B,) float32."""
+        return self._gaussian(self.actor(obs), act)[0]
+
+    def _gaussian(self, mean, act):
+        """log N(act; mean, exp(log_std)) summed over action dims (B,), and z = (act - mean) / std."""
+        inv_std = torch.exp(-self.log_std)
+        z = (act - mean) * inv_std
+        return -0.5 * (z * z).sum(-1) - self.log_std.sum() - 0.5 * math.log(2 * math.pi) * z.shape[-1], z, inv_std
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -227,11 +328,26 @@ class PPO:
         self.critic.load_state_dict(d["critic"])
         with torch.no_grad():
             self.log_std.copy_(d["log_std"])
-        self.opt.load_state_dict(d["opt"])
-        for group in self.opt.param_groups:  # a checkpoint written before foreach=True
-            group["foreach"] = True
+        self.opt.load_state_dict(_flat_adam_state(d["opt"]))
+        for group in self.opt.param_groups:  # whatever the checkpoint's optimiser flags were
+            group.update(fused=True, foreach=None)
         self.obs_rms.load_state_dict(d["obs_rms"])
         self.ret_rms.load_state_dict(d["ret_rms"])
         self._ret = None if d["ret"] is None else np.asarray(d["ret"])
         self.env_steps = int(d["env_steps"])
 
+
+
+def _flat_adam_state(sd: dict) -> dict:
+    """An Adam state dict over the flat parameter; one written over the 13 parameter tensors (older
+    checkpoints) has its moments concatenated in the same order."""
+    ids = sd["param_groups"][0]["params"]
+    if len(ids) == 1:
+        return sd
+    state = sd["state"]
+    flat = {}
+    if state:
+        per = [state[i] for i in ids]
+        flat = {0: dict(step=per[0]["step"], **{k: torch.cat([p[k].reshape(-1) for p in per])
+                                              for k in ("exp_avg", "exp_avg_sq")})}
+    return dict(state=flat, param_groups=[dict(sd["param_groups"][0], params=[0])])

@@ -58,7 +58,7 @@ def behaviour_clone(agent: PPO, demos: Trajectories, steps: int, batch: int = 25
     nll = float("nan")
     for _ in range(steps):
         idx = torch.randint(len(obs), (min(batch, len(obs)),), generator=g)
-        loss = -agent._logp(obs[idx], act[idx]).mean()
+        loss = -agent.log_prob(obs[idx], act[idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -157,7 +157,7 @@ class Trainer:
                 self.ropt = TermAdamW(self.reward.parameters(), {"D": 1.0, "P": cfg.reward_lr_P / cfg.reward_lr},
                                       lr=cfg.reward_lr, weight_decay=0.0)
             else:
-                self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr)
+                self.ropt = torch.optim.Adam(self.reward.parameters(), lr=cfg.reward_lr, fused=True)
         # policy state-actions of earlier iterations (reward_replay > 0), newest last
         self.replay = None
         # termination='absorbing': the demonstrations' share of absorbing visits on the horizon; the
@@ -348,7 +348,7 @@ class Trainer:
             rec.update(self._heldout_metrics())
         if self.heldout_demos is not None:
             with torch.no_grad():
-                logp = self.agent._logp(self.agent.normalize(self.heldout_demos.obs), torch.as_tensor(self.heldout_demos.act))
+                logp = self.agent.log_prob(self.agent.normalize(self.heldout_demos.obs), torch.as_tensor(self.heldout_demos.act))
             rec["eval/heldout_demo_nll"] = float(-logp.mean())
         return rec
 
@@ -428,6 +428,9 @@ class Trainer:
         if self.reward is not None:
             self.reward.load_state_dict(st["reward"])
             self.ropt.load_state_dict(st["ropt"])
+            if not self._two_rates:  # a checkpoint written before the fused optimiser
+                for group in self.ropt.param_groups:
+                    group.update(fused=True, foreach=None)
             self.replay = st.get("replay")
             self.hazard_counts = st.get("hazard_counts") or []
         return True
