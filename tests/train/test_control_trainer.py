@@ -417,13 +417,18 @@ def test_ppo_hand_written_gradients_equal_autograd(ent_coef, B):
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     obs, act = torch.randn(B, D, generator=g), torch.randn(B, A, generator=g)
     adv, ret = torch.randn(B, generator=g), torch.randn(B, generator=g)
-    logp = ag.log_prob(obs, act).detach()
+    from aihf_fast.train.control.ppo import _forward, _linears
+
+    with torch.no_grad():  # as the update computes it: the hand-written path's ratios are exactly 1
+        logp = ag._gaussian(_forward(_linears(ag.actor), obs)[0], act)[0]
     for old_logp in (logp + 0.3 * torch.randn(B, generator=g), logp):  # clipped ratios; ratio == 1
         loss, pg, vl, ratio = ag.loss(obs, act, old_logp, adv, ret)
         for p in ag.params:
             p.grad = None
         loss.backward()
         pg2, vl2, ratio2 = ag._loss_and_grads(obs, act, old_logp, adv, ret)
+        if old_logp is logp:
+            assert bool((ratio2 == 1).all())
         torch.testing.assert_close(ratio2, ratio.detach(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(pg2, pg.detach(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(vl2, vl.detach(), rtol=1e-4, atol=1e-6)
@@ -462,6 +467,30 @@ def test_ppo_update_equals_the_autograd_loop(cfg):
     for a, b in zip(*stats):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     assert agents[0].flat.data_ptr() == agents[0].params[0].data_ptr()  # the parameters view the flat one
+
+
+def test_ppo_update_after_deepcopy_zero_grad_and_float64_actions():
+    """What undoes the flat parameter's views (a deepcopy, ``opt.zero_grad()``) is repaired before
+    the next update, with the same result; float64 actions update as float32 ones."""
+    import copy
+
+    from aihf_fast.train.control.ppo import PPO
+
+    batch = _ppo_batch()
+    ag = PPO(5, 2, -np.ones(2), np.ones(2), seed=0)
+    ag.update(batch)
+    twins = [copy.deepcopy(ag), copy.deepcopy(ag)]
+    twins[1].opt.zero_grad()
+    out = []
+    for x in (ag, *twins):
+        torch.manual_seed(5)
+        out.append(x.update(dict(batch, actions=batch["actions"].astype(np.float64)) if x is ag else batch))
+        assert all(p.data_ptr() == x.flat.data_ptr() + 4 * o for p, o in
+                   zip(x.params, np.cumsum([0] + [q.numel() for q in x.params])))
+    assert out[0] == out[1] == out[2]
+    torch.testing.assert_close(twins[0].flat, ag.flat, rtol=0, atol=0)
+    torch.testing.assert_close(twins[1].flat, ag.flat, rtol=0, atol=0)
+    assert twins[0].flat.data_ptr() != ag.flat.data_ptr()
 
 
 def test_ppo_loads_a_per_tensor_adam_checkpoint():

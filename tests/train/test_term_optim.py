@@ -187,3 +187,23 @@ def test_stop_on_signal_start_up_mode_and_process_exit(tmp_path):
         "sys.exit(main_then_exit(main))\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and "reported" in r.stdout and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_llm_command_exit_under_a_launcher_keeps_atexit_and_exit_code(tmp_path, world):
+    """The LLM command under a multi-process launcher (WORLD_SIZE > 1) ends with os._exit after its
+    run: the atexit handlers still run and the exit code is the run's (here a bad option: 2, one
+    line); a single process exits normally."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "from aihf_fast.train.llm.cli import main_then_exit\n"
+        "sys.exit(main_then_exit(['--model', 'x', '--method', 'nonsense']))\n")
+    env = dict(__import__("os").environ, WORLD_SIZE=world)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stdout.count("atexit ran") == 1 and "method must be one of" in r.stderr and "Traceback" not in r.stderr

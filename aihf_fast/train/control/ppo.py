@@ -145,22 +145,35 @@ class PPO:
         # one flat parameter (what Adam steps) that every parameter tensor views, and one flat
         # gradient: clipping is one norm, Adam one fused kernel
         self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
-        self.flat.grad = torch.zeros_like(self.flat)
-        self._grads, at = [], 0
-        for p in self.params:
-            p.data = self.flat.data[at:at + p.numel()].view_as(p)
-            self._grads.append(self.flat.grad[at:at + p.numel()].view_as(p))
-            at += p.numel()
-        n_actor = 2 * len(_linears(self.actor))
-        pairs = lambda g: list(zip(g[0::2], g[1::2]))  # noqa: E731 - [(d weight, d bias)] per layer
-        self._actor_grads = pairs(self._grads[:n_actor])
-        self._critic_grads = pairs(self._grads[n_actor:-1])
-        self._log_std_grad = self._grads[-1]
+        self._bind_flat()
         self.opt = torch.optim.Adam([self.flat], lr=self.cfg.lr, eps=1e-5, fused=True)
         self.obs_rms = RunningMeanStd(obs_dim)
         self.ret_rms = RunningMeanStd(1)
         self._ret = None  # running discounted return per env (reward normalisation)
         self.env_steps = 0
+
+    def _bind_flat(self):
+        """Make every parameter tensor a view of ``flat`` and the gradient views ``_grads`` views of
+        ``flat.grad`` (again, if a deepcopy or ``opt.zero_grad()`` undid it; the values are kept)."""
+        at, views = 0, self.flat.data
+        if self.flat.grad is None:
+            self.flat.grad = torch.zeros_like(self.flat)
+        offsets = np.cumsum([0] + [p.numel() for p in self.params])
+        if getattr(self, "_grad_of", None) is self.flat.grad and all(
+                p.data_ptr() == views.data_ptr() + views.element_size() * int(o) for p, o in zip(self.params, offsets)):
+            return
+        self._grads = []
+        for p in self.params:
+            views[at:at + p.numel()] = p.detach().reshape(-1)
+            p.data = views[at:at + p.numel()].view_as(p)
+            self._grads.append(self.flat.grad[at:at + p.numel()].view_as(p))
+            at += p.numel()
+        self._grad_of = self.flat.grad
+        n_actor = 2 * len(_linears(self.actor))
+        pairs = lambda g: list(zip(g[0::2], g[1::2]))  # noqa: E731 - [(d weight, d bias)] per layer
+        self._actor_grads = pairs(self._grads[:n_actor])
+        self._critic_grads = pairs(self._grads[n_actor:-1])
+        self._log_std_grad = self._grads[-1]
 
     # ------------------------------------------------------------------ normalisation / export
     def _norm(self):
@@ -218,7 +231,8 @@ class PPO:
         r = self._scaled(r, term | trunc)
         obs = self.normalize(batch["obs"].reshape(T * N, -1))
         nxt = self.normalize(batch["next_obs"].reshape(T * N, -1))
-        act = torch.as_tensor(batch["actions"].reshape(T * N, -1))
+        act = torch.as_tensor(batch["actions"].reshape(T * N, -1), dtype=torch.float32)
+        self._bind_flat()
         with torch.no_grad():
             v = _forward(_linears(self.critic), obs)[0].view(T, N).double().numpy()
             v_next = _forward(_linears(self.critic), nxt)[0].view(T, N).double().numpy()

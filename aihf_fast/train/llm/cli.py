@@ -6,6 +6,7 @@ is one line and exit code 128 + signal (``aihf_fast.train.preemption``). Final m
 from rank 0 only."""
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -58,11 +59,12 @@ def main(argv=None) -> int:
 
 def main_then_exit(argv=None) -> int:
     """``main`` for a process that exits next (``python -m``, the console command). Afterwards it
-    leaves the process group (a barrier only after success) and, if the run had several processes,
-    ends this one with ``os._exit`` once its streams are flushed: native threads that DeepSpeed and
-    the collectives backend leave running can otherwise abort a rank at interpreter exit (``terminate
-    called without an active exception``, launcher exit code 250) after all its outputs are written.
-    In-process callers use ``main``, which keeps the group for the next run."""
+    leaves the process group (a barrier only after success) and, if the run had several processes
+    and returned, runs the ``atexit`` handlers, flushes the streams and ends the process with
+    ``os._exit``: the native teardown that follows otherwise can abort a rank (``terminate called
+    without an active exception``, launcher exit code 250) after all its outputs are written. An
+    exception takes the normal exit, traceback first. In-process callers use ``main``, which keeps
+    the group for the next run."""
     with StopOnSignal():  # handled until the process exits (see preemption.main_then_exit)
         ok, rc = False, 1
         try:
@@ -73,6 +75,7 @@ def main_then_exit(argv=None) -> int:
             if trainer is not None:
                 trainer.shutdown_distributed(barrier=ok)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by the launcher
+            atexit._run_exitfuncs()  # e.g. experiment trackers that close their runs at exit
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(rc)
