@@ -299,7 +299,27 @@ def analyse(records, prof):
                 not_below_bc_and_irl=all(v["aihf_not_below_bc"] and v["aihf_not_below_irl"] for v in primary)) \
         if complete else dict(incomplete=f"{sum(v['complete'] for v in primary)} of {expected} primary cells have every "
                                          "final seed")
-    return dict(table=table, verdict=verdict, goal=goal, chosen=chosen, wall_clock=wall)
+    return dict(table=table, verdict=verdict, goal=goal, chosen=chosen, tuning=tuning(records, prof), wall_clock=wall)
+
+
+def tuning(records, prof) -> dict:
+    """Per task and method whose tuning runs are all made: each configuration's selection signal
+    (mean over the tuning seeds) and, for information only (the rule never reads it), its true
+    return; the configuration the rule picks."""
+    out = {}
+    for task in prof["tasks"]:
+        for m in ("bc", "irl", "rlhf", "aihf"):
+            keys = {(c, s): f"tune-{m}-c{c}-{task}-s{s}" for c in range(4) for s in prof["tune_seeds"]}
+            if not all(k in records for k in keys.values()):
+                continue
+            configs = []
+            for c in range(4):
+                recs = [records[keys[c, s]] for s in prof["tune_seeds"]]
+                configs.append(dict(options=_grid(m, prof)[c], signal=[float(np.mean(v)) for v in
+                                                                       zip(*map(selection_signal, recs))],
+                                    true_return=float(np.mean([r["final"] for r in recs]))))
+            out[f"{task}/{m}"] = dict(chosen=select(records, task, m, prof)["config"], configs=configs)
+    return out
 
 
 def plot(result, prof, path):
@@ -401,6 +421,10 @@ def main(argv=None):
         half = "n/a" if v["diff_vs_rlhf_ci95"] is None else f"{v['diff_vs_rlhf_ci95']:.1f}"
         print(f"{v['task']:<15} {v['budget']:>5} pairs {v['arm']:<5} {v['start']:<7}: aihf {v['aihf']:8.1f} rlhf "
               f"{v['rlhf']:8.1f} diff {v['diff_vs_rlhf']:+.1f} +- {half} ({len(v['seeds'])} seeds)")
+    for name, t in analysis["tuning"].items():
+        print(f"tuned {name}: configuration {t['chosen']} " + "; ".join(
+            f"{c['options']} signal {[round(v, 3) for v in c['signal']]} return {c['true_return']:.0f}"
+            for c in t["configs"]))
     print(f"goal: {analysis['goal']}; {len(analysis['missing'])} runs missing")
     print(f"[bench] wrote {out}")
     return result

@@ -193,6 +193,11 @@ def test_bench_control_round2_tiny(tmp_path):
     out = tmp_path / "r2.json"
     tuned = bench.main(["--profile", "tiny", "--stage", "tune", "--work", str(tmp_path / "w"), "--out", str(out)])
     assert tuned["analysis"]["verdict"] == [] and tuned["analysis"]["missing"]  # the final runs wait
+    tuning = tuned["analysis"]["tuning"]  # the tuning slice alone shows what the rule picks
+    assert sorted(tuning) == [f"Hopper-v5/{m}" for m in ("aihf", "bc", "irl", "rlhf")]
+    for name, t in tuning.items():
+        best = max(range(4), key=lambda c: tuple(t["configs"][c]["signal"]))
+        assert t["chosen"] == best and all(np.isfinite(c["true_return"]) for c in t["configs"])
     res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out)])
     data = json.loads(out.read_text())
     assert (tmp_path / "r2.png").stat().st_size > 0 and data["commit"] and not res["analysis"]["missing"]
