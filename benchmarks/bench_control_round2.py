@@ -130,9 +130,12 @@ def plan(prof):
                 cells += [(m, b, "noisy", "bc") for b in prof["noisy_budgets"]]
                 cells.append((m, min(prof["budgets"]), "clean", "scratch"))
             for m, b, arm, start in cells:
+                # the primary comparison's runs first (on every seed), so that a slice cut short
+                # leaves whole primary cells
+                primary = arm == "clean" and start == "bc"
                 jobs.append(dict(kind="run", stage="final", key=f"{m}-{arm}-{start}-p{b}-{task}-s{s}",
                                  deps=[f"data-{task}-s{s}", *tune_keys[m]], task=task, seed=s, method=m, budget=b,
-                                 arm=arm, start=start, cost=1 if m == "bc" else 10))
+                                 arm=arm, start=start, cost=(20 if primary else 10) + (m != "bc")))
     return jobs
 
 
