@@ -9,6 +9,10 @@ model given by its hidden states + LM head) at LLM shapes, side by side in one r
   cce            Cut Cross-Entropy per-token NLL (reduction="none") + the same DPO math, where installed
 
 plus forward-only diagnostics of the fused log-prob kernel against cuBLAS logits + logsumexp.
+Data (``--data``, ``aihf_fast.ops.testing``): ``peaked`` (default) logits shaped like a trained LM's,
+or ``randn`` flat ones (largest probability ~1e-4 at V = 128k: a method that skips negligible
+probability mass does less work there than on real data); the report records which, and the
+logits' statistics (``data_stats``).
 FLOPs: the useful work is 6NHV (policy fwd+bwd) + 2NHV (reference fwd) = 8NHV; aihf_fast
 executes 10NHV (it recomputes the policy logits in backward). Achieved TFLOP/s = 8NHV / time.
 
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
+from aihf_fast.ops.testing import DATA_KINDS, lm_head_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -144,7 +149,8 @@ def run(args):
         "versions": versions("liger_kernel", "cut_cross_entropy"), "commit": commit(), "argv": sys.argv[1:],
         "peak_bf16_tflops_spec": peak, "cublas_bf16_tflops_measured": measure_cublas_peak(device, dtype),
         "config": {"hidden": args.hidden, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
-                   "alpha": args.alpha, "beta": args.beta, "backend": args.backend},
+                   "alpha": args.alpha, "beta": args.beta, "backend": args.backend, "data": args.data},
+        "data_stats": {},
         "results": [],
     }
     if device.type == "cuda":
@@ -164,14 +170,11 @@ def run(args):
             S -= S % 2
             T = N // S
             P = S // 2
-            g = torch.Generator(device="cpu").manual_seed(0)
-            x = (torch.randn(S, T, H, generator=g) / 2).to(device, dtype).requires_grad_()
-            w = (torch.randn(V, H, generator=g) / H**0.5).to(device, dtype).requires_grad_()
-            rx = (torch.randn(S, T, H, generator=g) / 2).to(device, dtype)
-            rw = (torch.randn(V, H, generator=g) / H**0.5).to(device, dtype)
-            y = torch.randint(0, V, (S, T), generator=g)
-            y[:, : int(T * args.prompt_frac)] = -100
-            y = y.to(device)
+            d = lm_head_inputs(S, T, H, V, data=args.data, prompt_frac=args.prompt_frac, dtype=dtype, device=device)
+            if f"V={V}" not in report["data_stats"]:  # what the logits look like (per vocabulary)
+                report["data_stats"][f"V={V}"] = d.stats(max_tokens=1024)
+            x, w = d.hidden.requires_grad_(), d.weight.requires_grad_()
+            rx, rw, y = d.ref_hidden, d.ref_weight, d.labels
             n_loss = int((y != -100).sum())
             useful = 8.0 * n_loss * H * V
             losses = {}
@@ -288,6 +291,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=4096 if cuda else 256)
     p.add_argument("--seq-len", type=int, default=1024 if cuda else 128)
     p.add_argument("--prompt-frac", type=float, default=0.0)
+    p.add_argument("--data", choices=DATA_KINDS, default="peaked",
+                   help="logits like a trained LM's (peaked) or flat (randn); aihf_fast.ops.testing")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--providers", type=lambda s: s.split(","),
                    default=["aihf_fast", "liger", "cce", "torch_eager", "torch_compile"] if cuda

@@ -40,6 +40,11 @@ def test_bench_loss_tiny(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4 * abs(rows[1]["loss"])
     assert report["device_type"] == "cpu"
+    assert report["config"]["data"] == "peaked" and report["data_stats"]["V=300"]["top1_prob"] > 0.3
+    flat = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
+                            "--providers", "torch_eager", "--no-fwd-diag", "--data", "randn", "--no-plot",
+                            "--out", str(tmp_path / "flat.json")])
+    assert flat["config"]["data"] == "randn" and flat["data_stats"]["V=300"]["top1_prob"] < 0.1
 
 
 def test_bench_train_tiny(tmp_path):

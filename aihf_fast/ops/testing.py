@@ -1,0 +1,122 @@
+"""Inputs for the LM-head ops as tests and benchmarks use them: hidden states, an LM head, a
+reference model's hidden states and head, and labels, with logits either flat (``randn``) or
+peaked like a trained language model's (``peaked``).
+
+Why it matters: an op's speed can depend on the data. A method that skips vocabulary tiles of
+negligible probability (Cut Cross-Entropy's gradient filtering) does far less work on flat logits
+(largest probability ~1e-4 at V = 128k) than on a trained model's, where one token often holds
+most of the mass and a few hundred share the rest.
+
+``peaked``: every head row is a random direction plus a Zipf log-frequency prior along one shared
+direction u (frequent tokens score higher everywhere); every hidden state is u plus 4 planted
+tokens' head rows scaled to give them logits up to 16 nats above their prior, the label among them
+with probability 0.9 (the top one with 0.55), plus noise.
+The reference model is the policy slightly perturbed, as for DPO-style training.
+``logit_stats`` measures what the data looks like (``lm_head_inputs(...).stats()``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DATA_KINDS = ("randn", "peaked")
+LABEL_SLOTS = (0.55, 0.2, 0.1, 0.05, 0.1)  # peaked: P(label is planted token 1..4), P(not planted)
+
+
+@dataclass
+class HeadInputs:
+    """hidden / ref_hidden (S, T, H) and weight / ref_weight (V, H) in the requested dtype and
+    device (no grad); labels (S, T) int64 with ``-100`` on prompt positions."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    ref_hidden: torch.Tensor
+    ref_weight: torch.Tensor
+    labels: torch.Tensor
+
+    def stats(self, max_tokens: int = 4096) -> dict:
+        return logit_stats(self.hidden, self.weight, self.labels, max_tokens=max_tokens)
+
+
+def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: int, *, data: str = "peaked",
+                   prompt_frac: float = 0.0, dtype: torch.dtype = torch.float32, device="cpu",
+                   seed: int = 0) -> HeadInputs:
+    """Deterministic (``seed``) inputs of an LM-head loss; drawn in float32 on the CPU, then cast
+    and moved. ``data``: ``"randn"`` (hidden ~ N(0, 1/4), head ~ N(0, 1/H): logits ~ N(0, 0.5^2),
+    flat) or ``"peaked"`` (module docstring). ``prompt_frac``: the leading fraction of every
+    sequence labelled -100."""
+    for name, v in (("num_seqs", num_seqs), ("seq_len", seq_len), ("hidden_size", hidden_size),
+                    ("vocab_size", vocab_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {DATA_KINDS}, got {data!r}")
+    if not 0.0 <= prompt_frac < 1.0:
+        raise ValueError(f"prompt_frac must be in [0, 1), got {prompt_frac}")
+    S, T, H, V = num_seqs, seq_len, hidden_size, vocab_size
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (S, T), generator=g)
+    if data == "randn":
+        x = torch.randn(S, T, H, generator=g) / 2
+        w = torch.randn(V, H, generator=g) / H**0.5
+        rx = torch.randn(S, T, H, generator=g) / 2
+        rw = torch.randn(V, H, generator=g) / H**0.5
+    else:
+        # a Zipf prior over a random token order: log-frequency -1.1 log(rank), centred
+        rank = torch.randperm(V, generator=g).float() + 1
+        prior = -1.1 * torch.log(rank)
+        prior -= prior.mean()
+        labels = _zipf_tokens(S * T, prior, g).view(S, T) if V > 1 else labels
+        u = torch.randn(H, generator=g)
+        u /= u.norm()
+        w = torch.randn(V, H, generator=g) / H**0.5
+        w -= (w @ u)[:, None] * u  # head rows orthogonal to u, so u carries the prior alone
+        w += prior[:, None] * u
+        n = S * T
+        x = u.expand(n, H).clone()
+        # 4 planted tokens per position at decreasing logits (top: 2-16 nats); the label is the
+        # 1st / 2nd / 3rd / 4th of them with probability 0.55 / 0.2 / 0.1 / 0.05, else (0.1) not
+        # planted; the other planted tokens are drawn by frequency
+        slot = torch.multinomial(torch.tensor(LABEL_SLOTS), n, replacement=True, generator=g)
+        top = 2.0 + 14.0 * torch.rand(n, generator=g)
+        for k in range(4):
+            tok = torch.where(slot == k, labels.reshape(-1), _zipf_tokens(n, prior, g))
+            rows = w[tok] - prior[tok][:, None] * u  # the token's own direction (prior removed)
+            x += (top * 0.6 ** k / rows.pow(2).sum(-1).clamp_min(1e-12))[:, None] * rows
+        x += 0.5 * torch.randn(n, H, generator=g) / H**0.5
+        x = x.view(S, T, H)
+        rx = x + 0.02 * torch.randn(S, T, H, generator=g)
+        rw = w + 0.01 * torch.randn(V, H, generator=g) / H**0.5
+    labels[:, : int(T * prompt_frac)] = -100
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return HeadInputs(cast(x), cast(w), cast(rx), cast(rw), labels.to(device))
+
+
+def _zipf_tokens(n: int, prior: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(torch.softmax(prior, 0), n, replacement=True, generator=g)
+
+
+@torch.no_grad()
+def logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, max_tokens: int = 4096,
+                chunk: int = 256) -> dict:
+    """What the logits look like, over the first ``max_tokens`` labelled tokens (fp32, in chunks):
+    mean largest probability, mean label log-probability, mean entropy (nats), the fraction of
+    tokens whose label is the top token, and the mean number of tokens holding 90% of the mass."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = y != -100
+    h, y = h[keep][:max_tokens], y[keep][:max_tokens]
+    if len(y) == 0:
+        raise ValueError("labels: no labelled token (every label is -100)")
+    w = weight.float()
+    acc = dict(top1_prob=0.0, label_logprob=0.0, entropy=0.0, top1_is_label=0.0, tokens_for_90pct=0.0)
+    for i in range(0, len(y), chunk):
+        lp = torch.log_softmax(h[i:i + chunk].float() @ w.t(), -1)
+        p = lp.exp()
+        yy = y[i:i + chunk]
+        acc["top1_prob"] += float(p.max(-1).values.sum())
+        acc["label_logprob"] += float(lp.gather(-1, yy[:, None]).sum())
+        acc["entropy"] += float(-(p * lp).sum())
+        acc["top1_is_label"] += float((lp.argmax(-1) == yy).sum())
+        srt = p.sort(-1, descending=True).values.cumsum(-1)
+        acc["tokens_for_90pct"] += float(((srt < 0.9).sum(-1) + 1).sum())
+    return {k: v / len(y) for k, v in acc.items()} | {"tokens": len(y)}
