@@ -46,7 +46,9 @@ Outputs: benchmarks/results/bench_control_round2_<profile>.json + .png (device, 
 of every invocation that made records).
 Compute: per task 7 experts, 32 tuning runs and 85 final runs, about 110 of them 1M-step RL runs of
 ~3 core-minutes each on a 2-core x86 CPU (Hopper; Ant slower): ~5.5 core-hours per task, so the grid
-runs in slices (``--tasks``, ``--stage tune``; finished runs are kept as records and skipped).
+runs in slices (``--tasks``, ``--stage tune``; finished runs are kept as records and skipped;
+after a task's tuning, its final runs are queued so that a slice cut short leaves whole primary
+cells: bc and irl first, then budget by budget from the smallest, each on every final seed).
 """
 from __future__ import annotations
 
@@ -130,13 +132,22 @@ def plan(prof):
                 cells += [(m, b, "noisy", "bc") for b in prof["noisy_budgets"]]
                 cells.append((m, min(prof["budgets"]), "clean", "scratch"))
             for m, b, arm, start in cells:
-                # the primary comparison's runs first (on every seed), so that a slice cut short
-                # leaves whole primary cells
-                primary = arm == "clean" and start == "bc"
                 jobs.append(dict(kind="run", stage="final", key=f"{m}-{arm}-{start}-p{b}-{task}-s{s}",
                                  deps=[f"data-{task}-s{s}", *tune_keys[m]], task=task, seed=s, method=m, budget=b,
-                                 arm=arm, start=start, cost=(20 if primary else 10) + (m != "bc")))
+                                 arm=arm, start=start, cost=_final_priority(m, b, arm, start, prof)))
     return jobs
+
+
+def _final_priority(method, budget, arm, start, prof) -> int:
+    """Order of the final runs (higher first; scheduling only): bc and irl, then the primary
+    comparison budget by budget from the smallest, then the secondary arms, each on every seed in
+    turn, so that a slice cut short leaves whole cells (all final seeds) of the primary verdict.
+    Used when a task's tuning is made before its final runs are queued (``--stage tune`` first)."""
+    budgets = sorted({*prof["budgets"], *prof["noisy_budgets"]})
+    later = len(budgets) - budgets.index(budget) if budget in budgets else 0
+    if method in ("bc", "irl") and start == "bc":
+        return 50 - (method == "irl")
+    return (30 if arm == "clean" and start == "bc" else 10) + later
 
 
 def _init_worker(threads):

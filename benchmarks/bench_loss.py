@@ -242,7 +242,7 @@ def run(args):
                     print(json.dumps(row), flush=True)
                     save()
             step = None  # its defaults hold this cell's tensors
-            del x, w, rx, rw, y
+            del x, w, rx, rw, y, d  # d holds them too
     report["wall_s"] = time.time() - t_start
     save()
     if args.plot:

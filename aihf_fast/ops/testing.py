@@ -9,8 +9,9 @@ most of the mass and a few hundred share the rest.
 
 ``peaked``: every head row is a random direction plus a Zipf log-frequency prior along one shared
 direction u (frequent tokens score higher everywhere); every hidden state is u plus 4 planted
-tokens' head rows scaled to give them logits up to 16 nats above their prior, the label among them
-with probability 0.9 (the top one with 0.55), plus noise.
+tokens' head rows scaled to give them logits up to 10 nats above their prior, plus noise; the label
+is drawn from those logits' distribution (calibrated: the top token is the label about as often as
+its probability says).
 The reference model is the policy slightly perturbed, as for DPO-style training.
 ``logit_stats`` measures what the data looks like (``lm_head_inputs(...).stats()``)."""
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 DATA_KINDS = ("randn", "peaked")
-LABEL_SLOTS = (0.55, 0.2, 0.1, 0.05, 0.1)  # peaked: P(label is planted token 1..4), P(not planted)
 
 
 @dataclass
@@ -61,11 +61,11 @@ def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: in
         rx = torch.randn(S, T, H, generator=g) / 2
         rw = torch.randn(V, H, generator=g) / H**0.5
     else:
-        # a Zipf prior over a random token order: log-frequency -1.1 log(rank), centred
+        # a Zipf prior over a random token order, log-frequency -1.2 log(rank), shifted so that the
+        # background's log-sum-exp is 0: a planted token at logit L > 0 outweighs the background
         rank = torch.randperm(V, generator=g).float() + 1
-        prior = -1.1 * torch.log(rank)
-        prior -= prior.mean()
-        labels = _zipf_tokens(S * T, prior, g).view(S, T) if V > 1 else labels
+        prior = -1.2 * torch.log(rank)
+        prior -= torch.logsumexp(prior, 0)
         u = torch.randn(H, generator=g)
         u /= u.norm()
         w = torch.randn(V, H, generator=g) / H**0.5
@@ -73,15 +73,21 @@ def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: in
         w += prior[:, None] * u
         n = S * T
         x = u.expand(n, H).clone()
-        # 4 planted tokens per position at decreasing logits (top: 2-16 nats); the label is the
-        # 1st / 2nd / 3rd / 4th of them with probability 0.55 / 0.2 / 0.1 / 0.05, else (0.1) not
-        # planted; the other planted tokens are drawn by frequency
-        slot = torch.multinomial(torch.tensor(LABEL_SLOTS), n, replacement=True, generator=g)
-        top = 2.0 + 14.0 * torch.rand(n, generator=g)
+        # 4 tokens drawn by frequency, planted at decreasing logits (the first 0-10 nats above
+        # its prior); the label is drawn from the resulting distribution (one of them, or the
+        # background), so the data is calibrated as a trained model's is
+        top = 10.0 * torch.rand(n, generator=g)
+        toks, logits = [], []
         for k in range(4):
-            tok = torch.where(slot == k, labels.reshape(-1), _zipf_tokens(n, prior, g))
+            tok = _zipf_tokens(n, prior, g)
             rows = w[tok] - prior[tok][:, None] * u  # the token's own direction (prior removed)
             x += (top * 0.6 ** k / rows.pow(2).sum(-1).clamp_min(1e-12))[:, None] * rows
+            toks.append(tok)
+            logits.append(prior[tok] + top * 0.6 ** k)
+        which = torch.multinomial(torch.softmax(torch.stack([*logits, torch.zeros(n)], -1), -1), 1,
+                                  generator=g).squeeze(-1)
+        labels = torch.where(which < 4, torch.stack(toks, -1).gather(-1, which.clamp(max=3)[:, None]).squeeze(-1),
+                             _zipf_tokens(n, prior, g)).view(S, T)
         x += 0.5 * torch.randn(n, H, generator=g) / H**0.5
         x = x.view(S, T, H)
         rx = x + 0.02 * torch.randn(S, T, H, generator=g)
@@ -101,10 +107,9 @@ def logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     """What the logits look like, over the first ``max_tokens`` labelled tokens (fp32, in chunks):
     mean largest probability, mean label log-probability, mean entropy (nats), the fraction of
     tokens whose label is the top token, and the mean number of tokens holding 90% of the mass."""
-    h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    keep = y != -100
-    h, y = h[keep][:max_tokens], y[keep][:max_tokens]
+    keep = (y != -100).nonzero().squeeze(-1)[:max_tokens]  # no copy of the other hidden states
+    h, y = hidden.reshape(-1, hidden.shape[-1])[keep], y[keep]
     if len(y) == 0:
         raise ValueError("labels: no labelled token (every label is -100)")
     w = weight.float()

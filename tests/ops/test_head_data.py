@@ -25,8 +25,11 @@ def test_peaked_logits_look_like_a_trained_model_and_randn_ones_are_flat():
     flat = lm_head_inputs(4, 64, 128, 8000, data="randn").stats()
     peaked = lm_head_inputs(4, 64, 128, 8000, data="peaked").stats()
     assert flat["top1_prob"] < 0.01 and flat["entropy"] > 8 and flat["tokens_for_90pct"] > 5000
-    assert 0.4 < peaked["top1_prob"] < 0.95 and 0.5 < peaked["entropy"] < 4
-    assert 0.2 < peaked["top1_is_label"] < 0.7 and -8 < peaked["label_logprob"] < -1
+    assert 0.4 < peaked["top1_prob"] < 0.9 and 1 < peaked["entropy"] < 4 and peaked["tokens_for_90pct"] < 2000
+    # calibrated, as a trained model is: the top token is the label about as often as its
+    # probability says, and the label's mean log-probability is about minus the entropy
+    assert abs(peaked["top1_is_label"] - peaked["top1_prob"]) < 0.1
+    assert abs(peaked["label_logprob"] + peaked["entropy"]) < 0.6
     assert peaked["tokens"] == 256
 
 
