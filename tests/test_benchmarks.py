@@ -200,7 +200,7 @@ def test_bench_control_round2_tiny(tmp_path):
     assert tuned["analysis"]["verdict"] == [] and tuned["analysis"]["missing"]  # the final runs wait
     tuning = tuned["analysis"]["tuning"]  # the tuning slice alone shows what the rule picks
     assert sorted(tuning) == [f"Hopper-v5/{m}" for m in ("aihf", "bc", "irl", "rlhf")]
-    for name, t in tuning.items():
+    for t in tuning.values():
         best = max(range(4), key=lambda c: tuple(t["configs"][c]["signal"]))
         assert t["chosen"] == best and all(np.isfinite(c["true_return"]) for c in t["configs"])
     res = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w"), "--out", str(out)])

@@ -15,7 +15,7 @@ def test_shapes_dtypes_masking_and_determinism(data):
     assert bool((d.labels[:, :6] == -100).all()) and bool(((d.labels[:, 6:] >= 0) & (d.labels[:, 6:] < 300)).all())
     again = lm_head_inputs(3, 20, 16, 300, data=data, prompt_frac=0.3, dtype=torch.bfloat16, seed=1)
     other = lm_head_inputs(3, 20, 16, 300, data=data, prompt_frac=0.3, dtype=torch.bfloat16, seed=2)
-    for a, b, c in zip(vars(d).values(), vars(again).values(), vars(other).values()):
+    for a, b in zip(vars(d).values(), vars(again).values()):
         assert torch.equal(a, b)
     assert not torch.equal(d.hidden, other.hidden)
     assert not torch.equal(d.hidden, d.ref_hidden)  # a reference model, not the policy itself
