@@ -18,8 +18,8 @@ the first layer of the exported ``MLPPolicy`` (so the C++ rollouts see raw obser
 Speed (the networks are small, so per-operation overhead, not arithmetic, sets the cost): a
 minibatch's gradients are written by hand (``_loss_and_grads``; ``loss`` is the autograd
 reference it is tested against) into one flat gradient buffer that the 13 parameter tensors view,
-so clipping is one norm and Adam one fused kernel; tanh is numpy's (torch's CPU tanh is ~5x slower
-at these sizes).
+so clipping is one norm and Adam one fused kernel; tanh is numpy's (torch's CPU tanh was slower at
+these sizes).
 """
 from __future__ import annotations
 
@@ -169,6 +169,7 @@ class PPO:
             self._grads.append(self.flat.grad[at:at + p.numel()].view_as(p))
             at += p.numel()
         self._grad_of = self.flat.grad
+        self._actor_linears, self._critic_linears = _linears(self.actor), _linears(self.critic)
         n_actor = 2 * len(_linears(self.actor))
         pairs = lambda g: list(zip(g[0::2], g[1::2]))  # noqa: E731 - [(d weight, d bias)] per layer
         self._actor_grads = pairs(self._grads[:n_actor])
@@ -298,7 +299,7 @@ class PPO:
         (pg_loss, v_loss, ratio) as 0-d / (B,) tensors."""
         cfg, B = self.cfg, len(obs)
         a = self._normalized_advantages(adv)
-        actor, critic = _linears(self.actor), _linears(self.critic)
+        actor, critic = self._actor_linears, self._critic_linears
         mean, actor_in = _forward(actor, obs)
         logp, z, inv_std = self._gaussian(mean, act)                # (B,), (B, A), (A,)
         ratio = (logp - old_logp).exp()
