@@ -6,6 +6,8 @@ writes one (N x V) gradient in the logits' dtype.
 logits (Triton: blockwise ``hidden @ weight.T`` + online log-sum-exp); the backward recomputes
 logits in token chunks of at most ``chunk_size`` rows (cuBLAS), turns each chunk into its
 gradient in place and projects it to d(hidden) and d(weight) (8NHV FLOPs in all).
+``linear_sequence_loss``: a loss of per-sequence log-probs with the gradients made in the forward,
+over token chunks that hold whole groups of coupled sequences (6NHV FLOPs, no recompute).
 """
 from __future__ import annotations
 
@@ -178,7 +180,7 @@ def _addmm_out_dtype_works(device) -> bool:
 def _accumulate_mm(acc, a, b):
     """acc += a @ b, acc fp32 and a, b possibly low precision (fp32 accumulation in the GEMM)."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)  # = acc.addmm_(a, b), in the form FLOP counters see
     elif acc.is_cuda and a.dtype == torch.bfloat16 and _addmm_out_dtype_works(acc.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
@@ -347,6 +349,32 @@ def _outputs(shape, logp, entropy, top1):
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def _check_linear_inputs(hidden, weight, labels, ignore_index, temperature, chunk_size, validate) -> float:
+    """``linear_token_logprobs``'s argument checks -> the temperature as a float."""
+    check_float("hidden", hidden)
+    check_float("weight", weight, ndim=2)
+    check_int("labels", labels)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have a hidden-size dim, got a scalar")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) to match hidden's last dim {H}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have V >= 1 rows, got 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, weight=weight, labels=labels)
+    temperature = _check_temperature(temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if validate:
+        check_labels(labels.long(), weight.shape[0], ignore_index)
+        check_finite("hidden", hidden)
+        check_finite("weight", weight)
+    return temperature
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -372,31 +400,10 @@ def linear_token_logprobs(
     (``return_entropy``) and the top-1 flags (``return_top1``).
     Gradients flow to ``hidden`` and ``weight``.
     """
-    check_float("hidden", hidden)
-    check_float("weight", weight, ndim=2)
-    check_int("labels", labels)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have a hidden-size dim, got a scalar")
-    H = hidden.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight must have shape (V, {H}) to match hidden's last dim {H}, got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have V >= 1 rows, got 0")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    check_same_device(hidden=hidden, weight=weight, labels=labels)
-    temperature = _check_temperature(temperature)
+    temperature = _check_linear_inputs(hidden, weight, labels, ignore_index, temperature, chunk_size, validate)
     labels = labels.long()
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    V = weight.shape[0]
-    if validate:
-        check_labels(labels, V, ignore_index)
-        check_finite("hidden", hidden)
-        check_finite("weight", weight)
     chosen = _pick_backend(backend, hidden, "hidden")
-    flat_h = hidden.reshape(-1, H)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     N = flat_y.numel()
     valid = flat_y != ignore_index
@@ -423,3 +430,148 @@ def linear_token_logprobs(
         top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device).index_copy(0, idx, top1) if top1 is not None \
             else None
     return _outputs(labels.shape, logp, entropy, top1)
+
+
+# ----------------------------------------------------------------------------- gradients in the forward
+
+# d(weight) is accumulated over token chunks in fp32 when that buffer is at most this large, else
+# in the weight's own dtype (one rounding per chunk; at V = 128k, H = 4k an fp32 copy is 2 GiB)
+FP32_DWEIGHT_MAX_BYTES = 256 << 20
+
+
+def default_grad_chunk_tokens(vocab_size: int, element_size: int) -> int:
+    """Tokens per chunk of the gradients-in-forward path: a (tokens x V) logits buffer of at most
+    ``AIHF_FAST_GRAD_CHUNK_BYTES`` (default 640 MiB; with an fp32 d(weight) accumulator of at most
+    256 MiB the transient memory stays under 1 GiB), at least 1."""
+    budget = int(os.environ.get("AIHF_FAST_GRAD_CHUNK_BYTES", 640 << 20))
+    return max(1, budget // max(1, vocab_size * element_size))
+
+
+def plan_group_chunks(seg: torch.Tensor, groups: torch.Tensor, max_tokens: int):
+    """Token chunks that each hold whole groups of sequences, for ``linear_sequence_loss``.
+
+    seg: (M,) int64 sequence of each token; groups: (S,) int64 group of each sequence, in
+    [0, G) (sequences whose losses are coupled, e.g. the two sides of a comparison, share one).
+    Groups are packed in order, greedily, into chunks of at most ``max_tokens`` tokens.
+    Returns a list of chunks, each a slice of the token rows when the tokens are already in
+    chunk order, else a (m,) int64 index tensor; None when one group alone has more than
+    ``max_tokens`` tokens (one host sync)."""
+    if seg.numel() == 0:
+        return []
+    g_tok = groups[seg]
+    counts = torch.bincount(g_tok, minlength=int(groups.max()) + 1 if groups.numel() else 0).tolist()
+    if max(counts) > max_tokens:
+        return None
+    chunk_of_group, chunk, rows = [], 0, 0
+    for c in counts:
+        if rows and rows + c > max_tokens:
+            chunk, rows = chunk + 1, 0
+        chunk_of_group.append(chunk)
+        rows += c
+    c_tok = torch.tensor(chunk_of_group, device=seg.device)[g_tok]
+    sizes = torch.bincount(c_tok, minlength=chunk + 1).tolist()
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    if bool((c_tok[1:] >= c_tok[:-1]).all()):  # tokens already in chunk order: slices, no gather
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    order = torch.sort(c_tok, stable=True).indices
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _sequence_coefficients(loss_of, seq_logps):
+    """d loss_of / d seq_logps at ``seq_logps`` (S,) fp32 (zeros where the loss does not depend)."""
+    with torch.enable_grad():
+        s = seq_logps.detach().requires_grad_()
+        loss = loss_of(s)
+        if not loss.requires_grad:
+            return torch.zeros_like(s)
+        (g,) = torch.autograd.grad(loss, s, allow_unused=True)
+    return torch.zeros_like(s) if g is None else g
+
+
+class _LinearSequenceLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, labels, seg, num_sequences, loss_of, chunks, inv_temp, return_entropy, return_top1,
+                chunk_size):
+        ctx.set_materialize_grads(False)
+        M, H = x.shape
+        V = w.shape[0]
+        dev = x.device
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        logp = torch.zeros(M, dtype=torch.float32, device=dev)
+        lse = torch.zeros_like(logp)
+        entropy = torch.zeros_like(logp) if return_entropy else None
+        top1 = torch.zeros(M, dtype=torch.bool, device=dev) if return_top1 else None
+        seq = torch.zeros(num_sequences, dtype=torch.float32, device=dev)
+        dx = torch.zeros_like(x) if need_dx else None
+        dw = acc = None
+        if need_dw:
+            dw = torch.zeros_like(w)
+            fp32_acc = w.dtype != torch.float32 and len(chunks) > 1 and V * H * 4 <= FP32_DWEIGHT_MAX_BYTES
+            acc = torch.zeros(V, H, dtype=torch.float32, device=dev) if fp32_acc else dw
+        for rows in chunks:
+            xc, yc, sc = x[rows], labels[rows], seg[rows]
+            z = xc @ w.t()  # (m, V): this chunk's logits, the only ones alive
+            lp, ls, ent = _triton_row_forward(z, yc, -1, inv_temp, return_entropy)
+            logp[rows], lse[rows] = lp, ls
+            if return_entropy:
+                entropy[rows] = ent
+            if return_top1:
+                top1[rows] = z.gather(1, yc[:, None])[:, 0] >= z.amax(1)
+            seq.index_add_(0, sc, lp)  # the chunk's sequences are now complete
+            if not (need_dx or need_dw):
+                continue
+            g = _sequence_coefficients(loss_of, seq)[sc].contiguous()
+            _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp)  # z := d loss / d logits
+            if need_dw:
+                _accumulate_mm(acc, z.t(), xc)
+            if need_dx:
+                dx[rows] = z @ w
+            del z
+        if acc is not None and acc is not dw:
+            dw.copy_(acc)
+        with torch.enable_grad():
+            loss = loss_of(seq).detach()
+        ctx.save_for_backward(x, w, labels, lse, dx, dw)
+        ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
+        ctx.mark_non_differentiable(*(t for t in (entropy, top1) if t is not None))
+        return loss, logp, entropy, top1
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_entropy, grad_top1):
+        x, w, labels, lse, dx, dw = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gw = None
+        if grad_loss is not None:  # the gradients made in the forward, scaled (loss scaling, accumulation)
+            unit = bool(grad_loss == 1)
+            gx = (dx if unit else dx * grad_loss) if need_dx else None
+            gw = (dw if unit else dw * grad_loss) if need_dw else None
+        if grad_logp is not None and (need_dx or need_dw):  # the token log-probs were used elsewhere too
+            rx, rw = _linear_backward(x, w, labels, lse, None, grad_logp.contiguous(), None, ctx.inv_temp,
+                                      ctx.chunk_size, need_dx, need_dw)
+            gx = rx if gx is None else (gx + rx if rx is not None else gx)
+            gw = rw if gw is None else (gw + rw if rw is not None else gw)
+        return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+def linear_sequence_loss(x, weight, labels, seg, num_sequences, loss_of, chunks, *, temperature=1.0,
+                         return_entropy=False, return_top1=False, chunk_size=None):
+    """A loss of per-sequence log-probs, loss_of(seq_logps), with the gradients of ``x`` and
+    ``weight`` made in the forward: each chunk's logits are computed once, turned in place into
+    their gradient, and projected to d(x) and d(weight), with no recompute in the backward (6MHV
+    FLOPs, not 8MHV). Triton backend (CUDA, or ``TRITON_INTERPRET=1``); the caller checks inputs.
+
+    x: (M, H) hidden states of the loss tokens only; weight: (V, H), same dtype; labels: (M,)
+    int64 in [0, V); seg: (M,) int64 sequence of each token in [0, num_sequences);
+    loss_of: (S,) fp32 -> 0-d fp32, a torch function that is a sum of parts each reading the
+    log-probs of one chunk's sequences only (so a chunk's gradients are final once its sequences
+    are complete); chunks: ``plan_group_chunks``'s plan. chunk_size: vocabulary columns of the
+    recompute, used only if the token log-probs also get a gradient from elsewhere.
+    Returns (loss 0-d fp32, token log-probs (M,) fp32[, entropy (M,) fp32][, top-1 flags (M,)
+    bool]); the loss and the log-probs carry gradients to x and weight.
+    """
+    loss, logp, entropy, top1 = _LinearSequenceLossFunction.apply(
+        x, weight, labels, seg, num_sequences, loss_of, chunks, 1.0 / _check_temperature(temperature),
+        return_entropy, return_top1, chunk_size)
+    return (loss, logp) + tuple(t for t, want in ((entropy, return_entropy), (top1, return_top1)) if want)

@@ -1,0 +1,235 @@
+"""The joint loss with the policy's gradients made in the forward (``grad_in_forward``): equal to
+the two-pass op and to the PyTorch reference for every method, layout and chunking, with no
+recompute (6 M H V FLOPs for M loss tokens)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import aihf_fast.ops.logprobs as lp
+from aihf_fast.ops import LossConfig, aihf_loss, method_config
+
+from helpers import DEVICE, assert_close_to, assert_low_precision_close
+
+BETA = 0.1
+H, V = 16, 53
+
+
+def _batch(S, T=11, dtype=torch.float32, prompt=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(S, T, H, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(V, H, generator=g) * 0.6).to(DEVICE, dtype)
+    ref = (torch.randn(S, generator=g) * 3 - 30).to(DEVICE)
+    labels = torch.randint(0, V, (S, T), generator=g).to(DEVICE)
+    lengths = torch.randint(prompt + 1, T + 1, (S,), generator=g)  # ragged answers, right padding
+    for i, n in enumerate(lengths.tolist()):
+        labels[i, :prompt] = -100
+        labels[i, n:] = -100
+    return h, w, ref, labels
+
+
+def _run(labels, h, w, ref, grad_in_forward, extra=None, **kw):
+    """loss, d(hidden), d(weight), seq_logps, metrics of one call (+ backward)."""
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    out = aihf_loss(labels, hidden=hh, weight=ww, ref_seq_logps=ref, grad_in_forward=grad_in_forward, **kw)
+    total = out.loss if extra is None else out.loss + extra(out)
+    total.backward()
+    return out.loss, hh.grad, ww.grad, out.seq_logps, out.float_metrics()
+
+
+def _assert_same(name, got, want, atol=2e-5, rtol=2e-5):
+    for part, a, b in zip(("loss", "dhidden", "dweight", "seq_logps"), got[:4], want[:4]):
+        assert_close_to(f"{name} {part}", a, b, atol, rtol)
+    assert got[4].keys() == want[4].keys()
+    for k in want[4]:
+        assert abs(got[4][k] - want[4][k]) <= atol + rtol * abs(want[4][k]), f"{name} metric {k}"
+
+
+LAYOUTS = {
+    "sft": dict(num_demos=4),
+    "dpo": dict(num_pairs=3),
+    "ipo": dict(num_pairs=3),
+    "rpo": dict(num_pairs=3, nll_weight=0.5),
+    "spin": dict(num_demos=3),
+    "aihf": dict(num_pairs=2, num_demos=2, w_P=0.7, w_D=1.3, nll_weight=0.4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LAYOUTS))
+@pytest.mark.parametrize("chunk_tokens", [None, 20, 1])
+def test_every_method_matches_two_pass_and_reference(method, chunk_tokens):
+    layout = method_config(method, **LAYOUTS[method], device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    kw = dict(layout=layout, beta=BETA, grad_chunk_tokens=chunk_tokens, token_metrics=True)
+    want = _run(labels, h, w, ref, False, backend="torch", **kw)
+    two_pass = _run(labels, h, w, ref, False, backend="triton", **kw)
+    if chunk_tokens == 1:  # a group holds more tokens than a chunk: the two-pass op, or an error
+        with pytest.raises(ValueError, match="grad_chunk_tokens"):
+            _run(labels, h, w, ref, True, backend="triton", **kw)
+        got = _run(labels, h, w, ref, None, backend="triton", **kw)
+    else:
+        got = _run(labels, h, w, ref, True, backend="triton", **kw)
+    _assert_same(f"{method} vs reference", got, want)
+    _assert_same(f"{method} vs two-pass", got, two_pass)
+
+
+def _packed(h, labels):
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    keep[:, -1] = False  # drop each row's last position, so that rows are packed ragged
+    lengths = keep.sum(1)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = lengths.cumsum(0)
+    return h[keep], labels[keep], cu
+
+
+@pytest.mark.parametrize("form", ["cu_seqlens", "segment_ids_shuffled"])
+@pytest.mark.parametrize("chunk_tokens", [None, 24])
+def test_packed_layouts_and_chunks_split_at_group_boundaries(form, chunk_tokens):
+    # comparisons that couple sequences far apart (0-5, 1-4, 2-3) and a ragged group of three (6 > 7 > 8)
+    S = 10
+    h, w, ref, labels = _batch(S)
+    h_p, y_p, cu = _packed(h, labels)
+    cmp = (torch.tensor([0, 1, 2, 6, 7]), torch.tensor([5, 4, 3, 7, 8]), torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3]))
+    nll = torch.tensor([0.3, 0.0, 0.0, 0.0, 1.0, 0.0, 0.2, 0.0, 0.0, 0.0], device=DEVICE)  # 9: unused
+    lay = dict(cu_seqlens=cu)
+    if form == "segment_ids_shuffled":  # tokens of a sequence scattered over the pack
+        seg = torch.repeat_interleave(torch.arange(S, device=DEVICE), (cu[1:] - cu[:-1]).long())
+        perm = torch.randperm(seg.numel(), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        h_p, y_p, lay = h_p[perm], y_p[perm], dict(segment_ids=seg[perm], num_sequences=S)
+    kw = dict(comparisons=cmp, nll_weights=nll, beta=BETA, grad_chunk_tokens=chunk_tokens, **lay)
+    want = _run(y_p, h_p, w, ref, False, backend="torch", **kw)
+    got = _run(y_p, h_p, w, ref, True, backend="triton", **kw)
+    _assert_same(form, got, want)
+
+
+def test_unused_and_all_ignored_sequences():
+    h, w, ref, labels = _batch(6)
+    labels[4] = -100  # no loss tokens, used by nothing
+    labels[5, :] = -100
+    labels[5, 7] = 3  # one loss token, used by nothing
+    kw = dict(comparisons=(torch.tensor([0, 2]), torch.tensor([1, 3])), beta=BETA, grad_chunk_tokens=16)
+    want = _run(labels, h, w, ref, False, backend="torch", **kw)
+    got = _run(labels, h, w, ref, True, backend="triton", **kw)
+    _assert_same("unused", got, want)
+    assert got[0].isfinite() and bool((got[1][4] == 0).all()) and bool((got[1][5] == 0).all())
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="hinge"), dict(label_smoothing=0.2), dict(reduction="sum"), dict(nll_normalize="length"),
+    dict(nll_normalize="sequence"), dict(nll_normalize="none"), dict(temperature=0.7), dict(reference_free=True),
+])
+def test_loss_options(options):
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    if options.get("reference_free"):
+        ref = None
+    kw = dict(layout=layout, beta=BETA, grad_chunk_tokens=16, **options)
+    want = _run(labels, h, w, ref, False, backend="torch", **kw)
+    got = _run(labels, h, w, ref, True, backend="triton", **kw)
+    _assert_same(str(options), got, want)
+
+
+def test_shift_labels_and_reference_head():
+    S, T = 4, 9
+    h, w, _, labels = _batch(S, T)
+    rh = torch.randn(S, T, H, device=DEVICE)
+    ids = torch.where(labels == -100, torch.randint(0, V, labels.shape, device=DEVICE), labels)
+    causal = ids.clone()
+    causal[:, :3] = -100
+    kw = dict(comparisons=(torch.tensor([0, 2]), torch.tensor([1, 3])), beta=BETA, shift_labels=True,
+              ref_hidden=rh, ref_weight=w * 0.9)
+    outs = {}
+    for name, gif, backend in (("reference", False, "torch"), ("fused", True, "triton")):
+        hh = h.detach().clone().requires_grad_()
+        ww = w.detach().clone().requires_grad_()
+        out = aihf_loss(causal, hidden=hh, weight=ww, grad_in_forward=gif, backend=backend, **kw)
+        out.loss.backward()
+        outs[name] = (out.loss, hh.grad, ww.grad, out.seq_logps)
+    for part, a, b in zip(("loss", "dhidden", "dweight", "seq_logps"), outs["fused"], outs["reference"]):
+        assert_close_to(part, a, b, 2e-5, 2e-5)
+
+
+def test_gradient_through_seq_logps_and_a_scaled_loss():
+    """The loss's gradients are made in the forward; a gradient that also reaches the returned
+    log-probs (or a scale on the loss) takes the recompute path for its share."""
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    c = torch.linspace(-1, 1, layout.num_sequences, device=DEVICE)
+    kw = dict(layout=layout, beta=BETA, grad_chunk_tokens=16)
+    for extra in (lambda o: (c * o.seq_logps).sum(), lambda o: 2.0 * o.loss):
+        want = _run(labels, h, w, ref, False, extra, backend="torch", **kw)
+        got = _run(labels, h, w, ref, True, extra, backend="triton", **kw)
+        _assert_same("extra", got, want)
+
+
+def test_only_one_input_needs_a_gradient():
+    layout = method_config("dpo", num_pairs=3, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    for needs in ("hidden", "weight"):
+        grads = {}
+        for gif, backend in ((False, "torch"), (True, "triton")):
+            hh = h.detach().clone().requires_grad_(needs == "hidden")
+            ww = w.detach().clone().requires_grad_(needs == "weight")
+            aihf_loss(labels, hidden=hh, weight=ww, ref_seq_logps=ref, layout=layout, grad_in_forward=gif,
+                      backend=backend).loss.backward()
+            grads[gif] = (hh if needs == "hidden" else ww).grad
+        assert_close_to(needs, grads[True], grads[False], 2e-5, 2e-5)
+
+
+def test_no_recompute_six_mhv_flops(monkeypatch):
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    M = int((labels != -100).sum())
+    calls = []
+    monkeypatch.setattr(lp, "_linear_backward", lambda *a, **k: calls.append(1))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with FlopCounterMode(display=False) as fc:
+        aihf_loss(labels, hidden=hh, weight=ww, ref_seq_logps=ref, layout=layout, backend="triton",
+                  grad_chunk_tokens=16).loss.backward()
+    assert not calls
+    mm = sum(v for k, v in fc.get_flop_counts()["Global"].items() if "mm" in str(k))
+    # logits once (2MHV), d(weight) (2MHV), d(hidden) (2MHV); the rest is the (1, V) @ (V, H) row
+    # mean of the head behind the logits/* metrics
+    assert mm == 6 * M * H * V + 2 * V * H
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp32_dweight", [True, False])
+def test_low_precision(dtype, fp32_dweight, monkeypatch):
+    if not fp32_dweight:  # d(weight) accumulated over chunks in the weight's own dtype
+        monkeypatch.setattr(lp, "FP32_DWEIGHT_MAX_BYTES", 0)
+    layout = method_config("aihf", num_pairs=3, num_demos=3, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences, T=13)
+    kw = dict(layout=layout, beta=BETA, grad_chunk_tokens=20)
+    exact = _run(labels, h, w, ref, False, backend="torch", **kw)
+    low = _run(labels, h.to(dtype), w.to(dtype), ref, False, backend="torch", **kw)
+    got = _run(labels, h.to(dtype), w.to(dtype), ref, True, backend="triton", **kw)
+    for i, part in enumerate(("loss", "dhidden", "dweight", "seq_logps")):
+        assert_low_precision_close(part, got[i], low[i], exact[i])
+
+
+def test_when_it_cannot_apply():
+    layout = method_config("dpo", num_pairs=2, device=DEVICE)
+    h, w, ref, labels = _batch(4)
+    hh = h.clone().requires_grad_()
+    base = dict(layout=layout, ref_seq_logps=ref, grad_in_forward=True)
+    with pytest.raises(ValueError, match="needs the policy as hidden"):
+        aihf_loss(labels, logits=hh @ w.t(), **base)
+    with pytest.raises(ValueError, match="Triton backend"):
+        aihf_loss(labels, hidden=hh, weight=w, backend="torch", **base)
+    with torch.no_grad(), pytest.raises(ValueError, match="no gradient"):
+        aihf_loss(labels, hidden=hh, weight=w, backend="triton", **base)
+    nll = torch.ones(4, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="nll_weights"):
+        aihf_loss(labels, hidden=hh, weight=w, backend="triton", comparisons=layout.comparisons, nll_weights=nll,
+                  ref_seq_logps=ref, grad_in_forward=True)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="grad_chunk_tokens"):
+            LossConfig(grad_chunk_tokens=bad)
+    with pytest.raises(ValueError, match="grad_in_forward"):
+        LossConfig(grad_in_forward="yes")
+    # auto: under no_grad the two-pass op, same values
+    with torch.no_grad():
+        a = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="triton").loss
+    b = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="torch").loss
+    assert_close_to("no_grad loss", a, b, 1e-5, 1e-5)
