@@ -2,7 +2,11 @@
 aihf_loss: w_P = 1 on P preference pairs, NLL weight alpha on the chosen answers, a reference
 model given by its hidden states + LM head) at LLM shapes, side by side in one run:
 
-  aihf_fast      aihf_loss(hidden, weight, ref_hidden, ref_weight) on the Triton kernels
+  aihf_fast      aihf_loss(hidden, weight, ref_hidden, ref_weight) on the Triton kernels (the policy's
+                 gradients made in the forward where it applies, the default)
+  aihf_fast_two_pass   the same with grad_in_forward=False (forward, then a recomputing backward)
+  aihf_fast_cached_ref the default with the reference as ref_seq_logps, computed once per cell
+                 outside the timed step (as a trainer that caches them does)
   torch_eager    the same call on the PyTorch reference (full logits, fp32 log-softmax)
   torch_compile  torch.compile of that reference math written as one plain function
   liger          LigerFusedLinearDPOLoss(compute_nll_loss=True), where liger-kernel is installed
@@ -13,8 +17,9 @@ Data (``--data``, ``aihf_fast.ops.testing``): ``peaked`` (default) logits shaped
 or ``randn`` flat ones (largest probability ~1e-4 at V = 128k: a method that skips negligible
 probability mass does less work there than on real data); the report records which, and the
 logits' statistics (``data_stats``).
-FLOPs: the useful work is 6NHV (policy fwd+bwd) + 2NHV (reference fwd) = 8NHV; aihf_fast
-executes 10NHV (it recomputes the policy logits in backward). Achieved TFLOP/s = 8NHV / time.
+FLOPs: the useful work is 6NHV (policy fwd+bwd) + 2NHV (reference fwd) = 8NHV, counted for every
+provider (achieved TFLOP/s = 8NHV / time); aihf_fast executes 8NHV, aihf_fast_two_pass 10NHV (it
+recomputes the policy logits in backward), aihf_fast_cached_ref 6NHV.
 
 On CPU it runs the reference paths (and aihf_fast through its CPU backend) at small shapes.
 Writes JSON (device, versions, commit, every measurement) after each measurement and a PNG.
@@ -60,19 +65,31 @@ def rpo_plain(x, w, rx, rw, y, P, alpha, beta):
     return -F.logsigmoid(beta * h).mean() + alpha * nll
 
 
+OURS = ("aihf_fast", "aihf_fast_two_pass", "aihf_fast_cached_ref")
+
+
 def make_provider(name, P, alpha, beta, backend):
-    cmp = None
+    cmp = ref_seq = None
 
     def ours(x, w, rx, rw, y):
-        nonlocal cmp
+        nonlocal cmp, ref_seq
+        kw = dict(beta=beta, backend=backend if name in OURS else "torch", validate=False,
+                  grad_in_forward=False if name == "aihf_fast_two_pass" else None)
         if cmp is None:
             dev = x.device
             cmp = (torch.arange(P, device=dev), torch.arange(P, 2 * P, device=dev))
             ours.nll = torch.cat([torch.full((P,), alpha, device=dev), torch.zeros(P, device=dev)])
+        if name == "aihf_fast_cached_ref":
+            if ref_seq is None:  # once per cell, outside the timed steps
+                with torch.no_grad():
+                    ref_seq = aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp,
+                                        **kw).seq_ref_logps
+            return aihf_loss(y, hidden=x, weight=w, ref_seq_logps=ref_seq, comparisons=cmp, nll_weights=ours.nll,
+                             **kw).loss
         return aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp, nll_weights=ours.nll,
-                         beta=beta, backend=backend if name == "aihf_fast" else "torch", validate=False).loss
+                         **kw).loss
 
-    if name in ("aihf_fast", "torch_eager"):
+    if name in OURS + ("torch_eager",):
         return ours
     if name == "torch_compile":
         compiled = torch.compile(rpo_plain, dynamic=True)
@@ -295,7 +312,8 @@ def main(argv=None):
                    help="logits like a trained LM's (peaked) or flat (randn); aihf_fast.ops.testing")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--providers", type=lambda s: s.split(","),
-                   default=["aihf_fast", "liger", "cce", "torch_eager", "torch_compile"] if cuda
+                   default=["aihf_fast", "aihf_fast_two_pass", "aihf_fast_cached_ref", "liger", "cce", "torch_eager",
+                            "torch_compile"] if cuda
                    else ["aihf_fast", "torch_eager", "torch_compile", "liger"])
     p.add_argument("--backend", default=None, help="aihf_fast backend (default: auto)")
     p.add_argument("--alpha", type=float, default=1.0)

@@ -35,10 +35,12 @@ def test_bench_loss_tiny(tmp_path):
 
     out = tmp_path / "loss.json"
     report = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
-                              "--providers", "aihf_fast,torch_eager", "--no-fwd-diag", "--out", str(out)])
+                              "--providers", "aihf_fast,aihf_fast_two_pass,aihf_fast_cached_ref,torch_eager",
+                              "--backend", "triton", "--no-fwd-diag", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4 * abs(rows[1]["loss"])
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    for r in rows[:3]:
+        assert abs(r["loss"] - rows[3]["loss"]) < 1e-4 * abs(rows[3]["loss"])
     assert report["device_type"] == "cpu"
     assert report["config"]["data"] == "peaked" and report["data_stats"]["V=300"]["top1_prob"] > 0.3
     flat = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
