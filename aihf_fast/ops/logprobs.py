@@ -117,7 +117,16 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
         n_splits = min(_cdiv(V, unit), 3)  # several splits, so the merge is exercised
     else:
         unit = 256
-        if os.environ.get("AIHF_FAST_AUTOTUNE", "1") == "0":  # fixed tile: fast compiles (tests)
+        pinned = os.environ.get("AIHF_FAST_LINEAR_CONFIG")
+        if pinned is not None:  # one of the autotuned tiles, pinned (tests every tile, reproduces one)
+            from ._triton_kernels import _LINEAR_FWD_CONFIGS
+
+            if not (pinned.isdigit() and int(pinned) < len(_LINEAR_FWD_CONFIGS)):
+                raise ValueError(f"AIHF_FAST_LINEAR_CONFIG must be an index in [0, {len(_LINEAR_FWD_CONFIGS)}) of "
+                                 f"the autotuned tiles, got {pinned!r}")
+            cfg = _LINEAR_FWD_CONFIGS[int(pinned)]
+            kernel, meta = _linear_lse_fwd_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        elif os.environ.get("AIHF_FAST_AUTOTUNE", "1") == "0":  # fixed tile: fast compiles (tests)
             kernel = _linear_lse_fwd_kernel
             if x.dtype == torch.float32:  # fp32 tiles take twice the shared memory
                 meta = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=3)

@@ -1,0 +1,139 @@
+"""The log-prob ops at a real vocabulary (V = 128256, Llama 3's) with every autotuned tile of the
+fused forward, in bf16 and fp16, and past 2**31 logits (int64 offsets), on a GPU; the same checks
+at small shapes on the CPU (Triton interpreter), so that the checks themselves are exercised."""
+import pytest
+import torch
+
+from aihf_fast.ops import aihf_loss, linear_token_logprobs, token_logprobs
+from aihf_fast.ops.testing import lm_head_inputs
+
+from helpers import assert_low_precision_close
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="real vocabulary and > 2**31 logits: on a GPU (CPU: the small variants)")
+
+
+def _reference_rows(x, w, y, g, rows):
+    """fp32 log-probs, entropy, d(x) of ``rows`` and the full d(w) for the loss sum(g * logp),
+    computed a row block at a time (no fp32 (N x V) buffer)."""
+    xf, wf = x.detach().float(), w.detach().float()
+    dw = torch.zeros_like(wf)
+    for a in range(0, x.shape[0], 2048):
+        z = xf[a:a + 2048] @ wf.t()
+        p = z.softmax(-1)
+        d = -p * g[a:a + 2048, None]
+        d[torch.arange(len(z)), y[a:a + 2048]] += g[a:a + 2048]
+        dw += d.t() @ xf[a:a + 2048]
+    z = xf[rows] @ wf.t()
+    logp_all = z.log_softmax(-1)
+    p = logp_all.exp()
+    d = -p * g[rows, None]
+    d[torch.arange(len(rows)), y[rows]] += g[rows]
+    return logp_all.gather(1, y[rows, None])[:, 0], -(p * logp_all).sum(-1), d @ wf, dw
+
+
+def _reference_low(x, w, y, g, rows):
+    """The same by PyTorch autograd in the inputs' own precision (logits and their gradient in that
+    dtype, as the fused ops have them): the error that precision alone makes, for the comparison
+    rule. d(w) from ``rows`` only."""
+    xr = x.detach()[rows].clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    logp_all = (xr @ wr.t()).float().log_softmax(-1)
+    logp = logp_all.gather(1, y[rows, None])[:, 0]
+    (logp * g[rows]).sum().backward()
+    return logp.detach(), -(logp_all.exp() * logp_all).sum(-1).detach(), xr.grad, wr.grad
+
+
+def check_every_tile(config, dtype, S, T, H, V, device, monkeypatch):
+    if config is not None:
+        monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", str(config))
+    d = lm_head_inputs(S, T, H, V, dtype=dtype, device=device, seed=7 + (config or 0))
+    x = d.hidden.reshape(-1, H).detach().requires_grad_()
+    w = d.weight.detach().requires_grad_()
+    y = torch.where(d.labels.reshape(-1) < 0, 0, d.labels.reshape(-1))  # every token a loss token
+    logp, ent = linear_token_logprobs(x, w, y, return_entropy=True, backend="triton")
+    g = torch.randn(len(y), device=device, generator=torch.Generator(device).manual_seed(1))
+    (logp * g).sum().backward()
+    rows = torch.arange(len(y), device=device)
+    want_logp, want_ent, want_dx, want_dw = _reference_rows(x, w, y, g, rows)
+    low_logp, low_ent, low_dx, low_dw = _reference_low(x, w, y, g, rows)
+    assert_low_precision_close("logp", logp, low_logp, want_logp)
+    assert_low_precision_close("entropy", ent, low_ent, want_ent)
+    assert_low_precision_close("dx", x.grad, low_dx, want_dx, atol=2e-2)  # atol as test_logprobs' rule
+    assert_low_precision_close("dw", w.grad, low_dw, want_dw, atol=2e-2)
+
+
+def check_offsets_past(N, V, H, device):
+    """Logits with N x V past the int32 range: forward and gradients of the last rows (whose
+    offsets overflow int32) on the logits op, the two-pass fused op (one vocabulary slice: an
+    (N x V) recompute) and the gradients-in-forward path (one chunk of all N tokens)."""
+    dtype = torch.bfloat16
+    g_ = torch.Generator(device).manual_seed(3)
+    x = (torch.randn(N, H, device=device, generator=g_) * 0.5).to(dtype)
+    w = (torch.randn(V, H, device=device, generator=g_) / H ** 0.5).to(dtype)
+    y = torch.randint(0, V, (N,), device=device, generator=g_)
+    g = torch.ones(N, device=device)
+    rows = torch.arange(N - 64, N, device=device)
+    want_logp, _, want_dx, _ = _reference_rows(x, w, y, g, rows)
+    low_logp, _, low_dx, _ = _reference_low(x, w, y, g, rows)
+
+    logits = (x @ w.t()).requires_grad_()
+    logp = token_logprobs(logits, y, backend="triton")
+    logp.sum().backward()
+    assert_low_precision_close("logits op logp", logp[rows], low_logp, want_logp)
+    p = (logits.detach()[rows].float()).softmax(-1)
+    want_dz = -p
+    want_dz[torch.arange(len(rows)), y[rows]] += 1
+    assert (logits.grad[rows].float() - want_dz).abs().max().item() < 1e-2
+    del logits, logp
+
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logp = linear_token_logprobs(xx, ww, y, chunk_size=V, backend="triton")
+    logp.sum().backward()
+    assert_low_precision_close("linear op logp", logp[rows], low_logp, want_logp)
+    assert_low_precision_close("linear op dx", xx.grad[rows], low_dx, want_dx, atol=2e-2)
+    two_pass = (xx.grad, ww.grad)
+
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = aihf_loss(y, hidden=xx, weight=ww, segment_ids=torch.zeros(N, dtype=torch.long, device=device),
+                    num_sequences=1, nll_weights=torch.ones(1, device=device), nll_normalize="none",
+                    backend="triton", grad_in_forward=True, grad_chunk_tokens=N)
+    out.loss.backward()  # loss = -sum logp: the same gradients as above, negated
+    for name, got, want in (("dx", xx.grad, two_pass[0]), ("dw", ww.grad, two_pass[1])):
+        err = (got.double() + want.double()).abs().max().item()
+        assert err <= 2e-2 * want.double().abs().max().item(), f"grad_in_forward {name}: {err:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", range(7))
+def test_every_autotuned_tile_at_a_real_vocabulary(config, dtype, monkeypatch):
+    from aihf_fast.ops._triton_kernels import _LINEAR_FWD_CONFIGS
+
+    assert len(_LINEAR_FWD_CONFIGS) == 7  # a new tile needs its case here
+    check_every_tile(config, dtype, 3, 173, 4096, 128256, "cuda", monkeypatch)
+
+
+@gpu
+def test_offsets_past_int32():
+    N, V = 16800, 128256
+    assert N * V > 2**31
+    check_offsets_past(N, V, 256, "cuda")
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU runs the real sizes")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_checks_at_small_shapes_on_cpu(dtype, monkeypatch):
+    check_every_tile(None, dtype, 2, 13, 32, 301, "cpu", monkeypatch)
+    check_offsets_past(80, 301, 16, "cpu")
+
+
+def test_pinned_tile_is_checked(monkeypatch):
+    from aihf_fast.ops.logprobs import _triton_linear_forward
+
+    if not CUDA:
+        pytest.skip("tiles are pinned on the GPU only (the interpreter uses its own)")
+    monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", "99")
+    x = torch.randn(4, 64, device="cuda")
+    with pytest.raises(ValueError, match="AIHF_FAST_LINEAR_CONFIG"):
+        _triton_linear_forward(x, x, torch.zeros(4, dtype=torch.long, device="cuda"), 1.0, False)
