@@ -3,6 +3,9 @@ fused path against the same model with TRL-style full-logit log-probs, in one ru
 
   aihf_fast   the trainer's module (``PolicyWithLoss``): base model -> last hidden states ->
               ``aihf_loss(hidden, lm_head.weight)``; the (tokens x vocab) logits are never built
+              (on CUDA the policy's gradients are made in the loss's forward, the default)
+  aihf_fast_two_pass  the same with ``grad_in_forward=False`` (forward, then a recomputing
+              backward; what the default replaces)
   full_logit  ``model(...).logits`` -> ``log_softmax`` -> ``gather`` (what TRL's DPOTrainer
               does), then the same ``aihf_loss(token_logps=...)`` combination
 
@@ -29,6 +32,12 @@ new tokens only).
     python benchmarks/bench_train.py                        # CPU, small model (defaults)
     python benchmarks/bench_train.py --preset gpu-1b        # ~1B params, V = 128256, bf16
     python benchmarks/bench_train.py --step rl              # the RL step (CPU, small model)
+    python benchmarks/bench_train.py --preset gpu-1b --max-batch   # + the largest micro-batch that fits
+
+``--max-batch``: per provider, the largest micro-batch (``pairs`` = ``demos`` = k, so 4k sequences)
+whose training step runs: k doubles from 1 until a step fails (CUDA out of memory, or a peak
+transient memory above ``--memory-budget-gb`` when given) or reaches ``--max-batch-limit``, then
+bisects; every attempt is one step in a fresh subprocess and is recorded.
 """
 from __future__ import annotations
 
@@ -58,7 +67,8 @@ PRESETS = {
     "gpu-1b": dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, seq=512,
                    prompt=128, pairs=4, demos=4, dtype="bfloat16"),
 }
-PROVIDERS = ("aihf_fast", "full_logit")
+PROVIDERS = ("aihf_fast", "aihf_fast_two_pass", "full_logit")
+OURS = ("aihf_fast", "aihf_fast_two_pass")
 
 
 def _rss_bytes():
@@ -94,7 +104,7 @@ def _llama_config(p: dict):
 def _token_logps(provider, module, model, inputs):
     """Per-token log-probs of the labels (N,) fp32, 0 where ignored: the trainer's fused path
     (``aihf_fast``) or full logits -> log_softmax -> gather (``full_logit``)."""
-    if provider == "aihf_fast":
+    if provider in OURS:
         return module(inputs, per_token=True)
     logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits[0]
     labels = inputs["labels"]
@@ -211,8 +221,11 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
     kw = dict(layout=method_config("aihf", P, D, w_P=1.0, w_D=1.0, nll_weight=0.1, device=device), beta=0.1,
               ref_seq_logps=-torch.rand(2 * P + 2 * D, generator=g).to(device) * 100)
 
+    if provider == "aihf_fast_two_pass":
+        kw["grad_in_forward"] = False
+
     def step():
-        if provider == "aihf_fast":
+        if provider in OURS:
             loss = module(inputs, kw)["loss"]
         else:
             logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits[0]
@@ -246,6 +259,38 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
                 params=sum(q.numel() for q in model.parameters()))
 
 
+def largest_batch(attempt, budget_bytes, limit):
+    """The largest k in [1, limit] whose step fits: ``attempt(k)`` -> a result row (status "ok" and
+    ``peak_transient_bytes``); fits = ok and, with a budget, peak <= budget. Doubling, then bisection
+    (fitting is taken as monotone in k) -> {"k": largest fitting (0: none), "attempts": [...]}."""
+    attempts = []
+
+    def fits(k):
+        row = attempt(k)
+        ok = row.get("status") == "ok" and (budget_bytes is None or row["peak_transient_bytes"] <= budget_bytes)
+        attempts.append(dict(k=k, fits=ok, status=row.get("status"), peak_transient_bytes=row.get("peak_transient_bytes"),
+                             tokens_per_s=row.get("tokens_per_s")))
+        return ok
+
+    good, bad, k = 0, None, 1
+    while k <= limit:
+        if not fits(k):
+            bad = k
+            break
+        good, k = k, 2 * k
+    if bad is None:  # every doubling up to the limit fitted
+        if good == limit or fits(limit):
+            return dict(k=limit, attempts=attempts)
+        bad = limit
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return dict(k=good, attempts=attempts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu-small on CPU, gpu-1b on CUDA")
@@ -257,8 +302,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="providers run alternately this many times; best round kept")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", default=None,
+                    help=f"default: {','.join(PROVIDERS)} (the rl step: aihf_fast,full_logit, its log-prob paths)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-batch", action="store_true", help="also find each provider's largest micro-batch")
+    ap.add_argument("--memory-budget-gb", type=float, default=None,
+                    help="--max-batch: a step fits when its peak transient memory is at most this (default: no OOM)")
+    ap.add_argument("--max-batch-limit", type=int, default=256, help="--max-batch: the largest k tried")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -274,14 +324,24 @@ def main(argv=None):
             row = dict(provider=a._child, status=f"oom: {str(e)[:200]}")
         print_result(row)
         return row
-    rows = {}
-    for prov in [q for _ in range(a.rounds) for q in a.providers.split(",")]:
-        cmd = [sys.executable, __file__, "--_child", prov, "--device", a.device, "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--preset", preset, "--step", a.step]
-        for k, v in p.items():
+    if a.providers is None:
+        a.providers = ",".join(PROVIDERS if a.step == "aihf" else ("aihf_fast", "full_logit"))
+    if a.max_batch and a.step != "aihf":
+        raise SystemExit("--max-batch: the aihf step only")
+    if a.max_batch_limit < 1:
+        raise SystemExit(f"--max-batch-limit must be >= 1, got {a.max_batch_limit}")
+
+    def child(prov, shape, steps, warmup):
+        cmd = [sys.executable, __file__, "--_child", prov, "--device", a.device, "--steps", str(steps),
+               "--warmup", str(warmup), "--preset", preset, "--step", a.step]
+        for k, v in shape.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         row, err = child_result(cmd)
-        row = row or dict(provider=prov, status=f"failed: {err[-500:]}")
+        return row or dict(provider=prov, status=f"failed: {err[-500:]}")
+
+    rows = {}
+    for prov in [q for _ in range(a.rounds) for q in a.providers.split(",")]:
+        row = child(prov, p, a.steps, a.warmup)
         print(json.dumps(row), flush=True)
         old = rows.get(prov)
         if old is None or old.get("status") != "ok" or (row.get("status") == "ok" and row["step_s_median"] < old["step_s_median"]):
@@ -305,10 +365,21 @@ def main(argv=None):
             print(f"aihf_fast / full_logit tokens/s by phase: {phases}", flush=True)
         print(f"aihf_fast / full_logit: tokens/s x{ratios['tokens_per_s']:.2f}, "
               f"peak transient memory x{ratios['peak_transient_memory']:.2f}", flush=True)
+    max_batch = {}
+    if a.max_batch:
+        budget = None if a.memory_budget_gb is None else a.memory_budget_gb * 2**30
+        for prov in a.providers.split(","):
+            max_batch[prov] = largest_batch(lambda k, prov=prov: child(prov, dict(p, pairs=k, demos=k), 1, 0),
+                                            budget, a.max_batch_limit)
+            print(f"{prov}: largest micro-batch k = {max_batch[prov]['k']} ({4 * max_batch[prov]['k']} sequences "
+                  f"of {p['seq']} tokens)", flush=True)
+        if "aihf_fast" in max_batch and "full_logit" in max_batch and max_batch["full_logit"]["k"]:
+            ratios["max_batch"] = max_batch["aihf_fast"]["k"] / max_batch["full_logit"]["k"]
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     report = dict(benchmark="bench_train", device=dev, device_type="cuda" if a.device.startswith("cuda") else "cpu",
                   step=a.step, preset=preset, shape=p, steps=a.steps, warmup=a.warmup, rounds=a.rounds, versions=versions(), commit=commit(),
-                  results=rows, ratios=ratios)
+                  results=rows, ratios=ratios, max_batch=max_batch or None,
+                  memory_budget_gb=a.memory_budget_gb if a.max_batch else None)
     tail = "_rl" if a.step == "rl" else ""
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}{tail}.json")
     write_report(report, out)

@@ -56,12 +56,38 @@ def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
     report = bench_train.main(["--vocab", "300", "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "2",
                                "--inter", "32", "--seq", "12", "--prompt", "4", "--pairs", "2", "--demos", "1",
-                               "--steps", "1", "--rounds", "1", "--out", str(out)])
+                               "--steps", "1", "--rounds", "1", "--max-batch", "--max-batch-limit", "2",
+                               "--out", str(out)])
     rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["aihf_fast"]["status"] == "ok" and rows["full_logit"]["status"] == "ok"
+    assert sorted(rows) == ["aihf_fast", "aihf_fast_two_pass", "full_logit"]
+    assert all(r["status"] == "ok" for r in rows.values())
     assert rows["aihf_fast"]["tokens"] == 6 * 12 and rows["aihf_fast"]["loss_tokens"] == 6 * 8
-    assert abs(rows["aihf_fast"]["first_loss"] - rows["full_logit"]["first_loss"]) < 1e-4
+    for name in ("aihf_fast_two_pass", "full_logit"):
+        assert abs(rows["aihf_fast"]["first_loss"] - rows[name]["first_loss"]) < 1e-4
     assert report["ratios"]["tokens_per_s"] > 0 and report["commit"] is not None
+    for prov, found in report["max_batch"].items():  # nothing limits memory here: the limit is reached
+        assert found["k"] == 2 and [t["k"] for t in found["attempts"]] == [1, 2], (prov, found)
+    assert report["ratios"]["max_batch"] == 1.0
+
+
+def test_largest_batch_search():
+    import bench_train
+
+    for cap in (0, 1, 3, 5, 8, 13, 100):
+        for limit in (1, 7, 8, 50):
+            tried = []
+
+            def attempt(k, tried=tried, cap=cap):
+                tried.append(k)
+                return dict(status="ok" if k <= cap else "oom: CUDA out of memory", peak_transient_bytes=k)
+
+            found = bench_train.largest_batch(attempt, None, limit)
+            assert found["k"] == min(cap, limit) and len(set(tried)) == len(tried) <= 2 * limit.bit_length() + 1
+            assert [t["k"] for t in found["attempts"]] == tried
+    by_budget = bench_train.largest_batch(lambda k: dict(status="ok", peak_transient_bytes=10 * k), 55, 100)
+    assert by_budget["k"] == 5
+    assert {t["k"]: t["fits"] for t in by_budget["attempts"]} == {1: True, 2: True, 4: True, 8: False, 6: False,
+                                                                  5: True}
 
 
 def test_bench_train_rl_step_tiny(tmp_path):
