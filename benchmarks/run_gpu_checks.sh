@@ -24,3 +24,10 @@ if python3 -c "import trl" 2>/dev/null; then
     --out "$OUT/bench_trl_${GPU_TAG:-gpu}.json" 2>&1 | tee "$OUT/bench_trl_${GPU_TAG:-gpu}.log"
   echo "bench_trl exit: ${PIPESTATUS[0]}"
 fi
+if [ "${TRAIN_MAX_BATCH:-0}" = 1 ] && python3 -c "import transformers" 2>/dev/null; then
+  # end to end: tokens/s and the largest micro-batch of a 1B model's training step, per loss path
+  timeout "${TRAIN_TIMEOUT:-540}" python3 benchmarks/bench_train.py --preset gpu-1b --rounds 1 --max-batch \
+    --max-batch-limit "${MAX_BATCH_LIMIT:-32}" --out "$OUT/bench_train_${GPU_TAG:-gpu}.json" 2>&1 \
+    | tee "$OUT/bench_train_${GPU_TAG:-gpu}.log"
+  echo "bench_train exit: ${PIPESTATUS[0]}"
+fi
