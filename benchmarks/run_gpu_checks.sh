@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests on the GPU (real Triton, not the interpreter), then
-# bench_loss.py, then (when TRL is installed) bench_trl.py's GPU preset. Logs and results go to $OUT (default benchmarks/results). Optional wheels for
+# bench_loss.py, then (when TRL is installed) bench_trl.py's GPU preset, and with TRAIN_MAX_BATCH=1
+# bench_train.py's (tokens/s and the largest micro-batch per loss path). Logs and results go to $OUT
+# (default benchmarks/results); each step has its own timeout (*_TIMEOUT). Optional wheels for
 # the baselines (liger-kernel, cut-cross-entropy) are installed from .whl/ when present.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
