@@ -81,17 +81,20 @@ def _dlogits_kernel(
     grad_logp_ptr,
     entropy_ptr,
     grad_entropy_ptr,
+    tile_pmax_ptr,
     V,
     col_offset,
     ignore_index,
     inv_temp,
     BLOCK_V: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    WRITE_PMAX: tl.constexpr = False,
 ):
     """d/dz of g * logp + ge * H, with x = z / T, p = softmax(x):
     dlogp/dx_v = 1[v = y] - p_v;  dH/dx_v = p_v (lse - H - x_v);  then times 1/T.
     The V columns given may be a slice of the vocabulary starting at ``col_offset``: p only needs
-    the saved full-vocabulary log-sum-exp."""
+    the saved full-vocabulary log-sum-exp. WRITE_PMAX: also the largest p of each (row, tile) into
+    tile_pmax (rows x tiles, fp32; 0 on ignored rows)."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -109,6 +112,9 @@ def _dlogits_kernel(
         d += ge * p * (lse - h - x)
     d = tl.where(valid, d * inv_temp, 0.0)
     tl.store(out_ptr + row * stride_out + cols, d.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_PMAX:
+        pmax = tl.max(tl.where(mask, p, 0.0), axis=0)
+        tl.store(tile_pmax_ptr + row * tl.num_programs(1) + tile, tl.where(valid, pmax, 0.0))
 
 
 @triton.jit

@@ -71,7 +71,10 @@ class LossConfig:
     backward). None (default): wherever it applies (gradients needed, every group fits one
     chunk); True: always, an error where it cannot; False: never. grad_chunk_tokens: tokens per
     chunk of that path (default: a (tokens x V) logits buffer of at most 640 MiB, env
-    ``AIHF_FAST_GRAD_CHUNK_BYTES``).
+    ``AIHF_FAST_GRAD_CHUNK_BYTES``). grad_skip_below: approximate gradients on that path, off (0)
+    by default: vocabulary tiles whose probabilities are all below it for a whole chunk (and that
+    hold none of its labels) are left out of the gradients (``linear_sequence_loss``); the metric
+    ``grad/skipped_fraction`` reports the share of work left out.
     chunk_size / backend / validate: passed to the log-prob ops."""
 
     beta: float = 0.1
@@ -86,6 +89,7 @@ class LossConfig:
     token_metrics: bool = False
     grad_in_forward: bool | None = None
     grad_chunk_tokens: int | None = None
+    grad_skip_below: float = 0.0
     chunk_size: int | None = None
     backend: str | None = None
     validate: bool = True
@@ -111,6 +115,11 @@ class LossConfig:
         g = self.grad_chunk_tokens
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
             raise ValueError(f"grad_chunk_tokens must be a positive int or None, got {g!r}")
+        t = self.grad_skip_below
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t < 1.0):
+            raise ValueError(f"grad_skip_below must be a number in [0, 1), got {t!r}")
+        if t and self.grad_in_forward is False:
+            raise ValueError("grad_skip_below applies to the gradients-in-forward path: not with grad_in_forward=False")
 
 
 @dataclass(frozen=True)
@@ -372,6 +381,8 @@ def _grad_in_forward_plan(x, weight, flat_labels, valid, seg, winners, losers, a
     want = config.grad_in_forward
     if want is False:
         return None
+    if config.grad_skip_below > 0 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        want = True  # the approximate gradients exist on this path only
     why = None
     if _pick_backend(config.backend, x, "hidden") != "triton":
         why = "it needs the Triton backend (CUDA tensors, or TRITON_INTERPRET=1)"
@@ -379,6 +390,8 @@ def _grad_in_forward_plan(x, weight, flat_labels, valid, seg, winners, losers, a
         why = "no gradient of hidden or weight is needed here"
     elif a.requires_grad or cw.requires_grad:
         why = "nll_weights or the comparison weights require a gradient"
+    elif x.dtype == torch.float16:  # small gradients would round to 0 in fp16 before a loss scale is applied
+        why = "fp16: the logits' gradients would be rounded before the loss scale (GradScaler) is known; use bf16"
     if why is None:
         idx = valid.nonzero().squeeze(1) if not bool(valid.all()) else None
         seg_c = seg if idx is None else seg[idx]
@@ -389,13 +402,15 @@ def _grad_in_forward_plan(x, weight, flat_labels, valid, seg, winners, losers, a
         why = (f"a comparison group has more loss tokens than a chunk holds ({max_tokens}: grad_chunk_tokens or "
                "AIHF_FAST_GRAD_CHUNK_BYTES)")
     if want:
-        raise ValueError(f"grad_in_forward=True cannot apply: {why}")
+        asked = "grad_in_forward=True" if config.grad_in_forward else "grad_skip_below > 0 (the gradients-in-forward path)"
+        raise ValueError(f"{asked} cannot apply: {why}")
     return None
 
 
 def _fused_policy(x, weight, flat_labels, valid, seg, S, terms, plan, config, token_kw):
     """The policy's loss and per-token log-probs (N,) [+ entropy, top-1] with the gradients made in
-    the forward (``linear_sequence_loss``) -> (loss, tok as the two-pass op returns it)."""
+    the forward (``linear_sequence_loss``) -> (loss, tok as the two-pass op returns it, the share
+    of the gradient work skipped)."""
     chunks, idx = plan
     temperature = _check_linear_inputs(x, weight, flat_labels, config.ignore_index, config.temperature,
                                        config.chunk_size, config.validate)
@@ -406,12 +421,13 @@ def _fused_policy(x, weight, flat_labels, valid, seg, S, terms, plan, config, to
         return pref + nll
 
     out = linear_sequence_loss(xc, weight, yc.contiguous(), sc.contiguous(), S, loss_of, chunks,
-                               temperature=temperature, chunk_size=config.chunk_size, **token_kw)
-    loss, per_token = out[0], list(out[1:])
+                               temperature=temperature, chunk_size=config.chunk_size,
+                               grad_skip_below=config.grad_skip_below, **token_kw)
+    loss, per_token, skipped = out[0], list(out[1:-1]), out[-1]
     if idx is not None:  # back to every token: 0 (and False) at ignored positions, as the two-pass op
         N = x.shape[0]
         per_token = [torch.zeros(N, dtype=t.dtype, device=t.device).index_copy(0, idx, t) for t in per_token]
-    return loss, (per_token[0] if len(per_token) == 1 else tuple(per_token))
+    return loss, (per_token[0] if len(per_token) == 1 else tuple(per_token)), skipped
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -616,14 +632,15 @@ def aihf_loss(
 
     terms = dict(seq_ref=seq_ref, winners=winners, losers=losers, cw=cw, a=a, seq_len=seq_len, beta=beta,
                  loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction, nll_normalize=nll_normalize)
-    fused_loss = None
+    fused_loss = skipped = None
     tok_entropy = tok_top1 = None
     if hidden is not None:
         plan = _grad_in_forward_plan(x, weight, flat_labels, valid, seg, winners, losers, a, cw, S, config)
         if plan is None:
             tok = linear_token_logprobs(x, weight, flat_labels, chunk_size=chunk_size, **op_kw, **token_kw)
         else:
-            fused_loss, tok = _fused_policy(x, weight, flat_labels, valid, seg, S, terms, plan, config, token_kw)
+            fused_loss, tok, skipped = _fused_policy(x, weight, flat_labels, valid, seg, S, terms, plan, config,
+                                                     token_kw)
     if token_kw:
         tok, tok_entropy, tok_top1 = tok
     seq_logps = reference.segment_sum(tok, seg, S)
@@ -649,6 +666,8 @@ def aihf_loss(
         n_demo = has_nll.sum()
         metrics["loss"] = loss.detach()
         metrics["loss/nll"] = nll.detach()
+        if config.grad_skip_below > 0 and skipped is not None:
+            metrics["grad/skipped_fraction"] = skipped
         if tok_entropy is not None:
             metrics["entropy"] = torch.where(valid, tok_entropy.detach(), 0.0).sum() / valid.sum().clamp(min=1)
             target = has_nll.index_fill(0, winners, True) if K else has_nll  # imitated or preferred sequences

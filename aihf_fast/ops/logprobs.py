@@ -78,22 +78,30 @@ def _triton_row_forward(logits2d, labels, ignore_index, inv_temp, return_entropy
     return logp, lse, (entropy if return_entropy else None)
 
 
+def _dlogits_block(V: int) -> int:
+    """Vocabulary columns per program of the d(logits) kernel (its tile)."""
+    return min(_next_pow2(V), 64 if interpreting() else 2048)
+
+
 def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entropy, ignore_index, inv_temp,
-                     col_offset=0):
+                     col_offset=0, tile_pmax=None):
     """Write d(loss)/d(logits) into ``out2d`` (may be ``logits2d`` itself: in place).
-    ``logits2d`` may hold vocabulary columns [col_offset, col_offset + width) only."""
+    ``logits2d`` may hold vocabulary columns [col_offset, col_offset + width) only.
+    tile_pmax: optional (N, cdiv(width, _dlogits_block(width))) fp32, filled with the largest
+    softmax probability of each (row, kernel tile)."""
     from ._triton_kernels import _dlogits_kernel
 
     N, V = logits2d.shape
     if N == 0 or V == 0:
         return out2d
-    block = min(_next_pow2(V), 64 if interpreting() else 2048)
+    block = _dlogits_block(V)
     has_ent = grad_entropy is not None
     _dlogits_kernel[(N, _cdiv(V, block))](
         logits2d, logits2d.stride(0), out2d, out2d.stride(0), labels, lse, grad_logp,
         entropy if has_ent else lse, grad_entropy if has_ent else grad_logp,
+        tile_pmax if tile_pmax is not None else lse,
         V, col_offset, ignore_index, inv_temp, BLOCK_V=block, HAS_ENTROPY_GRAD=has_ent,
-        num_warps=4 if interpreting() else 8,
+        WRITE_PMAX=tile_pmax is not None, num_warps=4 if interpreting() else 8,
     )
     return out2d
 
@@ -452,8 +460,10 @@ def default_grad_chunk_tokens(vocab_size: int, element_size: int) -> int:
     """Tokens per chunk of the gradients-in-forward path: a (tokens x V) logits buffer of at most
     ``AIHF_FAST_GRAD_CHUNK_BYTES`` (default 640 MiB; with an fp32 d(weight) accumulator of at most
     256 MiB the transient memory stays under 1 GiB), at least 1."""
-    budget = int(os.environ.get("AIHF_FAST_GRAD_CHUNK_BYTES", 640 << 20))
-    return max(1, budget // max(1, vocab_size * element_size))
+    raw = os.environ.get("AIHF_FAST_GRAD_CHUNK_BYTES", str(640 << 20))
+    if not (raw.isdigit() and int(raw) > 0):
+        raise ValueError(f"AIHF_FAST_GRAD_CHUNK_BYTES must be a positive number of bytes, got {raw!r}")
+    return max(1, int(raw) // max(1, vocab_size * element_size))
 
 
 def plan_group_chunks(seg: torch.Tensor, groups: torch.Tensor, max_tokens: int):
@@ -502,7 +512,7 @@ def _sequence_coefficients(loss_of, seq_logps):
 class _LinearSequenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, labels, seg, num_sequences, loss_of, chunks, inv_temp, return_entropy, return_top1,
-                chunk_size):
+                chunk_size, skip_below):
         ctx.set_materialize_grads(False)
         M, H = x.shape
         V = w.shape[0]
@@ -519,6 +529,9 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             dw = torch.zeros_like(w)
             fp32_acc = w.dtype != torch.float32 and len(chunks) > 1 and V * H * 4 <= FP32_DWEIGHT_MAX_BYTES
             acc = torch.zeros(V, H, dtype=torch.float32, device=dev) if fp32_acc else dw
+        block = _dlogits_block(V)
+        n_tiles = _cdiv(V, block)
+        skipped = torch.zeros((), dtype=torch.float64, device=dev)  # token x column products not projected
         for rows in chunks:
             xc, yc, sc = x[rows], labels[rows], seg[rows]
             z = xc @ w.t()  # (m, V): this chunk's logits, the only ones alive
@@ -532,40 +545,67 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             if not (need_dx or need_dw):
                 continue
             g = _sequence_coefficients(loss_of, seq)[sc].contiguous()
-            _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp)  # z := d loss / d logits
+            pmax = torch.empty(len(yc), n_tiles, dtype=torch.float32, device=dev) if skip_below > 0 else None
+            _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp, tile_pmax=pmax)  # z := d loss / d logits
+            cols = None
+            if skip_below > 0:  # approximate: vocabulary tiles where every probability is below the threshold
+                active = pmax.amax(0) >= skip_below
+                active[torch.div(yc, block, rounding_mode="floor")] = True  # the labels' tiles: d = g (1 - p)
+                cols = (active.nonzero()[:, 0, None] * block + torch.arange(block, device=dev)).flatten()
+                cols = cols[cols < V]
+                skipped += len(yc) * (V - cols.numel())
+                z = z[:, cols]  # the kept columns' gradients (a gathered copy; the full chunk is freed)
             if need_dw:
-                _accumulate_mm(acc, z.t(), xc)
+                if cols is None:
+                    _accumulate_mm(acc, z.t(), xc)
+                else:  # the skipped rows of d(weight) stay 0 (unique indices: deterministic)
+                    acc.index_add_(0, cols, (z.t() @ xc).to(acc.dtype))
             if need_dx:
-                dx[rows] = z @ w
+                dx[rows] = z @ (w if cols is None else w[cols])
             del z
         if acc is not None and acc is not dw:
             dw.copy_(acc)
+        del acc
         with torch.enable_grad():
             loss = loss_of(seq).detach()
-        ctx.save_for_backward(x, w, labels, lse, dx, dw)
+        # the per-token coefficients, for a backward that cannot use dx / dw (a second one)
+        coef = _sequence_coefficients(loss_of, seq)[seg] if (need_dx or need_dw) else lse
+        ctx.save_for_backward(x, w, labels, lse, coef)
+        ctx.made = (dx, dw)  # handed to the first backward, which owns them from then on
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
-        ctx.mark_non_differentiable(*(t for t in (entropy, top1) if t is not None))
-        return loss, logp, entropy, top1
+        skipped = (skipped / max(1, M * V)).float()
+        ctx.mark_non_differentiable(*(t for t in (entropy, top1) if t is not None), skipped)
+        return loss, logp, entropy, top1, skipped
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_logp, grad_entropy, grad_top1):
-        x, w, labels, lse, dx, dw = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_logp, grad_entropy, grad_top1, grad_skipped):
+        if torch.is_grad_enabled():  # create_graph=True: these gradients were made without a graph
+            raise RuntimeError("double backward (create_graph=True) through aihf_loss's gradients-in-forward path is "
+                               "not supported: pass grad_in_forward=False for gradients of gradients")
+        x, w, labels, lse, coef = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dw):
+            return (None,) * 12
+        made, ctx.made = ctx.made, None
         gx = gw = None
-        if grad_loss is not None:  # the gradients made in the forward, scaled (loss scaling, accumulation)
-            unit = bool(grad_loss == 1)
-            gx = (dx if unit else dx * grad_loss) if need_dx else None
-            gw = (dw if unit else dw * grad_loss) if need_dw else None
-        if grad_logp is not None and (need_dx or need_dw):  # the token log-probs were used elsewhere too
+        if grad_loss is not None and made is not None:  # the gradients made in the forward: handed over,
+            gx, gw = made  # scaled in place (loss scaling, accumulation) without a second buffer
+            if not bool(grad_loss == 1):
+                for t in (gx, gw):
+                    if t is not None:
+                        t.mul_(grad_loss.to(t.dtype))
+        elif grad_loss is not None:  # a second backward (retain_graph): recompute them
+            grad_logp = coef * grad_loss if grad_logp is None else grad_logp + coef * grad_loss
+        if grad_logp is not None:  # the token log-probs were used elsewhere too
             rx, rw = _linear_backward(x, w, labels, lse, None, grad_logp.contiguous(), None, ctx.inv_temp,
                                       ctx.chunk_size, need_dx, need_dw)
             gx = rx if gx is None else (gx + rx if rx is not None else gx)
             gw = rw if gw is None else (gw + rw if rw is not None else gw)
-        return gx, gw, None, None, None, None, None, None, None, None, None
+        return (gx, gw) + (None,) * 10
 
 
 def linear_sequence_loss(x, weight, labels, seg, num_sequences, loss_of, chunks, *, temperature=1.0,
-                         return_entropy=False, return_top1=False, chunk_size=None):
+                         return_entropy=False, return_top1=False, chunk_size=None, grad_skip_below=0.0):
     """A loss of per-sequence log-probs, loss_of(seq_logps), with the gradients of ``x`` and
     ``weight`` made in the forward: each chunk's logits are computed once, turned in place into
     their gradient, and projected to d(x) and d(weight), with no recompute in the backward (6MHV
@@ -577,10 +617,20 @@ def linear_sequence_loss(x, weight, labels, seg, num_sequences, loss_of, chunks,
     log-probs of one chunk's sequences only (so a chunk's gradients are final once its sequences
     are complete); chunks: ``plan_group_chunks``'s plan. chunk_size: vocabulary columns of the
     recompute, used only if the token log-probs also get a gradient from elsewhere.
+    grad_skip_below: approximate gradients (0: exact). Within each chunk, a tile of vocabulary
+    columns (the d(logits) kernel's, 2048 on a GPU) whose softmax probabilities are all below this
+    value for every token of the chunk, and that holds none of the chunk's labels, is left out of
+    d(x) and d(weight) (those entries of d(logits) are -g p, with p below the threshold), as Cut
+    Cross-Entropy's gradient filtering; deterministic (no atomics). The loss and log-probs stay
+    exact.
     Returns (loss 0-d fp32, token log-probs (M,) fp32[, entropy (M,) fp32][, top-1 flags (M,)
-    bool]); the loss and the log-probs carry gradients to x and weight.
+    bool], skipped 0-d fp32: the share of token x vocabulary products left out); the loss and the
+    log-probs carry gradients to x and weight.
     """
-    loss, logp, entropy, top1 = _LinearSequenceLossFunction.apply(
+    if not (isinstance(grad_skip_below, (int, float)) and 0.0 <= grad_skip_below < 1.0):
+        raise ValueError(f"grad_skip_below must be in [0, 1), got {grad_skip_below!r}")
+    loss, logp, entropy, top1, skipped = _LinearSequenceLossFunction.apply(
         x, weight, labels, seg, num_sequences, loss_of, chunks, 1.0 / _check_temperature(temperature),
-        return_entropy, return_top1, chunk_size)
-    return (loss, logp) + tuple(t for t, want in ((entropy, return_entropy), (top1, return_top1)) if want)
+        return_entropy, return_top1, chunk_size, float(grad_skip_below))
+    return ((loss, logp) + tuple(t for t, want in ((entropy, return_entropy), (top1, return_top1)) if want)
+            + (skipped,))

@@ -1,6 +1,8 @@
 """The joint loss with the policy's gradients made in the forward (``grad_in_forward``): equal to
 the two-pass op and to the PyTorch reference for every method, layout and chunking, with no
 recompute (6 M H V FLOPs for M loss tokens)."""
+import importlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -193,7 +195,7 @@ def test_no_recompute_six_mhv_flops(monkeypatch):
     assert mm == 6 * M * H * V + 2 * V * H
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("fp32_dweight", [True, False])
 def test_low_precision(dtype, fp32_dweight, monkeypatch):
     if not fp32_dweight:  # d(weight) accumulated over chunks in the weight's own dtype
@@ -228,8 +230,138 @@ def test_when_it_cannot_apply():
             LossConfig(grad_chunk_tokens=bad)
     with pytest.raises(ValueError, match="grad_in_forward"):
         LossConfig(grad_in_forward="yes")
-    # auto: under no_grad the two-pass op, same values
+    with pytest.raises(ValueError, match="fp16"):  # gradients rounded before a loss scale is known
+        aihf_loss(labels, hidden=hh.half(), weight=w.half(), backend="triton", **base)
+    # auto: under no_grad (or in fp16) the two-pass op, same values
     with torch.no_grad():
-        a = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="triton").loss
+        a = aihf_loss(labels, hidden=hh, weight=w, layout=layout, ref_seq_logps=ref, backend="triton").loss
     b = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="torch").loss
     assert_close_to("no_grad loss", a, b, 1e-5, 1e-5)
+    half = _run(labels, h.half(), w.half(), ref, None, backend="triton", layout=layout)
+    half_two_pass = _run(labels, h.half(), w.half(), ref, False, backend="triton", layout=layout)
+    for a, b in zip(half[:4], half_two_pass[:4]):
+        assert torch.equal(a, b)
+
+
+def test_backward_twice_with_retain_graph_and_no_double_backward():
+    """The gradients made in the forward go to the first backward (owned by the caller from then:
+    changing them in place breaks nothing); a second backward recomputes them; a double backward
+    (create_graph) is refused, not silently wrong."""
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    labels[labels == -100] = 1  # every token a loss token: the gradient reaches hidden without a gather
+    grads = {}
+    for gif, backend in ((False, "torch"), (True, "triton")):
+        hh = h.detach().clone().requires_grad_()
+        ww = w.detach().clone().requires_grad_()
+        out = aihf_loss(labels, hidden=hh, weight=ww, ref_seq_logps=ref, layout=layout, grad_in_forward=gif,
+                        backend=backend, grad_chunk_tokens=40 if gif else None)
+        out.loss.backward(retain_graph=True)
+        first = (hh.grad.clone(), ww.grad.clone())
+        hh.grad.zero_()
+        ww.grad.mul_(0.5)
+        out.loss.backward(retain_graph=True)
+        (3.0 * out.loss).backward()
+        grads[gif] = first, (hh.grad, ww.grad)
+    for i in range(2):
+        assert_close_to("first dhidden", grads[True][0][0], grads[False][0][0], 2e-5, 2e-5)
+        assert_close_to(f"after {i} dweight", grads[True][1][1], grads[False][1][1], 2e-5, 2e-5)
+        assert_close_to(f"after {i} dhidden", grads[True][1][0], grads[False][1][0], 2e-5, 2e-5)
+    hh = h.detach().clone().requires_grad_()
+    out = aihf_loss(labels, hidden=hh, weight=w, ref_seq_logps=ref, layout=layout, grad_in_forward=True,
+                    backend="triton", grad_chunk_tokens=40)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.loss, hh, create_graph=True)
+
+
+def test_two_pass_when_asked(monkeypatch):
+    layout = method_config("dpo", num_pairs=2, device=DEVICE)
+    h, w, ref, labels = _batch(4)
+
+    def refuse(*a, **k):
+        raise AssertionError("grad_in_forward=False ran the gradients-in-forward path")
+
+    loss_module = importlib.import_module("aihf_fast.ops.aihf_loss")  # the module (the package exports the function)
+    monkeypatch.setattr(loss_module, "linear_sequence_loss", refuse)
+    _run(labels, h, w, ref, False, backend="triton", layout=layout)
+    with pytest.raises(AssertionError, match="ran the gradients-in-forward"):
+        _run(labels, h, w, ref, None, backend="triton", layout=layout)
+
+
+def _peaked_batch(S=6, T=12, V_=700, H_=24, prompt_frac=0.25, seed=0):
+    from aihf_fast.ops.testing import lm_head_inputs
+
+    d = lm_head_inputs(S, T, H_, V_, prompt_frac=prompt_frac, device=DEVICE, seed=seed)
+    return d.hidden, d.weight, d.labels
+
+
+def _approx_run(h, w, labels, skip, layout, ref, chunk_tokens=None):
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    out = aihf_loss(labels, hidden=hh, weight=ww, ref_seq_logps=ref, layout=layout, beta=BETA, backend="triton",
+                    grad_skip_below=skip, grad_chunk_tokens=chunk_tokens)
+    out.loss.backward()
+    return out, hh.grad, ww.grad
+
+
+def test_approximate_gradients_leave_out_only_tiny_probabilities():
+    """grad_skip_below: the loss and log-probs exact; d(hidden) and d(weight) differ from the exact
+    ones by at most what the left-out entries (|d logits| = |g| p < |g| eps) can add up to; the
+    left-out rows of d(weight) exactly 0; the labels' tiles kept (a label made improbable on
+    purpose); the same result twice (no atomics). One chunk (all tokens), so that the left-out
+    rows of d(weight) are those of the left-out tiles."""
+    h, w, labels = _peaked_batch(V_=2000)  # 32 tiles of 64 columns (the interpreter's), most without a label
+    labels[0, -1] = w.shape[0] - 1  # a rare token as label: its tile must be kept although p is tiny
+    layout = method_config("aihf", num_pairs=1, num_demos=2, nll_weight=0.5, device=DEVICE)
+    ref = torch.linspace(-40, -20, layout.num_sequences, device=DEVICE)
+    exact, dx0, dw0 = _approx_run(h, w, labels, 0.0, layout, ref)
+    eps = 0.03  # large, so that whole 64-column tiles are left out at this small vocabulary
+    approx, dx1, dw1 = _approx_run(h, w, labels, eps, layout, ref)
+    again = _approx_run(h, w, labels, eps, layout, ref)
+    assert torch.equal(again[1], dx1) and torch.equal(again[2], dw1)
+    assert torch.equal(approx.loss, exact.loss) and torch.equal(approx.seq_logps, exact.seq_logps)
+    skipped = approx.metrics["grad/skipped_fraction"].item()
+    assert 0.05 < skipped < 1.0, skipped
+    assert "grad/skipped_fraction" not in exact.metrics
+    # per-token coefficients g = d loss / d logp_t, from the reference path
+    tok = (h @ w.t()).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    tok = torch.where(labels != -100, tok, 0.0).detach().requires_grad_()
+    aihf_loss(labels, token_logps=tok, ref_seq_logps=ref, layout=layout, beta=BETA).loss.backward()
+    g = tok.grad.abs().reshape(-1)
+    x = h.reshape(-1, h.shape[-1])
+    bound_dx = eps * g[:, None] * w.abs().sum(0)[None, :]  # |sum over left-out v of g p w_v| per element
+    bound_dw = eps * (g[:, None] * x.abs()).sum(0)[None, :]
+    assert bool(((dx1 - dx0).abs().reshape(x.shape) <= bound_dx + 1e-6).all())
+    changed = (dw1 - dw0).abs()
+    assert bool((changed <= bound_dw + 1e-6).all())
+    left_out = (dw1 == 0).all(1)
+    assert 0 < int(left_out.sum()) < w.shape[0] and bool((dw0[left_out] != 0).any())
+    assert not bool(left_out[labels[labels != -100]].any())  # no label's row of d(weight) is left out
+    assert (dx1 - dx0).abs().max() > 0  # it is an approximation
+
+
+def test_approximate_gradients_at_a_threshold_nothing_is_below_are_exact():
+    h, w, labels = _peaked_batch(V_=200, seed=1)
+    layout = method_config("dpo", num_pairs=3, device=DEVICE)
+    ref = torch.full((6,), -30.0, device=DEVICE)
+    exact = _approx_run(h, w, labels, 0.0, layout, ref)
+    approx = _approx_run(h, w, labels, 1e-37, layout, ref)  # below every probability here
+    assert approx[0].metrics["grad/skipped_fraction"].item() == 0.0
+    assert torch.equal(approx[1], exact[1]) and torch.equal(approx[2], exact[2])
+
+
+def test_approximate_gradients_options():
+    for bad in (-0.1, 1.0, True, "1e-3"):
+        with pytest.raises(ValueError, match="grad_skip_below"):
+            LossConfig(grad_skip_below=bad)
+    with pytest.raises(ValueError, match="grad_skip_below"):
+        LossConfig(grad_skip_below=1e-3, grad_in_forward=False)
+    layout = method_config("dpo", num_pairs=2, device=DEVICE)
+    h, w, ref, labels = _batch(4)
+    with pytest.raises(ValueError, match="grad_skip_below > 0 .* Triton backend"):
+        aihf_loss(labels, hidden=h.clone().requires_grad_(), weight=w, layout=layout, ref_seq_logps=ref,
+                  backend="torch", grad_skip_below=1e-3)
+    with torch.no_grad():  # no gradients: nothing to approximate, the loss as always
+        out = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="torch",
+                        grad_skip_below=1e-3)
+    assert out.loss.isfinite()

@@ -104,6 +104,34 @@ def check_offsets_past(N, V, H, device):
         assert err <= 2e-2 * want.double().abs().max().item(), f"grad_in_forward {name}: {err:.3g}"
 
 
+def check_gradients_in_forward(S, T, H, V, chunk_tokens, device, monkeypatch):
+    """The joint loss's gradients-in-forward path in bf16 over several chunks (d(weight) accumulated
+    in bf16 across them) against the PyTorch reference in bf16 and in fp32: loss, per-sequence
+    log-probs and both gradients by the low-precision rule."""
+    from aihf_fast.ops import method_config
+
+    monkeypatch.setattr("aihf_fast.ops.logprobs.FP32_DWEIGHT_MAX_BYTES", 0)
+    d = lm_head_inputs(S, T, H, V, prompt_frac=0.25, dtype=torch.bfloat16, device=device, seed=11)
+    layout = method_config("aihf", num_pairs=S // 4, num_demos=S // 4, nll_weight=0.5, device=device)
+    ref = torch.linspace(-3.0, -1.0, S, device=device) * T
+    runs = {}
+    for name, dtype, backend, gif in (("fused", torch.bfloat16, "triton", True), ("low", torch.bfloat16, "torch", False),
+                                      ("fp32", torch.float32, "torch", False)):
+        hh = d.hidden.to(dtype).detach().requires_grad_()
+        ww = d.weight.to(dtype).detach().requires_grad_()
+        out = aihf_loss(d.labels, hidden=hh, weight=ww, ref_seq_logps=ref, layout=layout, backend=backend,
+                        grad_in_forward=gif, grad_chunk_tokens=chunk_tokens if gif else None)
+        out.loss.backward()
+        runs[name] = (out.loss.detach(), out.seq_logps.detach(), hh.grad, ww.grad)
+    for i, part in enumerate(("loss", "seq_logps", "dhidden", "dweight")):
+        assert_low_precision_close(part, runs["fused"][i], runs["low"][i], runs["fp32"][i], atol=2e-2)
+
+
+@gpu
+def test_gradients_in_forward_at_a_real_vocabulary(monkeypatch):
+    check_gradients_in_forward(16, 256, 4096, 128256, 1024, "cuda", monkeypatch)  # 4 chunks of 2 pairs
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", range(7))
@@ -126,6 +154,8 @@ def test_offsets_past_int32():
 def test_checks_at_small_shapes_on_cpu(dtype, monkeypatch):
     check_every_tile(None, dtype, 2, 13, 32, 301, "cpu", monkeypatch)
     check_offsets_past(80, 301, 16, "cpu")
+    if dtype == torch.bfloat16:
+        check_gradients_in_forward(8, 12, 32, 301, 36, "cpu", monkeypatch)
 
 
 def test_pinned_tile_is_checked(monkeypatch):
