@@ -40,6 +40,7 @@ import torch.nn.functional as F
 if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aihf_fast.ops import aihf_loss, linear_token_logprobs  # noqa: E402
+from aihf_fast.ops._backend import resolve_backend  # noqa: E402
 from aihf_fast.ops.testing import DATA_KINDS, lm_head_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,10 @@ def make_provider(name, P, alpha, beta, backend):
 
     def ours(x, w, rx, rw, y):
         nonlocal cmp, ref_seq
+        # which path each row times is fixed (an error row where it cannot apply), never chosen silently
+        triton = name in OURS and resolve_backend(backend, x) == "triton"
         kw = dict(beta=beta, backend=backend if name in OURS else "torch", validate=False,
-                  grad_in_forward=False if name == "aihf_fast_two_pass" else None)
+                  grad_in_forward=(name != "aihf_fast_two_pass") if triton else None)
         if cmp is None:
             dev = x.device
             cmp = (torch.arange(P, device=dev), torch.arange(P, 2 * P, device=dev))
@@ -83,7 +86,7 @@ def make_provider(name, P, alpha, beta, backend):
             if ref_seq is None:  # once per cell, outside the timed steps
                 with torch.no_grad():
                     ref_seq = aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp,
-                                        **kw).seq_ref_logps
+                                        **dict(kw, grad_in_forward=None)).seq_ref_logps
             return aihf_loss(y, hidden=x, weight=w, ref_seq_logps=ref_seq, comparisons=cmp, nll_weights=ours.nll,
                              **kw).loss
         return aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp, nll_weights=ours.nll,

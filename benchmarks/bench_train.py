@@ -261,13 +261,17 @@ def run_one(provider: str, p: dict, device: str, steps: int, warmup: int) -> dic
 
 def largest_batch(attempt, budget_bytes, limit):
     """The largest k in [1, limit] whose step fits: ``attempt(k)`` -> a result row (status "ok" and
-    ``peak_transient_bytes``); fits = ok and, with a budget, peak <= budget. Doubling, then bisection
-    (fitting is taken as monotone in k) -> {"k": largest fitting (0: none), "attempts": [...]}."""
+    ``peak_transient_bytes``, or "oom: ..."); fits = ok and, with a budget, peak <= budget; any other
+    status (a crash) raises, so that a broken run is not reported as a small batch. Doubling, then
+    bisection (fitting is taken as monotone in k) -> {"k": largest fitting (0: none), "attempts"}."""
     attempts = []
 
     def fits(k):
         row = attempt(k)
-        ok = row.get("status") == "ok" and (budget_bytes is None or row["peak_transient_bytes"] <= budget_bytes)
+        status = str(row.get("status"))
+        if status != "ok" and not status.startswith("oom"):
+            raise RuntimeError(f"micro-batch k = {k} failed for another reason than memory: {status[:500]}")
+        ok = status == "ok" and (budget_bytes is None or row["peak_transient_bytes"] <= budget_bytes)
         attempts.append(dict(k=k, fits=ok, status=row.get("status"), peak_transient_bytes=row.get("peak_transient_bytes"),
                              tokens_per_s=row.get("tokens_per_s")))
         return ok
@@ -365,24 +369,30 @@ def main(argv=None):
             print(f"aihf_fast / full_logit tokens/s by phase: {phases}", flush=True)
         print(f"aihf_fast / full_logit: tokens/s x{ratios['tokens_per_s']:.2f}, "
               f"peak transient memory x{ratios['peak_transient_memory']:.2f}", flush=True)
-    max_batch = {}
-    if a.max_batch:
-        budget = None if a.memory_budget_gb is None else a.memory_budget_gb * 2**30
-        for prov in a.providers.split(","):
-            max_batch[prov] = largest_batch(lambda k, prov=prov: child(prov, dict(p, pairs=k, demos=k), 1, 0),
-                                            budget, a.max_batch_limit)
-            print(f"{prov}: largest micro-batch k = {max_batch[prov]['k']} ({4 * max_batch[prov]['k']} sequences "
-                  f"of {p['seq']} tokens)", flush=True)
-        if "aihf_fast" in max_batch and "full_logit" in max_batch and max_batch["full_logit"]["k"]:
-            ratios["max_batch"] = max_batch["aihf_fast"]["k"] / max_batch["full_logit"]["k"]
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     report = dict(benchmark="bench_train", device=dev, device_type="cuda" if a.device.startswith("cuda") else "cpu",
                   step=a.step, preset=preset, shape=p, steps=a.steps, warmup=a.warmup, rounds=a.rounds, versions=versions(), commit=commit(),
-                  results=rows, ratios=ratios, max_batch=max_batch or None,
-                  memory_budget_gb=a.memory_budget_gb if a.max_batch else None)
+                  results=rows, ratios=ratios)
     tail = "_rl" if a.step == "rl" else ""
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_train_{report['device_type']}_{preset}{tail}.json")
     write_report(report, out)
+    if a.max_batch:  # after the timings are written; the report is rewritten after each provider's search
+        budget = None if a.memory_budget_gb is None else a.memory_budget_gb * 2**30
+        report.update(max_batch={}, memory_budget_gb=a.memory_budget_gb, max_batch_limit=a.max_batch_limit)
+        for prov in a.providers.split(","):
+            try:
+                found = largest_batch(lambda k, prov=prov: child(prov, dict(p, pairs=k, demos=k), 1, 0), budget,
+                                      a.max_batch_limit)
+                print(f"{prov}: largest micro-batch k = {found['k']} ({4 * found['k']} sequences of {p['seq']} "
+                      f"tokens)", flush=True)
+            except RuntimeError as e:
+                found = dict(k=None, error=str(e))
+                print(f"{prov}: {e}", flush=True)
+            report["max_batch"][prov] = found
+            mb = report["max_batch"]
+            if mb.get("aihf_fast", {}).get("k") and mb.get("full_logit", {}).get("k"):
+                ratios["max_batch"] = mb["aihf_fast"]["k"] / mb["full_logit"]["k"]
+            write_report(report, out)
     return report
 
 

@@ -84,6 +84,8 @@ def test_largest_batch_search():
             found = bench_train.largest_batch(attempt, None, limit)
             assert found["k"] == min(cap, limit) and len(set(tried)) == len(tried) <= 2 * limit.bit_length() + 1
             assert [t["k"] for t in found["attempts"]] == tried
+    with pytest.raises(RuntimeError, match="another reason than memory"):  # a crash is not a small batch
+        bench_train.largest_batch(lambda k: dict(status="ok" if k < 4 else "failed: ImportError"), None, 100)
     by_budget = bench_train.largest_batch(lambda k: dict(status="ok", peak_transient_bytes=10 * k), 55, 100)
     assert by_budget["k"] == 5
     assert {t["k"]: t["fits"] for t in by_budget["attempts"]} == {1: True, 2: True, 4: True, 8: False, 6: False,

@@ -207,7 +207,15 @@ def _accumulate_mm(acc, a, b):
 def _linear_backward(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size, need_dx, need_dw):
     """Recompute the logits one vocabulary slice at a time: z = x @ w[slice].T (M x C), turn z
     into its gradient in place with the saved log-sum-exp, then d(weight)[slice] = z.T @ x
-    (written once) and d(hidden) += z @ w[slice] (fp32 accumulator, M x H). 6MHV FLOPs."""
+    (written once) and d(hidden) += z @ w[slice] (fp32 accumulator, M x H). 6MHV FLOPs. In the
+    inputs' own precision, also when called under autocast (a backward inside its context)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _linear_backward_slices(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size,
+                                       need_dx, need_dw)
+
+
+def _linear_backward_slices(x, w, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size, need_dx,
+                            need_dw):
     M = x.shape[0]
     V, H = w.shape
     cols = chunk_size or default_chunk_size(M, V, x.element_size())
@@ -509,10 +517,30 @@ def _sequence_coefficients(loss_of, seq_logps):
     return torch.zeros_like(s) if g is None else g
 
 
+def _true_runs(flags: list) -> list:
+    """[(start, end)] of the runs of True in ``flags``."""
+    runs, start = [], None
+    for i, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 class _LinearSequenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, labels, seg, num_sequences, loss_of, chunks, inv_temp, return_entropy, return_top1,
                 chunk_size, skip_below):
+        # the inputs' own precision, as the two-pass op computes (autocast would make half-precision logits)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearSequenceLossFunction._forward(ctx, x, w, labels, seg, num_sequences, loss_of, chunks,
+                                                        inv_temp, return_entropy, return_top1, chunk_size, skip_below)
+
+    @staticmethod
+    def _forward(ctx, x, w, labels, seg, num_sequences, loss_of, chunks, inv_temp, return_entropy, return_top1,
+                 chunk_size, skip_below):
         ctx.set_materialize_grads(False)
         M, H = x.shape
         V = w.shape[0]
@@ -531,7 +559,7 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             acc = torch.zeros(V, H, dtype=torch.float32, device=dev) if fp32_acc else dw
         block = _dlogits_block(V)
         n_tiles = _cdiv(V, block)
-        skipped = torch.zeros((), dtype=torch.float64, device=dev)  # token x column products not projected
+        skipped = 0  # token x column products left out (approximate mode)
         for rows in chunks:
             xc, yc, sc = x[rows], labels[rows], seg[rows]
             z = xc @ w.t()  # (m, V): this chunk's logits, the only ones alive
@@ -547,21 +575,23 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             g = _sequence_coefficients(loss_of, seq)[sc].contiguous()
             pmax = torch.empty(len(yc), n_tiles, dtype=torch.float32, device=dev) if skip_below > 0 else None
             _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp, tile_pmax=pmax)  # z := d loss / d logits
-            cols = None
+            spans = [(0, V)]
             if skip_below > 0:  # approximate: vocabulary tiles where every probability is below the threshold
                 active = pmax.amax(0) >= skip_below
                 active[torch.div(yc, block, rounding_mode="floor")] = True  # the labels' tiles: d = g (1 - p)
-                cols = (active.nonzero()[:, 0, None] * block + torch.arange(block, device=dev)).flatten()
-                cols = cols[cols < V]
-                skipped += len(yc) * (V - cols.numel())
-                z = z[:, cols]  # the kept columns' gradients (a gathered copy; the full chunk is freed)
-            if need_dw:
-                if cols is None:
-                    _accumulate_mm(acc, z.t(), xc)
-                else:  # the skipped rows of d(weight) stay 0 (unique indices: deterministic)
-                    acc.index_add_(0, cols, (z.t() @ xc).to(acc.dtype))
+                spans = [(a * block, min(b * block, V)) for a, b in _true_runs(active.tolist())]
+                skipped += len(yc) * (V - sum(b - a for a, b in spans))
+            if need_dw:  # the left-out rows of d(weight) get nothing from this chunk
+                for a, b in spans:
+                    _accumulate_mm(acc[a:b], z[:, a:b].t(), xc)
             if need_dx:
-                dx[rows] = z @ (w if cols is None else w[cols])
+                if spans == [(0, V)]:
+                    dx[rows] = z @ w
+                else:  # contiguous runs of kept tiles, slices of z and w (no gathered copies)
+                    dxc = torch.zeros(len(yc), H, dtype=torch.float32, device=dev)
+                    for a, b in spans:
+                        _accumulate_mm(dxc, z[:, a:b], w[a:b])
+                    dx[rows] = dxc.to(dx.dtype)
             del z
         if acc is not None and acc is not dw:
             dw.copy_(acc)
@@ -573,7 +603,7 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w, labels, lse, coef)
         ctx.made = (dx, dw)  # handed to the first backward, which owns them from then on
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
-        skipped = (skipped / max(1, M * V)).float()
+        skipped = torch.tensor(skipped / max(1, M * V), dtype=torch.float32, device=dev)
         ctx.mark_non_differentiable(*(t for t in (entropy, top1) if t is not None), skipped)
         return loss, logp, entropy, top1, skipped
 
@@ -590,10 +620,11 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
         gx = gw = None
         if grad_loss is not None and made is not None:  # the gradients made in the forward: handed over,
             gx, gw = made  # scaled in place (loss scaling, accumulation) without a second buffer
-            if not bool(grad_loss == 1):
+            scale = float(grad_loss)  # a Python float: the product is formed in fp32, rounded once
+            if scale != 1.0:
                 for t in (gx, gw):
                     if t is not None:
-                        t.mul_(grad_loss.to(t.dtype))
+                        t.mul_(scale)
         elif grad_loss is not None:  # a second backward (retain_graph): recompute them
             grad_logp = coef * grad_loss if grad_logp is None else grad_logp + coef * grad_loss
         if grad_logp is not None:  # the token log-probs were used elsewhere too

@@ -263,10 +263,9 @@ def test_backward_twice_with_retain_graph_and_no_double_backward():
         out.loss.backward(retain_graph=True)
         (3.0 * out.loss).backward()
         grads[gif] = first, (hh.grad, ww.grad)
-    for i in range(2):
-        assert_close_to("first dhidden", grads[True][0][0], grads[False][0][0], 2e-5, 2e-5)
-        assert_close_to(f"after {i} dweight", grads[True][1][1], grads[False][1][1], 2e-5, 2e-5)
-        assert_close_to(f"after {i} dhidden", grads[True][1][0], grads[False][1][0], 2e-5, 2e-5)
+    for when in range(2):  # after the first backward, and after all three
+        for i, part in enumerate(("dhidden", "dweight")):
+            assert_close_to(f"{part} {when}", grads[True][when][i], grads[False][when][i], 2e-5, 2e-5)
     hh = h.detach().clone().requires_grad_()
     out = aihf_loss(labels, hidden=hh, weight=w, ref_seq_logps=ref, layout=layout, grad_in_forward=True,
                     backend="triton", grad_chunk_tokens=40)
@@ -304,20 +303,40 @@ def _approx_run(h, w, labels, skip, layout, ref, chunk_tokens=None):
     return out, hh.grad, ww.grad
 
 
-def test_approximate_gradients_leave_out_only_tiny_probabilities():
+def test_autocast_and_a_fractional_loss_scale():
+    """Under autocast the path computes in the inputs' precision, as the two-pass op does; a loss
+    scale (e.g. 1 / accumulation steps) is applied in fp32, not rounded to the gradients' dtype."""
+    layout = method_config("aihf", num_pairs=2, num_demos=2, nll_weight=0.5, device=DEVICE)
+    h, w, ref, labels = _batch(layout.num_sequences)
+    kw = dict(layout=layout, beta=BETA, backend="triton", grad_chunk_tokens=16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _run(labels, h, w, ref, True, **kw)
+        two_pass = _run(labels, h, w, ref, False, **kw)
+    _assert_same("autocast", got, two_pass)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    one = _run(labels, hb, wb, ref, True, **kw)
+    third = _run(labels, hb, wb, ref, True, lambda o: -(2.0 / 3.0) * o.loss, **kw)  # loss / 3
+    for i in (1, 2):
+        nz = one[i] != 0
+        rel = (third[i][nz].double() / one[i][nz].double() - 1 / 3) * 3  # relative error of each entry
+        assert rel.abs().max() <= 2 ** -8 and abs(rel.mean()) < 3e-4, (rel.abs().max(), rel.mean())
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 20])
+def test_approximate_gradients_leave_out_only_tiny_probabilities(chunk_tokens):
     """grad_skip_below: the loss and log-probs exact; d(hidden) and d(weight) differ from the exact
     ones by at most what the left-out entries (|d logits| = |g| p < |g| eps) can add up to; the
     left-out rows of d(weight) exactly 0; the labels' tiles kept (a label made improbable on
-    purpose); the same result twice (no atomics). One chunk (all tokens), so that the left-out
-    rows of d(weight) are those of the left-out tiles."""
+    purpose); the same result twice (no atomics); with one chunk or several (then a row of
+    d(weight) is left out only where every chunk leaves it out)."""
     h, w, labels = _peaked_batch(V_=2000)  # 32 tiles of 64 columns (the interpreter's), most without a label
     labels[0, -1] = w.shape[0] - 1  # a rare token as label: its tile must be kept although p is tiny
     layout = method_config("aihf", num_pairs=1, num_demos=2, nll_weight=0.5, device=DEVICE)
     ref = torch.linspace(-40, -20, layout.num_sequences, device=DEVICE)
-    exact, dx0, dw0 = _approx_run(h, w, labels, 0.0, layout, ref)
+    exact, dx0, dw0 = _approx_run(h, w, labels, 0.0, layout, ref, chunk_tokens)
     eps = 0.03  # large, so that whole 64-column tiles are left out at this small vocabulary
-    approx, dx1, dw1 = _approx_run(h, w, labels, eps, layout, ref)
-    again = _approx_run(h, w, labels, eps, layout, ref)
+    approx, dx1, dw1 = _approx_run(h, w, labels, eps, layout, ref, chunk_tokens)
+    again = _approx_run(h, w, labels, eps, layout, ref, chunk_tokens)
     assert torch.equal(again[1], dx1) and torch.equal(again[2], dw1)
     assert torch.equal(approx.loss, exact.loss) and torch.equal(approx.seq_logps, exact.seq_logps)
     skipped = approx.metrics["grad/skipped_fraction"].item()
@@ -335,7 +354,9 @@ def test_approximate_gradients_leave_out_only_tiny_probabilities():
     changed = (dw1 - dw0).abs()
     assert bool((changed <= bound_dw + 1e-6).all())
     left_out = (dw1 == 0).all(1)
-    assert 0 < int(left_out.sum()) < w.shape[0] and bool((dw0[left_out] != 0).any())
+    assert int(left_out.sum()) < w.shape[0] and bool((dw0[left_out] != 0).any()) == bool(left_out.any())
+    if chunk_tokens is None:
+        assert int(left_out.sum()) > 0
     assert not bool(left_out[labels[labels != -100]].any())  # no label's row of d(weight) is left out
     assert (dx1 - dx0).abs().max() > 0  # it is an approximation
 
