@@ -14,9 +14,10 @@ model given by its hidden states + LM head) at LLM shapes, side by side in one r
 
 plus forward-only diagnostics of the fused log-prob kernel against cuBLAS logits + logsumexp.
 Data (``--data``, ``aihf_fast.ops.testing``): ``peaked`` (default) logits shaped like a trained LM's,
-or ``randn`` flat ones (largest probability ~1e-4 at V = 128k: a method that skips negligible
-probability mass does less work there than on real data); the report records which, and the
-logits' statistics (``data_stats``).
+``randn`` flat ones (largest probability ~1e-4 at V = 128k: a method that skips negligible
+probability mass does less work there than on real data), or ``model``: hidden states and head of
+a small model trained here (``benchmarks/head_model.py``, ``--model-dir``; its own V and H); the
+report records which, and the logits' statistics (``data_stats``).
 FLOPs: the useful work is 6NHV (policy fwd+bwd) + 2NHV (reference fwd) = 8NHV, counted for every
 provider (achieved TFLOP/s = 8NHV / time); aihf_fast executes 8NHV, aihf_fast_two_pass 10NHV (it
 recomputes the policy logits in backward), aihf_fast_cached_ref 6NHV.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -169,10 +171,17 @@ def run(args):
         "versions": versions("liger_kernel", "cut_cross_entropy"), "commit": commit(), "argv": sys.argv[1:],
         "peak_bf16_tflops_spec": peak, "cublas_bf16_tflops_measured": measure_cublas_peak(device, dtype),
         "config": {"hidden": args.hidden, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
-                   "alpha": args.alpha, "beta": args.beta, "backend": args.backend, "data": args.data},
+                   "alpha": args.alpha, "beta": args.beta, "backend": args.backend, "data": args.data,
+                   "model_dir": args.model_dir},
         "data_stats": {},
         "results": [],
     }
+    if args.data == "model":  # which trained model the inputs came from
+        from aihf_fast.ops.testing import HEAD_MODEL_ENV
+
+        model_dir = args.model_dir or os.environ.get(HEAD_MODEL_ENV, "")
+        meta = Path(model_dir, "meta.json")
+        report["head_model"] = json.loads(meta.read_text()) if meta.is_file() else None
     if device.type == "cuda":
         from aihf_fast.ops.logprobs import _addmm_out_dtype_works
 
@@ -190,7 +199,8 @@ def run(args):
             S -= S % 2
             T = N // S
             P = S // 2
-            d = lm_head_inputs(S, T, H, V, data=args.data, prompt_frac=args.prompt_frac, dtype=dtype, device=device)
+            d = lm_head_inputs(S, T, H, V, data=args.data, prompt_frac=args.prompt_frac, dtype=dtype, device=device,
+                               model_dir=args.model_dir)
             if f"V={V}" not in report["data_stats"]:  # what the logits look like (per vocabulary)
                 report["data_stats"][f"V={V}"] = d.stats(max_tokens=1024)
             x, w = d.hidden.requires_grad_(), d.weight.requires_grad_()
@@ -312,7 +322,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=1024 if cuda else 128)
     p.add_argument("--prompt-frac", type=float, default=0.0)
     p.add_argument("--data", choices=DATA_KINDS, default="peaked",
-                   help="logits like a trained LM's (peaked) or flat (randn); aihf_fast.ops.testing")
+                   help="logits like a trained LM's (peaked), flat (randn), or a model trained here (model: "
+                        "benchmarks/head_model.py; --hidden and --vocab must be its sizes); aihf_fast.ops.testing")
+    p.add_argument("--model-dir", default=None, help="--data model: the head model's directory")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--providers", type=lambda s: s.split(","),
                    default=["aihf_fast", "aihf_fast_two_pass", "aihf_fast_cached_ref", "liger", "cce", "torch_eager",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -47,6 +48,37 @@ def test_bench_loss_tiny(tmp_path):
                             "--providers", "torch_eager", "--no-fwd-diag", "--data", "randn", "--no-plot",
                             "--out", str(tmp_path / "flat.json")])
     assert flat["config"]["data"] == "randn" and flat["data_stats"]["V=300"]["top1_prob"] < 0.1
+
+
+def test_head_model_and_model_data(tmp_path):
+    """``benchmarks/head_model.py`` trains and saves a (tiny) model; ``data="model"`` reads its hidden
+    states and head on held-out text; bench_loss runs on them and records which model."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    import bench_loss
+    import head_model
+
+    from aihf_fast.ops.testing import lm_head_inputs, stdlib_sources
+
+    model_dir = tmp_path / "hm"
+    meta = head_model.main(["--out", str(model_dir), "--vocab", "400", "--hidden", "32", "--layers", "1", "--heads",
+                            "2", "--seq", "32", "--batch", "4", "--steps", "4", "--max-files", "20"])
+    assert meta["vocab_size"] == 400 and meta["steps"] == 4 and meta["heldout_loss"] > 0
+    assert not set(stdlib_sources("train")) & set(stdlib_sources("heldout"))
+    d = lm_head_inputs(3, 20, 32, 400, data="model", model_dir=str(model_dir), prompt_frac=0.25, seed=1)
+    assert d.hidden.shape == d.ref_hidden.shape == (3, 20, 32) and d.weight.shape == (400, 32)
+    assert bool((d.labels[:, :5] == -100).all()) and bool((d.labels[:, 5:] >= 0).all())
+    assert not torch.equal(d.weight, d.ref_weight)  # the reference is the half-way checkpoint
+    assert torch.equal(lm_head_inputs(3, 20, 32, 400, data="model", model_dir=str(model_dir), seed=1).hidden, d.hidden)
+    with pytest.raises(ValueError, match="hidden_size, vocab_size"):
+        lm_head_inputs(3, 20, 64, 400, data="model", model_dir=str(model_dir))
+    with pytest.raises(ValueError, match="head_model.py"):
+        lm_head_inputs(3, 20, 32, 400, data="model", model_dir=str(tmp_path / "none"))
+    report = bench_loss.main(["--tokens", "64", "--vocab", "400", "--hidden", "32", "--seq-len", "16", "--reps", "1",
+                              "--providers", "torch_eager", "--no-fwd-diag", "--no-plot", "--data", "model",
+                              "--model-dir", str(model_dir), "--out", str(tmp_path / "m.json")])
+    assert report["results"][0]["status"] == "ok" and report["head_model"]["steps"] == 4
+    assert report["data_stats"]["V=400"]["tokens"] == 64
 
 
 def test_bench_train_tiny(tmp_path):

@@ -13,14 +13,25 @@ tokens' head rows scaled to give them logits up to 10 nats above their prior, pl
 is drawn from those logits' distribution (calibrated: the top token is the label about as often as
 its probability says).
 The reference model is the policy slightly perturbed, as for DPO-style training.
+``model``: hidden states of a real language model trained here (``benchmarks/head_model.py``: a
+small Llama-style model and a byte-level BPE tokenizer, whose ids run roughly from frequent to
+rare as in real tokenizers, trained on Python's standard-library sources, text every machine
+has) on held-out text, with its own LM head; the reference is the same model's checkpoint from
+half-way through its training. Its hidden and vocabulary sizes are the model's.
 ``logit_stats`` measures what the data looks like (``lm_head_inputs(...).stats()``)."""
 from __future__ import annotations
 
+import json
+import os
+import sysconfig
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-DATA_KINDS = ("randn", "peaked")
+DATA_KINDS = ("randn", "peaked", "model")
+HEAD_MODEL_ENV = "AIHF_FAST_HEAD_MODEL"  # the directory of ``benchmarks/head_model.py``'s model
 
 
 @dataclass
@@ -39,11 +50,12 @@ class HeadInputs:
 
 def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: int, *, data: str = "peaked",
                    prompt_frac: float = 0.0, dtype: torch.dtype = torch.float32, device="cpu",
-                   seed: int = 0) -> HeadInputs:
+                   seed: int = 0, model_dir: str | None = None) -> HeadInputs:
     """Deterministic (``seed``) inputs of an LM-head loss; drawn in float32 on the CPU, then cast
     and moved. ``data``: ``"randn"`` (hidden ~ N(0, 1/4), head ~ N(0, 1/H): logits ~ N(0, 0.5^2),
-    flat) or ``"peaked"`` (module docstring). ``prompt_frac``: the leading fraction of every
-    sequence labelled -100."""
+    flat), ``"peaked"`` or ``"model"`` (module docstring; ``model_dir``, default env
+    ``AIHF_FAST_HEAD_MODEL``: hidden_size and vocab_size must be the model's). ``prompt_frac``: the
+    leading fraction of every sequence labelled -100."""
     for name, v in (("num_seqs", num_seqs), ("seq_len", seq_len), ("hidden_size", hidden_size),
                     ("vocab_size", vocab_size)):
         if not isinstance(v, int) or v < 1:
@@ -53,6 +65,8 @@ def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: in
     if not 0.0 <= prompt_frac < 1.0:
         raise ValueError(f"prompt_frac must be in [0, 1), got {prompt_frac}")
     S, T, H, V = num_seqs, seq_len, hidden_size, vocab_size
+    if data == "model":
+        return _model_inputs(model_dir, S, T, H, V, prompt_frac, dtype, device, seed)
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (S, T), generator=g)
     if data == "randn":
@@ -95,6 +109,57 @@ def lm_head_inputs(num_seqs: int, seq_len: int, hidden_size: int, vocab_size: in
     labels[:, : int(T * prompt_frac)] = -100
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return HeadInputs(cast(x), cast(w), cast(rx), cast(rw), labels.to(device))
+
+
+def stdlib_sources(split: str) -> list[Path]:
+    """Python's standard-library ``.py`` files (no site-packages), sorted: the text the head model
+    learns from. split: ``"train"`` or ``"heldout"`` (1 file in 20, by a hash of its path)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    held = [zlib.crc32(str(p.relative_to(root)).encode()) % 20 == 0 for p in files]
+    return [p for p, h in zip(files, held) if h == (split == "heldout")]
+
+
+@torch.no_grad()
+def _model_inputs(model_dir, S, T, H, V, prompt_frac, dtype, device, seed) -> HeadInputs:
+    """``data="model"``: S windows of T + 1 tokens of held-out text at seeded positions; hidden
+    states of the trained model (the last layer, after its final norm) and its head; the
+    half-way checkpoint as the reference."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    model_dir = model_dir or os.environ.get(HEAD_MODEL_ENV)
+    if not model_dir or not Path(model_dir, "meta.json").is_file():
+        raise ValueError(f"data='model' needs a trained head model: run `python benchmarks/head_model.py --out DIR` "
+                         f"and pass model_dir=DIR (or set {HEAD_MODEL_ENV}); got {model_dir!r}")
+    meta = json.loads(Path(model_dir, "meta.json").read_text())
+    if (H, V) != (meta["hidden_size"], meta["vocab_size"]):
+        raise ValueError(f"hidden_size, vocab_size = {H}, {V} but the model in {model_dir} has "
+                         f"{meta['hidden_size']}, {meta['vocab_size']}")
+    tok = Tokenizer.from_file(str(Path(model_dir, "tokenizer.json")))
+    ids, need = [], S * (T + 1) * 2
+    for path in stdlib_sources("heldout"):
+        ids += tok.encode(path.read_text(errors="replace")).ids
+        if len(ids) >= need:
+            break
+    ids = torch.tensor(ids)
+    if len(ids) < S * (T + 1):
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than num_seqs x (seq_len + 1)")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(ids) - T, generator=g)[:S]
+    windows = torch.stack([ids[s:s + T + 1] for s in starts.tolist()])
+    out = []
+    for name in ("policy", "reference"):
+        model = LlamaForCausalLM.from_pretrained(Path(model_dir, name), torch_dtype=torch.float32).eval()
+        hidden = torch.cat([model.model(input_ids=windows[i:i + 16, :T]).last_hidden_state
+                            for i in range(0, S, 16)])
+        out += [hidden, model.lm_head.weight.detach().clone()]
+    labels = windows[:, 1:].clone()
+    labels[:, : int(T * prompt_frac)] = -100
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return HeadInputs(cast(out[0]), cast(out[1]), cast(out[2]), cast(out[3]), labels.to(device))
 
 
 def _zipf_tokens(n: int, prior: torch.Tensor, g: torch.Generator) -> torch.Tensor:
