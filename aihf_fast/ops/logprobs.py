@@ -462,6 +462,9 @@ def linear_token_logprobs(
 # d(weight) is accumulated over token chunks in fp32 when that buffer is at most this large, else
 # in the weight's own dtype (one rounding per chunk; at V = 128k, H = 4k an fp32 copy is 2 GiB)
 FP32_DWEIGHT_MAX_BYTES = 256 << 20
+# approximate mode (grad_skip_below): vocabulary columns per decision, on every backend (a
+# multiple of the d(logits) kernel's tile, which it is on a GPU at V >= 2048)
+GRAD_SKIP_TILE = 2048
 
 
 def default_grad_chunk_tokens(vocab_size: int, element_size: int) -> int:
@@ -577,9 +580,12 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp, tile_pmax=pmax)  # z := d loss / d logits
             spans = [(0, V)]
             if skip_below > 0:  # approximate: vocabulary tiles where every probability is below the threshold
-                active = pmax.amax(0) >= skip_below
+                active = pmax.amax(0) >= skip_below  # per kernel tile, then per skip tile of `per` of them
                 active[torch.div(yc, block, rounding_mode="floor")] = True  # the labels' tiles: d = g (1 - p)
-                spans = [(a * block, min(b * block, V)) for a, b in _true_runs(active.tolist())]
+                per = max(1, GRAD_SKIP_TILE // block)
+                active = torch.nn.functional.pad(active, (0, -n_tiles % per)).view(-1, per).any(1)
+                tile = per * block
+                spans = [(a * tile, min(b * tile, V)) for a, b in _true_runs(active.tolist())]
                 skipped += len(yc) * (V - sum(b - a for a, b in spans))
             if need_dw:  # the left-out rows of d(weight) get nothing from this chunk
                 for a, b in spans:
@@ -649,7 +655,7 @@ def linear_sequence_loss(x, weight, labels, seg, num_sequences, loss_of, chunks,
     are complete); chunks: ``plan_group_chunks``'s plan. chunk_size: vocabulary columns of the
     recompute, used only if the token log-probs also get a gradient from elsewhere.
     grad_skip_below: approximate gradients (0: exact). Within each chunk, a tile of vocabulary
-    columns (the d(logits) kernel's, 2048 on a GPU) whose softmax probabilities are all below this
+    columns (``GRAD_SKIP_TILE``, 2048, on every backend) whose softmax probabilities are all below this
     value for every token of the chunk, and that holds none of the chunk's labels, is left out of
     d(x) and d(weight) (those entries of d(logits) are -g p, with p below the threshold), as Cut
     Cross-Entropy's gradient filtering; deterministic (no atomics). The loss and log-probs stay

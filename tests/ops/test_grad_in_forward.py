@@ -294,6 +294,11 @@ def _peaked_batch(S=6, T=12, V_=700, H_=24, prompt_frac=0.25, seed=0):
     return d.hidden, d.weight, d.labels
 
 
+@pytest.fixture(autouse=True)
+def _small_skip_tiles(monkeypatch):
+    monkeypatch.setattr(lp, "GRAD_SKIP_TILE", 64)  # decisions per 64 columns: tiles to leave out at small V
+
+
 def _approx_run(h, w, labels, skip, layout, ref, chunk_tokens=None):
     hh = h.detach().clone().requires_grad_()
     ww = w.detach().clone().requires_grad_()
@@ -386,3 +391,20 @@ def test_approximate_gradients_options():
         out = aihf_loss(labels, hidden=h, weight=w, layout=layout, ref_seq_logps=ref, backend="torch",
                         grad_skip_below=1e-3)
     assert out.loss.isfinite()
+
+
+def test_skip_decisions_are_per_grad_skip_tile(monkeypatch):
+    """The approximate mode decides per GRAD_SKIP_TILE columns whatever the kernel's own tile:
+    with 128 (two interpreter tiles) it leaves out whole aligned 128-column blocks, no more than
+    with 64."""
+    h, w, labels = _peaked_batch(V_=2000, prompt_frac=0.75)  # few labels, so that some 128-column tiles hold none
+    layout = method_config("dpo", num_pairs=3, device=DEVICE)
+    ref = torch.full((6,), -30.0, device=DEVICE)
+    small = _approx_run(h, w, labels, 0.1, layout, ref)
+    monkeypatch.setattr(lp, "GRAD_SKIP_TILE", 128)
+    big = _approx_run(h, w, labels, 0.1, layout, ref)
+    frac = lambda r: r[0].metrics["grad/skipped_fraction"].item()  # noqa: E731
+    assert 0 < frac(big) <= frac(small)
+    left_out = (big[2] == 0).all(1)
+    blocks = torch.nn.functional.pad(left_out, (0, -len(left_out) % 128)).view(-1, 128)
+    assert bool((blocks.all(1) | ~blocks.any(1))[:-1].all())  # each full block all in or all out
