@@ -7,6 +7,9 @@ model given by its hidden states + LM head) at LLM shapes, side by side in one r
   aihf_fast_two_pass   the same with grad_in_forward=False (forward, then a recomputing backward)
   aihf_fast_cached_ref the default with the reference as ref_seq_logps, computed once per cell
                  outside the timed step (as a trainer that caches them does)
+  aihf_fast_approx_<eps>  the default with approximate gradients (``--grad-skip-below eps``): the
+                 rows add the gradients' error against aihf_fast's exact ones in the same cell
+                 (relative Frobenius and largest-entry) and the share of the work left out
   torch_eager    the same call on the PyTorch reference (full logits, fp32 log-softmax)
   torch_compile  torch.compile of that reference math written as one plain function
   liger          LigerFusedLinearDPOLoss(compute_nll_loss=True), where liger-kernel is installed
@@ -71,15 +74,20 @@ def rpo_plain(x, w, rx, rw, y, P, alpha, beta):
 OURS = ("aihf_fast", "aihf_fast_two_pass", "aihf_fast_cached_ref")
 
 
+APPROX = "aihf_fast_approx_"
+
+
 def make_provider(name, P, alpha, beta, backend):
     cmp = ref_seq = None
+    approx = name.startswith(APPROX)
 
     def ours(x, w, rx, rw, y):
         nonlocal cmp, ref_seq
         # which path each row times is fixed (an error row where it cannot apply), never chosen silently
-        triton = name in OURS and resolve_backend(backend, x) == "triton"
-        kw = dict(beta=beta, backend=backend if name in OURS else "torch", validate=False,
-                  grad_in_forward=(name != "aihf_fast_two_pass") if triton else None)
+        triton = (name in OURS or approx) and resolve_backend(backend, x) == "triton"
+        kw = dict(beta=beta, backend=backend if name in OURS or approx else "torch", validate=False,
+                  grad_in_forward=(name != "aihf_fast_two_pass") if triton else None,
+                  grad_skip_below=float(name[len(APPROX):]) if approx else 0.0)
         if cmp is None:
             dev = x.device
             cmp = (torch.arange(P, device=dev), torch.arange(P, 2 * P, device=dev))
@@ -91,10 +99,12 @@ def make_provider(name, P, alpha, beta, backend):
                                         **dict(kw, grad_in_forward=None)).seq_ref_logps
             return aihf_loss(y, hidden=x, weight=w, ref_seq_logps=ref_seq, comparisons=cmp, nll_weights=ours.nll,
                              **kw).loss
-        return aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp, nll_weights=ours.nll,
-                         **kw).loss
+        out = aihf_loss(y, hidden=x, weight=w, ref_hidden=rx, ref_weight=rw, comparisons=cmp, nll_weights=ours.nll,
+                        **kw)
+        ours.metrics = out.metrics
+        return out.loss
 
-    if name in OURS + ("torch_eager",):
+    if name in OURS + ("torch_eager",) or approx:
         return ours
     if name == "torch_compile":
         compiled = torch.compile(rpo_plain, dynamic=True)
@@ -207,8 +217,8 @@ def run(args):
             rx, rw, y = d.ref_hidden, d.ref_weight, d.labels
             n_loss = int((y != -100).sum())
             useful = 8.0 * n_loss * H * V
-            losses = {}
-            for name in args.providers:
+            losses, exact = {}, None
+            for name in args.providers + [f"{APPROX}{e:g}" for e in args.grad_skip_below]:
                 row = {"provider": name, "mode": "fwd+bwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,
                        "vocab": V, "seqs": S, "seq_len": T}
                 if time.time() - t_start > args.time_budget:
@@ -228,6 +238,15 @@ def run(args):
                     t0 = time.time()
                     losses[name] = float(step().detach())
                     row["first_call_s"] = round(time.time() - t0, 3)
+                    if name == "aihf_fast":  # the exact gradients, for the approximate rows of this cell
+                        exact = (x.grad.detach().clone(), w.grad.detach().clone())
+                    elif name.startswith(APPROX):
+                        row["skipped_fraction"] = float(fn.metrics["grad/skipped_fraction"])
+                        if exact is not None:
+                            for part, got, want in (("dhidden", x.grad, exact[0]), ("dweight", w.grad, exact[1])):
+                                err = (got.float() - want.float())
+                                row[f"{part}_rel_err"] = float(err.norm() / want.float().norm())
+                                row[f"{part}_max_err_rel"] = float(err.abs().max() / want.float().abs().max())
                     row["peak_extra_bytes"] = peak_extra_bytes(step, device)
                     row["ms"] = time_fn(step, device, args.reps)
                     row["tflops_useful"] = useful / row["ms"] / 1e9
@@ -273,6 +292,7 @@ def run(args):
                     save()
             step = None  # its defaults hold this cell's tensors
             del x, w, rx, rw, y, d  # d holds them too
+            exact = None
     report["wall_s"] = time.time() - t_start
     save()
     if args.plot:
@@ -325,6 +345,9 @@ def main(argv=None):
                    help="logits like a trained LM's (peaked), flat (randn), or a model trained here (model: "
                         "benchmarks/head_model.py; --hidden and --vocab must be its sizes); aihf_fast.ops.testing")
     p.add_argument("--model-dir", default=None, help="--data model: the head model's directory")
+    p.add_argument("--grad-skip-below", type=lambda s: [float(v) for v in s.split(",")], default=[],
+                   help="comma-separated eps: add aihf_fast_approx_<eps> rows (approximate gradients; run aihf_fast "
+                        "too for their error)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--providers", type=lambda s: s.split(","),
                    default=["aihf_fast", "aihf_fast_two_pass", "aihf_fast_cached_ref", "liger", "cce", "torch_eager",

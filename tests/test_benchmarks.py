@@ -37,11 +37,15 @@ def test_bench_loss_tiny(tmp_path):
     out = tmp_path / "loss.json"
     report = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
                               "--providers", "aihf_fast,aihf_fast_two_pass,aihf_fast_cached_ref,torch_eager",
-                              "--backend", "triton", "--no-fwd-diag", "--out", str(out)])
+                              "--backend", "triton", "--no-fwd-diag", "--grad-skip-below", "0.01", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [r["status"] for r in rows] == ["ok"] * 4, rows
-    for r in rows[:3]:
+    assert [r["status"] for r in rows] == ["ok"] * 5, rows
+    for r in rows[:3] + rows[4:]:
         assert abs(r["loss"] - rows[3]["loss"]) < 1e-4 * abs(rows[3]["loss"])
+    # one 2048-column decision tile at V = 300, holding labels: nothing left out, the gradients exact
+    approx = rows[4]
+    assert approx["provider"] == "aihf_fast_approx_0.01" and approx["skipped_fraction"] == 0.0
+    assert approx["dhidden_rel_err"] == 0.0 and approx["dweight_max_err_rel"] == 0.0
     assert report["device_type"] == "cpu"
     assert report["config"]["data"] == "peaked" and report["data_stats"]["V=300"]["top1_prob"] > 0.3
     flat = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
