@@ -54,6 +54,25 @@ def test_bench_loss_tiny(tmp_path):
     assert flat["config"]["data"] == "randn" and flat["data_stats"]["V=300"]["top1_prob"] < 0.1
 
 
+def test_bench_grad_skip_tiny(tmp_path):
+    import bench_grad_skip
+
+    import aihf_fast.ops.logprobs as logprobs
+
+    tile = logprobs.GRAD_SKIP_TILE
+    try:
+        report = bench_grad_skip.main(["--vocab", "2000", "--hidden", "24", "--pairs", "1", "--seq-len", "16",
+                                       "--prompt-frac", "0.75", "--eps", "0,0.1", "--skip-tile", "64",
+                                       "--out", str(tmp_path / "gs.json")])
+    finally:
+        logprobs.GRAD_SKIP_TILE = tile
+    exact, approx = report["results"]
+    assert exact["skipped_fraction"] == 0.0 and exact["dweight_rel_err"] == 0.0  # eps = 0 is the exact path
+    assert 0 < approx["skipped_fraction"] < 1 and approx["loss_equal"]
+    assert 0 < approx["dhidden_rel_err"] < 1 and report["config"]["skip_tile"] == 64
+    assert json.loads((tmp_path / "gs.json").read_text())["data_stats"]["tokens"] == 8
+
+
 def test_head_model_and_model_data(tmp_path):
     """``benchmarks/head_model.py`` trains and saves a (tiny) model; ``data="model"`` reads its hidden
     states and head on held-out text; bench_loss runs on them and records which model."""
