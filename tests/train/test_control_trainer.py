@@ -700,3 +700,15 @@ def test_heldout_demonstrations(data, tmp_path):
     assert ev["eval/heldout_demo_nll"] == pytest.approx(want, rel=1e-6)
     # more BC steps fit the training episodes better; the held-out NLL is finite either way
     assert np.isfinite(ev["eval/heldout_demo_nll"]) and ev["bc/nll"] < 10
+
+
+def test_ppo_update_that_diverges_says_so():
+    """A PPO update that leaves non-finite parameters raises a FloatingPointError naming what to
+    change, not a later error about the rollout policy."""
+    from aihf_fast.train.control.ppo import PPO
+
+    ag = PPO(5, 2, -np.ones(2), np.ones(2), seed=0)
+    batch = _ppo_batch()
+    batch = dict(batch, rewards=np.full_like(batch["rewards"], np.nan))  # what a diverging run ends in
+    with pytest.raises(FloatingPointError, match="diverged.*ppo_lr"):
+        ag.update(batch)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         with StopOnSignal() as stop:  # until the training loop starts, a signal stops at once
             stop.starting()
             return _run(argv)
-    except (ConfigError, ControlDataError) as e:
+    except (ConfigError, ControlDataError, FloatingPointError) as e:  # FloatingPointError: a diverged update
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

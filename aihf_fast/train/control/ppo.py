@@ -263,8 +263,15 @@ class PPO:
         self.obs_rms.update(batch["obs"].reshape(T * N, -1))
         pg_loss, v_loss = torch.stack(losses).mean(0).tolist()
         ratio = torch.cat(ratios)  # every minibatch's transitions, every epoch
-        return dict(pg_loss=pg_loss, v_loss=v_loss, approx_kl=float(((ratio - 1) - ratio.log()).mean()),
-                    clip_frac=float(((ratio - 1).abs() > cfg.clip).float().mean()))
+        stats = dict(pg_loss=pg_loss, v_loss=v_loss, approx_kl=float(((ratio - 1) - ratio.log()).mean()),
+                     clip_frac=float(((ratio - 1).abs() > cfg.clip).float().mean()))
+        if not bool(torch.isfinite(self.flat).all()):
+            raise FloatingPointError(
+                f"the PPO update diverged: the policy's parameters are no longer finite (this update's approx_kl "
+                f"{stats['approx_kl']:.3g}, clip_frac {stats['clip_frac']:.2f}): its steps were too large for this "
+                f"policy (log_std {self.log_std.detach().mean().item():.2f}); lower ppo_lr or raise the policy's "
+                "entropy (ent_coef)")
+        return stats
 
     def _minibatch_step(self, obs, act, old_logp, adv, ret):
         """One Adam step on a minibatch's ``loss``, its gradient norm clipped to max_grad_norm;
