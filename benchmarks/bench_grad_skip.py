@@ -75,8 +75,10 @@ def main(argv=None):
     import aihf_fast.ops.logprobs as logprobs
 
     if a.skip_tile is not None:
-        if a.skip_tile < 1:
-            raise SystemExit(f"--skip-tile must be >= 1, got {a.skip_tile}")
+        block = logprobs._dlogits_block(a.vocab)  # decisions group whole tiles of the d(logits) kernel
+        if a.skip_tile < 1 or a.skip_tile % block:
+            raise SystemExit(f"--skip-tile must be a positive multiple of the d(logits) kernel's tile here ({block} "
+                             f"columns at V = {a.vocab}), got {a.skip_tile}")
         logprobs.GRAD_SKIP_TILE = a.skip_tile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
@@ -98,13 +100,14 @@ def main(argv=None):
                   interpreter=os.environ.get("TRITON_INTERPRET") == "1", dtype=a.dtype, data=a.data,
                   data_stats=d.stats(), config=dict(pairs=a.pairs, seq_len=a.seq_len, prompt_frac=a.prompt_frac,
                                                     vocab=a.vocab, hidden=a.hidden, seed=a.seed,
-                                                    skip_tile=logprobs.GRAD_SKIP_TILE),
+                                                    skip_tile=max(1, logprobs.GRAD_SKIP_TILE // logprobs._dlogits_block(
+                                                        a.vocab)) * logprobs._dlogits_block(a.vocab)),
                   versions=versions(), commit=commit(), seconds=time.time() - t0, results=rows,
                   command="python benchmarks/bench_grad_skip.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if a.data == "model":
         meta = Path(a.model_dir or os.environ.get(HEAD_MODEL_ENV, ""), "meta.json")
         report["head_model"] = json.loads(meta.read_text())
-    out = Path(a.out or ROOT / "benchmarks" / "results" / f"bench_grad_skip_{a.data}_tile{logprobs.GRAD_SKIP_TILE}.json")
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"bench_grad_skip_{a.data}_tile{report['config']['skip_tile']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"[bench] wrote {out}")

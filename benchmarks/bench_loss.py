@@ -218,7 +218,7 @@ def run(args):
             n_loss = int((y != -100).sum())
             useful = 8.0 * n_loss * H * V
             losses, exact = {}, None
-            for name in args.providers + [f"{APPROX}{e:g}" for e in args.grad_skip_below]:
+            for name in args.providers + [f"{APPROX}{e!r}" for e in args.grad_skip_below]:  # repr: exact eps
                 row = {"provider": name, "mode": "fwd+bwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,
                        "vocab": V, "seqs": S, "seq_len": T}
                 if time.time() - t_start > args.time_budget:

@@ -5,10 +5,12 @@ them) and a Llama-style causal LM, both trained here on Python's standard-librar
 every machine has; 1 file in 20 held out for evaluation and for the benchmark's inputs).
 
     python benchmarks/head_model.py --out ~/.cache/aihf_fast/head_model            # V = 8192, H = 256
-    python benchmarks/bench_loss.py --data model --model-dir ~/.cache/aihf_fast/head_model --vocab 8192 --hidden 256
+    python benchmarks/bench_loss.py --data model --model-dir ~/.cache/aihf_fast/head_model --vocab 8192 --hidden 256 \
+        --seq-len 256    # at most the length it was trained on
 
 Saves in ``--out``: tokenizer.json, policy/ (the final model), reference/ (the checkpoint at half
-the steps, the reference model of the DPO-style losses), meta.json (sizes, steps, train and
+the steps, the reference model of the DPO-style losses), heldout_ids.pt (the held-out text's first
+200k tokens: the inputs of ``data="model"``), meta.json (sizes, steps, train and
 held-out loss, seconds, versions, commit). Progress: a line every ``--log-every`` steps.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ def train_tokenizer(files, vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((f.read_text(errors="replace") for f in files), trainer=trainer)
+    tok.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
         raise SystemExit(f"--vocab {vocab_size}: the text gives only {tok.get_vocab_size()} tokens; use a smaller --vocab")
     return tok
@@ -49,7 +51,7 @@ def train_tokenizer(files, vocab_size: int):
 def encode(tok, files, max_tokens: int) -> torch.Tensor:
     ids = []
     for f in files:
-        ids += tok.encode(f.read_text(errors="replace")).ids
+        ids += tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids
         if len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens])
@@ -74,6 +76,8 @@ def main(argv=None):
     for name in ("vocab", "hidden", "layers", "heads", "seq", "batch", "steps"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.vocab < 257:
+        raise SystemExit(f"--vocab must be >= 257 (the 256 byte tokens and <pad>), got {a.vocab}")
     if a.hidden % a.heads:
         raise SystemExit(f"--hidden {a.hidden} must be a multiple of --heads {a.heads}")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,12 +85,14 @@ def main(argv=None):
     t0 = time.time()
     out = Path(a.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # written last: a run that stops leaves no usable model
     train_files = stdlib_sources("train")[: a.max_files]
     held_files = stdlib_sources("heldout")[: a.max_files]
     tok = train_tokenizer(train_files, a.vocab)
     tok.save(str(out / "tokenizer.json"))
     data = encode(tok, train_files, a.max_train_tokens)
     held = encode(tok, held_files, 200_000)
+    torch.save(held, out / "heldout_ids.pt")  # the inputs of data="model", as read on this machine
     if len(data) <= a.seq + 1 or len(held) <= a.seq + 1:
         raise SystemExit(f"too little text for --seq {a.seq}: {len(data)} train / {len(held)} held-out tokens")
     print(f"[head_model] tokenizer V = {a.vocab}; {len(data)} train / {len(held)} held-out tokens "

@@ -118,7 +118,10 @@ def stdlib_sources(split: str) -> list[Path]:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-    held = [zlib.crc32(str(p.relative_to(root)).encode()) % 20 == 0 for p in files]
+    if not files:
+        raise ValueError(f"no standard-library .py files under {root} (a zipped standard library?): the head model "
+                         "needs them as text")
+    held = [zlib.crc32(p.relative_to(root).as_posix().encode()) % 20 == 0 for p in files]
     return [p for p, h in zip(files, held) if h == (split == "heldout")]
 
 
@@ -138,21 +141,25 @@ def _model_inputs(model_dir, S, T, H, V, prompt_frac, dtype, device, seed) -> He
     if (H, V) != (meta["hidden_size"], meta["vocab_size"]):
         raise ValueError(f"hidden_size, vocab_size = {H}, {V} but the model in {model_dir} has "
                          f"{meta['hidden_size']}, {meta['vocab_size']}")
-    tok = Tokenizer.from_file(str(Path(model_dir, "tokenizer.json")))
-    ids, need = [], S * (T + 1) * 2
-    for path in stdlib_sources("heldout"):
-        ids += tok.encode(path.read_text(errors="replace")).ids
-        if len(ids) >= need:
-            break
-    ids = torch.tensor(ids)
-    if len(ids) < S * (T + 1):
-        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than num_seqs x (seq_len + 1)")
+    if T > meta["seq"]:
+        raise ValueError(f"seq_len {T} is longer than the {meta['seq']} tokens the model in {model_dir} was trained "
+                         "on: its hidden states there would be extrapolated")
+    held = Path(model_dir, "heldout_ids.pt")  # the held-out text's tokens, as the model's own machine read it
+    if held.is_file():
+        ids = torch.load(held)
+    else:
+        tok = Tokenizer.from_file(str(Path(model_dir, "tokenizer.json")))
+        ids = torch.tensor([i for p in stdlib_sources("heldout")
+                            for i in tok.encode(p.read_text(encoding="utf-8", errors="replace")).ids])
+    slots = len(ids) // (T + 1)  # non-overlapping windows, S of them drawn
+    if slots < S:
+        raise ValueError(f"the held-out text has {len(ids)} tokens: fewer than num_seqs x (seq_len + 1)")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(len(ids) - T, generator=g)[:S]
+    starts = torch.randperm(slots, generator=g)[:S] * (T + 1)
     windows = torch.stack([ids[s:s + T + 1] for s in starts.tolist()])
     out = []
     for name in ("policy", "reference"):
-        model = LlamaForCausalLM.from_pretrained(Path(model_dir, name), torch_dtype=torch.float32).eval()
+        model = LlamaForCausalLM.from_pretrained(Path(model_dir, name), dtype=torch.float32).eval()
         hidden = torch.cat([model.model(input_ids=windows[i:i + 16, :T]).last_hidden_state
                             for i in range(0, S, 16)])
         out += [hidden, model.lm_head.weight.detach().clone()]

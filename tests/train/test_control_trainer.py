@@ -709,6 +709,11 @@ def test_ppo_update_that_diverges_says_so():
 
     ag = PPO(5, 2, -np.ones(2), np.ones(2), seed=0)
     batch = _ppo_batch()
-    batch = dict(batch, rewards=np.full_like(batch["rewards"], np.nan))  # what a diverging run ends in
+    with pytest.raises(FloatingPointError, match="non-finite rewards .*the reward given to PPO"):
+        ag.update(dict(batch, rewards=np.full_like(batch["rewards"], np.nan)))
+    with pytest.raises(FloatingPointError, match="non-finite observations .*the env"):
+        ag.update(dict(batch, obs=np.full_like(batch["obs"], np.inf)))
+    with torch.no_grad():
+        ag.log_std.fill_(float("inf"))  # the policy itself blown up, as a diverged step leaves it
     with pytest.raises(FloatingPointError, match="diverged.*ppo_lr"):
         ag.update(batch)

@@ -228,6 +228,11 @@ class PPO:
         cfg = self.cfg
         r = np.asarray(batch["rewards"] if rewards is None else rewards, np.float64)
         T, N = r.shape
+        for name, v in (("rewards", r), ("observations", batch["obs"]), ("next observations", batch["next_obs"])):
+            if not np.isfinite(v).all():  # not the update's fault: say where it came from
+                raise FloatingPointError(f"the PPO update got non-finite {name} ({int((~np.isfinite(v)).sum())} "
+                                         f"values): {'the reward given to PPO' if name == 'rewards' else 'the env'} "
+                                         "produced them")
         term, trunc = batch["terminated"], batch["truncated"]
         r = self._scaled(r, term | trunc)
         obs = self.normalize(batch["obs"].reshape(T * N, -1))
