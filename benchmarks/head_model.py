@@ -123,7 +123,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        train_loss = float(loss)
+        train_loss = float(loss.detach())
         if step % a.log_every == 0 or step == a.steps:
             print(f"[head_model] step {step}/{a.steps} loss {train_loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
         if step == a.steps // 2 or (a.steps == 1 and step == 1):
