@@ -509,15 +509,16 @@ def plan_group_chunks(seg: torch.Tensor, groups: torch.Tensor, max_tokens: int):
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _sequence_coefficients(loss_of, seq_logps):
-    """d loss_of / d seq_logps at ``seq_logps`` (S,) fp32 (zeros where the loss does not depend)."""
+def _loss_and_coefficients(loss_of, seq_logps):
+    """loss_of and d loss_of / d seq_logps at ``seq_logps`` (S,) fp32 -> (0-d detached, (S,);
+    zeros where the loss does not depend)."""
     with torch.enable_grad():
         s = seq_logps.detach().requires_grad_()
         loss = loss_of(s)
         if not loss.requires_grad:
-            return torch.zeros_like(s)
+            return loss.detach(), torch.zeros_like(s)
         (g,) = torch.autograd.grad(loss, s, allow_unused=True)
-    return torch.zeros_like(s) if g is None else g
+    return loss.detach(), (torch.zeros_like(s) if g is None else g)
 
 
 def _true_runs(flags: list) -> list:
@@ -563,6 +564,7 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
         block = _dlogits_block(V)
         n_tiles = _cdiv(V, block)
         skipped = 0  # token x column products left out (approximate mode)
+        loss = coef = None  # after the last chunk: the loss and its coefficients at the complete seq
         for rows in chunks:
             xc, yc, sc = x[rows], labels[rows], seg[rows]
             z = xc @ w.t()  # (m, V): this chunk's logits, the only ones alive
@@ -575,7 +577,8 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
             seq.index_add_(0, sc, lp)  # the chunk's sequences are now complete
             if not (need_dx or need_dw):
                 continue
-            g = _sequence_coefficients(loss_of, seq)[sc].contiguous()
+            loss, coef = _loss_and_coefficients(loss_of, seq)  # final for this chunk's groups
+            g = coef[sc].contiguous()
             pmax = torch.empty(len(yc), n_tiles, dtype=torch.float32, device=dev) if skip_below > 0 else None
             _triton_dlogits_(z, z, yc, ls, g, None, None, -1, inv_temp, tile_pmax=pmax)  # z := d loss / d logits
             spans = [(0, V)]
@@ -602,10 +605,10 @@ class _LinearSequenceLossFunction(torch.autograd.Function):
         if acc is not None and acc is not dw:
             dw.copy_(acc)
         del acc
-        with torch.enable_grad():
-            loss = loss_of(seq).detach()
+        if loss is None:  # no chunk, or no gradient needed
+            loss, coef = _loss_and_coefficients(loss_of, seq)
         # the per-token coefficients, for a backward that cannot use dx / dw (a second one)
-        coef = _sequence_coefficients(loss_of, seq)[seg] if (need_dx or need_dw) else lse
+        coef = coef[seg] if (need_dx or need_dw) else lse
         ctx.save_for_backward(x, w, labels, lse, coef)
         ctx.made = (dx, dw)  # handed to the first backward, which owns them from then on
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
