@@ -42,6 +42,12 @@ t-interval: aihf >= rlhf within paired noise (the interval's upper end >= 0) at 
 task, and aihf >= 1.2 x rlhf at 10 pairs (with the gain over random also given); aihf >= bc and
 >= irl by the same paired test. The low-quality arm and the from-scratch start are reported the
 same way, as secondary results.
+Amendment (post hoc: written after a HalfCheetah rlhf run diverged, rlhf's HalfCheetah results at
+10-200 pairs seen, before any aihf or bc final run on HalfCheetah or any final run on Walker2d or Ant):
+a run whose PPO update diverges (the policy's parameters or the update's inputs turn non-finite;
+the trainer stops with an error) is kept as a record marked ``diverged``, scored by the same rule on
+the evaluations made before the divergence (the last policy a user would have); the verdict rows
+that include such a seed also give the paired difference without it.
 Outputs: benchmarks/results/bench_control_round2_<profile>.json + .png (device, versions, commit
 of every invocation that made records).
 Compute: per task 7 experts, 32 tuning runs and 85 final runs, about 110 of them 1M-step RL runs of
@@ -223,11 +229,21 @@ def run_job(job, prof, work, treat, head):
         else:  # irl: the pairs are read for the held-out metrics only
             kw["num_pairs"] = 0
     out = os.path.join(work, "runs", job["key"])
-    summ = train(ControlConfig(method=m, env_steps=prof["method_steps"], output_dir=out, **common, **kw))
+    diverged = None
+    try:
+        summ = train(ControlConfig(method=m, env_steps=prof["method_steps"], output_dir=out, **common, **kw))
+    except FloatingPointError as e:  # a diverged PPO update: the amendment's rule (the run up to it)
+        summ, diverged = None, str(e)
     effective = None if m == "bc" else f"{kw['rl_reward']}+{kw['termination']}"
     with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
-        corr = [[r["env_steps"], r["reward/corr_true"]] for r in map(json.loads, f) if r.get("reward/corr_true") is not None]
+        log = list(map(json.loads, f))
+    corr = [[r["env_steps"], r["reward/corr_true"]] for r in log if r.get("reward/corr_true") is not None]
     shutil.rmtree(out, ignore_errors=True)
+    if summ is None:
+        timed = [r for r in log if "sim_s" in r]
+        summ = dict(evals=[r for r in log if "eval/return" in r], sim_seconds=timed[-1]["sim_s"] if timed else 0.0,
+                    learn_seconds=timed[-1]["learn_s"] if timed else 0.0, env_steps=log[-1].get("env_steps", 0))
+        diverged = dict(message=diverged, iteration=log[-1].get("iter"), env_steps=summ["env_steps"])
     ev = summ["evals"]
     return dict(kind="run", key=job["key"], stage=job["stage"], task=task, seed=s, method=m, budget=b, arm=job["arm"],
                 start=job["start"], chosen=chosen, treatment=None if m == "bc" else treat[m], effective_treatment=effective, evals=ev, reward_corr=corr,
@@ -235,7 +251,7 @@ def run_job(job, prof, work, treat, head):
                 final=float(np.mean([e["eval/return"] for e in ev[-3:]])),
                 length=float(np.mean([e["eval/length"] for e in ev[-3:]])), device=cpu_name(),
                 sim_seconds=summ["sim_seconds"], learn_seconds=summ["learn_seconds"], env_steps=summ["env_steps"],
-                commit=head)
+                diverged=diverged, commit=head)
 
 
 def _paired(a: dict, b: dict):
@@ -271,7 +287,8 @@ def analyse(records, prof):
                               mean=float(np.mean(v)), ci95=ci95(v),
                               length=float(np.mean([per[s]["length"] for s in per])),
                               corr_last10=[per[s]["corr_last10"] for s in sorted(per)],
-                              heldout_accuracy=[per[s]["evals"][-1].get("reward/heldout_accuracy") for s in sorted(per)]))
+                              heldout_accuracy=[per[s]["evals"][-1].get("reward/heldout_accuracy") for s in sorted(per)],
+                              diverged_seeds=[s for s in sorted(per) if per[s].get("diverged")]))
         ret = lambda c: {s: r["final"] for s, r in c.items()}  # noqa: E731
         rand = float(np.mean([v["random_return"] for (t, s), v in data.items() if t == task and s in prof["final_seeds"]]
                              or [np.nan]))
@@ -291,6 +308,14 @@ def analyse(records, prof):
                            primary=arm == "clean" and start == "bc", aihf=float(np.mean([a[s] for s in seeds])),
                            rlhf=float(np.mean([h[s] for s in seeds])), diff_vs_rlhf=diff, diff_vs_rlhf_ci95=half,
                            aihf_not_below_rlhf=_not_below(diff, half))
+                # the amendment's sensitivity check: the same difference without the seeds where either diverged
+                gone = sorted(s for s in seeds if any(c.get(s, {}).get("diverged") for c in
+                                                      (cell("aihf", b, arm, start), cell("rlhf", b, arm, start))))
+                if gone:
+                    kept = [s for s in seeds if s not in gone]
+                    _, d2, h2 = _paired({s: a[s] for s in kept}, {s: h[s] for s in kept})
+                    row.update(diverged_seeds=gone, diff_vs_rlhf_without_diverged=d2,
+                               diff_vs_rlhf_without_diverged_ci95=h2)
                 for other, bb in (("bc", 0), ("irl", 0)):
                     _, dd, hh = _paired(a, ret(cell(other, bb, "clean", start if other == "irl" else "bc")))
                     row[f"diff_vs_{other}"], row[f"diff_vs_{other}_ci95"] = dd, hh

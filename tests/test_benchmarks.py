@@ -400,3 +400,37 @@ def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
     full = bench.analyse(recs, prof)["verdict"]["clean"]
     assert all(r["complete"] for r in full["rows"])
     assert full["goal"]["aihf"]["at_least_as_good_everywhere"] is True
+
+
+def test_bench_control_round2_keeps_a_diverged_run(tmp_path, monkeypatch):
+    """The amendment: a run whose PPO update diverges is kept as a record marked ``diverged``, scored
+    on the evaluations before it; the verdict row names the seed and gives the difference without it."""
+    pytest.importorskip("aihf_fast._C")
+    import bench_control_round2 as bench
+
+    from aihf_fast.train.control import ppo
+
+    work, out = tmp_path / "w", tmp_path / "r2.json"
+    bench.main(["--profile", "tiny", "--work", str(work), "--out", str(out)])
+    prof, key = bench.PROFILES["tiny"], "rlhf-clean-bc-p8-Hopper-v5-s10"
+    job = next(j for j in bench.plan(prof) if j["key"] == key)
+    update, calls = ppo.PPO.update, []
+
+    def diverge_second(self, batch, rewards=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("the PPO update diverged: test")
+        return update(self, batch, rewards)
+
+    monkeypatch.setattr(ppo.PPO, "update", diverge_second)
+    rec = bench.run_job(job, prof, str(work), bench.treatments(prof), "test")
+    assert rec["diverged"]["message"] == "the PPO update diverged: test" and rec["diverged"]["iteration"] == 1
+    assert [e["iter"] for e in rec["evals"]] == [0, 1] and rec["env_steps"] > 0
+    assert rec["final"] == pytest.approx(np.mean([e["eval/return"] for e in rec["evals"]]))
+    (work / "records" / f"{key}.json").write_text(json.dumps(rec))
+    res = bench.main(["--profile", "tiny", "--analyse-only", "--work", str(work), "--out", str(tmp_path / "d.json")])
+    row = next(v for v in res["analysis"]["verdict"] if v["primary"])
+    assert row["diverged_seeds"] == [10] and row["diff_vs_rlhf_without_diverged"] is None  # no seed left
+    assert next(t for t in res["analysis"]["table"] if t["method"] == "rlhf" and t["arm"] == "clean"
+                and t["start"] == "bc")["diverged_seeds"] == [10]
+    assert not any("diverged_seeds" in v for v in res["analysis"]["verdict"] if not v["primary"])
