@@ -15,7 +15,9 @@ model given by its hidden states + LM head) at LLM shapes, side by side in one r
   liger          LigerFusedLinearDPOLoss(compute_nll_loss=True), where liger-kernel is installed
   cce            Cut Cross-Entropy per-token NLL (reduction="none") + the same DPO math, where installed
 
-plus forward-only diagnostics of the fused log-prob kernel against cuBLAS logits + logsumexp.
+plus forward-only diagnostics of the fused log-prob kernel (autotuned over its pointer schedules,
+and on a GPU with TMA also over the TMA / persistent ones: ``_tma``) against cuBLAS logits +
+logsumexp.
 Data (``--data``, ``aihf_fast.ops.testing``): ``peaked`` (default) logits shaped like a trained LM's,
 ``randn`` flat ones (largest probability ~1e-4 at V = 128k: a method that skips negligible
 probability mass does less work there than on real data), or ``model``: hidden states and head of
@@ -31,6 +33,7 @@ Writes JSON (device, versions, commit, every measurement) after each measurement
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -133,6 +136,20 @@ def make_provider(name, P, alpha, beta, backend):
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def tma_schedules(on: bool):
+    """The fused forward autotuned over its TMA schedules too (AIHF_FAST_LINEAR_TMA=1) inside."""
+    before = os.environ.get("AIHF_FAST_LINEAR_TMA")
+    os.environ["AIHF_FAST_LINEAR_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["AIHF_FAST_LINEAR_TMA"]
+        else:
+            os.environ["AIHF_FAST_LINEAR_TMA"] = before
 
 
 def time_fn(fn, device, reps):
@@ -274,10 +291,14 @@ def run(args):
                 for name, f in (
                     ("aihf_fast_logprobs_fwd", lambda xf=xf, w=w, yf=yf: linear_token_logprobs(
                         xf, w.detach(), yf, validate=False, backend=args.backend)),
+                    ("aihf_fast_logprobs_fwd_tma", lambda xf=xf, w=w, yf=yf: linear_token_logprobs(
+                        xf, w.detach(), yf, validate=False, backend=args.backend)),
                     ("cublas_logits+logsumexp_fwd", lambda xf=xf, w=w: torch.logsumexp((xf @ w.detach().t()).float(), -1)),
                 ):
+                    if name.endswith("_tma") and not (device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9):
+                        continue  # TMA schedules: compute capability >= 9
                     try:
-                        with torch.no_grad():
+                        with torch.no_grad(), tma_schedules(name.endswith("_tma")):
                             ms = time_fn(f, device, args.reps)
                             mem = peak_extra_bytes(f, device)
                         row = {"provider": name, "mode": "fwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,

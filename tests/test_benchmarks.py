@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny grids (seconds) and write valid JSON and a plot."""
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,9 +50,11 @@ def test_bench_loss_tiny(tmp_path):
     assert report["device_type"] == "cpu"
     assert report["config"]["data"] == "peaked" and report["data_stats"]["V=300"]["top1_prob"] > 0.3
     flat = bench_loss.main(["--tokens", "64", "--vocab", "300", "--hidden", "16", "--seq-len", "16", "--reps", "1",
-                            "--providers", "torch_eager", "--no-fwd-diag", "--data", "randn", "--no-plot",
-                            "--out", str(tmp_path / "flat.json")])
+                            "--providers", "torch_eager", "--fwd-diag", "--data", "randn", "--no-plot",
+                            "--backend", "triton", "--out", str(tmp_path / "flat.json")])
     assert flat["config"]["data"] == "randn" and flat["data_stats"]["V=300"]["top1_prob"] < 0.1
+    fwd = [r["provider"] for r in flat["results"] if r.get("mode") == "fwd"]  # TMA rows: GPUs with TMA only
+    assert fwd == ["aihf_fast_logprobs_fwd", "cublas_logits+logsumexp_fwd"] and "AIHF_FAST_LINEAR_TMA" not in os.environ
 
 
 def test_bench_grad_skip_tiny(tmp_path):

@@ -12,7 +12,9 @@ Three kernels, all fp32 inside whatever the input dtype:
   partial (max, sum-exp, target logit, entropy numerator); the logits never reach memory. For
   bf16/fp16 inputs the fp32 accumulator is rounded to the input dtype first, so the log-probs
   are those of the logits an LM head would output, and exactly consistent with the backward,
-  which recomputes those logits with cuBLAS in the input dtype.
+  which recomputes those logits with cuBLAS in the input dtype. Its schedules: tiles loaded by
+  pointer (the default autotuning) or through TMA descriptors, one program per work item or
+  persistent programs (``LINEAR_FWD_SCHEDULES``).
 Offsets that can exceed 2**31 (row * stride for N x V logits) are computed in int64.
 """
 from __future__ import annotations
@@ -125,6 +127,8 @@ def _linear_lse_fwd_kernel(
     w_ptr,
     stride_wv,
     stride_wk,
+    x_desc,
+    w_desc,
     labels_ptr,
     part_max_ptr,
     part_sum_ptr,
@@ -144,16 +148,45 @@ def _linear_lse_fwd_kernel(
     ROUND_LOGITS: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
     DOT_UPCAST: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
 ):
-    # 1-D grid, grouped: consecutive programs cover GROUP_M token blocks x all splits, so the
-    # programs resident together share GROUP_M hidden blocks and n_splits weight tiles in L2
-    # (each weight tile is read from HBM once per group, each hidden block once per tile).
-    pid = tl.program_id(0)
+    # Work items are (token block, vocabulary split) pairs, one per program, or with PERSISTENT a
+    # fixed number of programs (about one per SM) that take every num_programs-th item in turn.
+    # USE_TMA: the hidden and weight tiles come through TMA descriptors (x_desc: (M, K) in
+    # [BLOCK_M, BLOCK_K] blocks, w_desc: (V, K) in [BLOCK_V, BLOCK_K] blocks; zero beyond the
+    # edges) instead of pointer arithmetic; x_ptr / w_ptr are then unused (and the reverse).
+    n_work = tl.cdiv(M, BLOCK_M) * n_splits
+    if PERSISTENT:
+        for work in tl.range(tl.program_id(0), n_work, tl.num_programs(0)):
+            _lse_split(work, x_ptr, stride_xm, stride_xk, w_ptr, stride_wv, stride_wk, x_desc, w_desc, labels_ptr,
+                       part_max_ptr, part_sum_ptr, part_target_ptr, part_ent_ptr, M, V, K, inv_temp, cols_per_split,
+                       n_splits, BLOCK_M, BLOCK_V, BLOCK_K, RETURN_ENTROPY, INPUT_PRECISION, ROUND_LOGITS, GROUP_M,
+                       DOT_UPCAST, USE_TMA)
+    else:
+        _lse_split(tl.program_id(0), x_ptr, stride_xm, stride_xk, w_ptr, stride_wv, stride_wk, x_desc, w_desc,
+                   labels_ptr, part_max_ptr, part_sum_ptr, part_target_ptr, part_ent_ptr, M, V, K, inv_temp,
+                   cols_per_split, n_splits, BLOCK_M, BLOCK_V, BLOCK_K, RETURN_ENTROPY, INPUT_PRECISION, ROUND_LOGITS,
+                   GROUP_M, DOT_UPCAST, USE_TMA)
+
+
+@triton.jit
+def _lse_split(
+    work, x_ptr, stride_xm, stride_xk, w_ptr, stride_wv, stride_wk, x_desc, w_desc, labels_ptr, part_max_ptr,
+    part_sum_ptr, part_target_ptr, part_ent_ptr, M, V, K, inv_temp, cols_per_split, n_splits,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr, GROUP_M: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """One work item: the partial (max, sum-exp, target logit, entropy numerator) of a token block
+    over a vocabulary split. Items are grouped: consecutive ones cover GROUP_M token blocks x all
+    splits, so the programs resident together share GROUP_M hidden blocks and n_splits weight
+    tiles in L2 (each weight tile is read from HBM once per group, each hidden block once per tile)."""
     n_m = tl.cdiv(M, BLOCK_M)
     per_group = GROUP_M * n_splits
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (work // per_group) * GROUP_M
     group_m = tl.minimum(n_m - first_m, GROUP_M)
-    within = pid % per_group
+    within = work % per_group
     pid_m = first_m + within % group_m
     pid_s = within // group_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -175,11 +208,15 @@ def _linear_lse_fwd_kernel(
         w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wv
         acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
         for k in range(0, K, BLOCK_K):
-            ks = k + offs_k
-            k_mask = ks < K
-            ks64 = ks.to(tl.int64)
-            a = tl.load(x_rows + ks64[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_cols + ks64[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if USE_TMA:
+                a = x_desc.load([pid_m * BLOCK_M, k])
+                b = w_desc.load([tile * BLOCK_V, k]).T
+            else:
+                ks = k + offs_k
+                k_mask = ks < K
+                ks64 = ks.to(tl.int64)
+                a = tl.load(x_rows + ks64[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(w_cols + ks64[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_UPCAST:  # triton's CPU interpreter mis-multiplies bf16 tiles; products are exact in fp32
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -218,7 +255,32 @@ _LINEAR_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # fp32-sized
 ]
 
-# GPU entry point: picks the tile shape by measurement, once per (V, K, dtype, entropy) key.
-_linear_lse_fwd_kernel_autotuned = triton.autotune(
-    configs=_LINEAR_FWD_CONFIGS, key=["V", "K", "RETURN_ENTROPY", "INPUT_PRECISION", "ROUND_LOGITS"]
-)(_linear_lse_fwd_kernel)
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: a TMA configuration's descriptors take its tile shape."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_V"], nargs["BLOCK_K"]]
+
+
+def _tma(block_m, block_v, block_k, warps, stages, persistent):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k, "USE_TMA": True,
+                          "PERSISTENT": persistent}, num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
+
+
+# Hopper schedules (TMA loads; persistent programs), opt-in with AIHF_FAST_LINEAR_TMA=1 on a GPU of
+# compute capability >= 9 until measured there; AIHF_FAST_LINEAR_CONFIG indexes them after the
+# configurations above. (Triton's automatic warp specialisation is Blackwell-only.)
+_LINEAR_FWD_TMA_CONFIGS = [
+    _tma(128, 128, 64, 8, 3, False),
+    _tma(128, 256, 64, 8, 3, False),
+    _tma(128, 128, 64, 8, 4, True),
+    _tma(128, 256, 64, 8, 3, True),
+    _tma(64, 128, 32, 4, 3, True),  # fp32-sized
+]
+LINEAR_FWD_SCHEDULES = _LINEAR_FWD_CONFIGS + _LINEAR_FWD_TMA_CONFIGS
+_KEY = ["V", "K", "RETURN_ENTROPY", "INPUT_PRECISION", "ROUND_LOGITS"]
+
+# GPU entry points: pick the schedule by measurement, once per (V, K, dtype, entropy) key.
+_linear_lse_fwd_kernel_autotuned = triton.autotune(configs=_LINEAR_FWD_CONFIGS, key=_KEY)(_linear_lse_fwd_kernel)
+_linear_lse_fwd_kernel_autotuned_tma = triton.autotune(configs=LINEAR_FWD_SCHEDULES, key=_KEY)(_linear_lse_fwd_kernel)

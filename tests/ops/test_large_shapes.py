@@ -134,11 +134,13 @@ def test_gradients_in_forward_at_a_real_vocabulary(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", range(7))
+@pytest.mark.parametrize("config", range(12))
 def test_every_autotuned_tile_at_a_real_vocabulary(config, dtype, monkeypatch):
-    from aihf_fast.ops._triton_kernels import _LINEAR_FWD_CONFIGS
+    from aihf_fast.ops._triton_kernels import LINEAR_FWD_SCHEDULES
 
-    assert len(_LINEAR_FWD_CONFIGS) == 7  # a new tile needs its case here
+    assert len(LINEAR_FWD_SCHEDULES) == 12  # a new schedule needs its case here
+    if LINEAR_FWD_SCHEDULES[config].kwargs.get("USE_TMA") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA schedules need compute capability >= 9")
     check_every_tile(config, dtype, 3, 173, 4096, 128256, "cuda", monkeypatch)
 
 
@@ -153,17 +155,26 @@ def test_offsets_past_int32():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_checks_at_small_shapes_on_cpu(dtype, monkeypatch):
     check_every_tile(None, dtype, 2, 13, 32, 301, "cpu", monkeypatch)
+    for config in (7, 9):  # the interpreter runs a pinned schedule's TMA loads and persistent programs
+        check_every_tile(config, dtype, 2, 13, 32, 301, "cpu", monkeypatch)
+    monkeypatch.delenv("AIHF_FAST_LINEAR_CONFIG")
     check_offsets_past(80, 301, 16, "cpu")
     if dtype == torch.bfloat16:
         check_gradients_in_forward(8, 12, 32, 301, 36, "cpu", monkeypatch)
 
 
-def test_pinned_tile_is_checked(monkeypatch):
+def test_pinned_schedule_is_checked(monkeypatch):
     from aihf_fast.ops.logprobs import _triton_linear_forward
 
-    if not CUDA:
-        pytest.skip("tiles are pinned on the GPU only (the interpreter uses its own)")
+    dev = "cuda" if CUDA else "cpu"
+    x, y = torch.randn(4, 64, device=dev), torch.zeros(4, dtype=torch.long, device=dev)
     monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", "99")
-    x = torch.randn(4, 64, device="cuda")
-    with pytest.raises(ValueError, match="AIHF_FAST_LINEAR_CONFIG"):
-        _triton_linear_forward(x, x, torch.zeros(4, dtype=torch.long, device="cuda"), 1.0, False)
+    with pytest.raises(ValueError, match="AIHF_FAST_LINEAR_CONFIG must be an index in \\[0, 12\\)"):
+        _triton_linear_forward(x, x, y, 1.0, False)
+    monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", "7")  # TMA: rows of 16-byte multiples only
+    odd = torch.randn(4, 65, device=dev)[:, :63]
+    with pytest.raises(ValueError, match="TMA schedule"):
+        _triton_linear_forward(odd, odd, y, 1.0, False)
+    monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", "2")  # a pointer schedule takes any strides
+    logp, *_ = _triton_linear_forward(odd, odd, y, 1.0, False)
+    assert logp.shape == (4,) and torch.isfinite(logp).all()

@@ -286,3 +286,21 @@ def test_linear_token_logprobs_on_peaked_logits(dtype):
         for name, a, b, c in zip(("logp", "entropy", "dhidden", "dweight"), got, want, f32):
             assert_low_precision_close(name, a, b, c, atol=2e-2)
     assert bool((got[0][:, :10] == 0).all())
+
+
+def test_backward_slice_grows_with_the_tokens(monkeypatch):
+    """The two-pass backward's vocabulary slice: 16384 columns while the buffer stays within
+    256 MiB - 1 GiB (the fp32 d(hidden) read-modify-write per slice stays a fixed share), a
+    multiple of 128; AIHF_FAST_CHUNK_BYTES fixes the buffer instead."""
+    from aihf_fast.ops import default_chunk_size
+
+    monkeypatch.delenv("AIHF_FAST_CHUNK_BYTES", raising=False)
+    V = 128256
+    assert default_chunk_size(8192, V, 2) == 16384  # 256 MiB
+    assert default_chunk_size(32768, V, 2) == 16384  # 1 GiB
+    assert default_chunk_size(65536, V, 2) == 8192  # 1 GiB cap
+    assert default_chunk_size(1024, V, 2) == V  # 256 MiB floor: the whole vocabulary
+    assert default_chunk_size(3000, V, 4) % 128 == 0 and default_chunk_size(3000, V, 4) * 3000 * 4 <= 256 << 20
+    assert default_chunk_size(10 ** 7, V, 2) == 128 and default_chunk_size(4, 100, 2) == 100
+    monkeypatch.setenv("AIHF_FAST_CHUNK_BYTES", str(64 << 20))
+    assert default_chunk_size(32768, V, 2) == 1024
