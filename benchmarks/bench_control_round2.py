@@ -45,9 +45,12 @@ same way, as secondary results.
 Amendment (post hoc: written after a HalfCheetah rlhf run diverged, rlhf's HalfCheetah results at
 10-200 pairs seen, before any aihf or bc final run on HalfCheetah or any final run on Walker2d or Ant):
 a run whose PPO update diverges (the policy's parameters or the update's inputs turn non-finite;
-the trainer stops with an error) is kept as a record marked ``diverged``, scored by the same rule on
-the evaluations made before the divergence (the last policy a user would have); the verdict rows
-that include such a seed also give the paired difference without it.
+the trainer stops with an error) is kept as a record marked ``diverged`` (``iteration``: the last
+iteration completed before it; times and env steps: those of the completed iterations), scored by
+the same rule on the evaluations made before the divergence (the last policy a user would have);
+each paired difference of a verdict row that includes such a seed (aihf against rlhf, bc or irl)
+is also given without it. A diverged tuning run gives its configuration the worst selection
+signal.
 Outputs: benchmarks/results/bench_control_round2_<profile>.json + .png (device, versions, commit
 of every invocation that made records).
 Compute: per task 7 experts, 32 tuning runs and 85 final runs, about 110 of them 1M-step RL runs of
@@ -165,6 +168,8 @@ def _init_worker(threads):
 def selection_signal(rec) -> tuple:
     """Larger is better: bc by -held-out demonstration NLL; the reward methods by held-out pair
     accuracy, then -held-out pair NLL (each at the last evaluation)."""
+    if rec.get("diverged"):  # the amendment: a diverged tuning run's configuration is the worst
+        return (-np.inf,) if rec["method"] == "bc" else (-np.inf, -np.inf)
     last = rec["evals"][-1]
     if rec["method"] == "bc":
         sig = (-last["eval/heldout_demo_nll"],)
@@ -308,18 +313,22 @@ def analyse(records, prof):
                            primary=arm == "clean" and start == "bc", aihf=float(np.mean([a[s] for s in seeds])),
                            rlhf=float(np.mean([h[s] for s in seeds])), diff_vs_rlhf=diff, diff_vs_rlhf_ci95=half,
                            aihf_not_below_rlhf=_not_below(diff, half))
-                # the amendment's sensitivity check: the same difference without the seeds where either diverged
-                gone = sorted(s for s in seeds if any(c.get(s, {}).get("diverged") for c in
-                                                      (cell("aihf", b, arm, start), cell("rlhf", b, arm, start))))
-                if gone:
-                    kept = [s for s in seeds if s not in gone]
-                    _, d2, h2 = _paired({s: a[s] for s in kept}, {s: h[s] for s in kept})
-                    row.update(diverged_seeds=gone, diff_vs_rlhf_without_diverged=d2,
-                               diff_vs_rlhf_without_diverged_ci95=h2)
-                for other, bb in (("bc", 0), ("irl", 0)):
-                    _, dd, hh = _paired(a, ret(cell(other, bb, "clean", start if other == "irl" else "bc")))
-                    row[f"diff_vs_{other}"], row[f"diff_vs_{other}_ci95"] = dd, hh
-                    row[f"aihf_not_below_{other}"] = _not_below(dd, hh)
+                mine = cell("aihf", b, arm, start)
+                for other, o in (("rlhf", cell("rlhf", b, arm, start)), ("bc", cell("bc", 0, "clean", "bc")),
+                                 ("irl", cell("irl", 0, "clean", start))):
+                    if other != "rlhf":
+                        _, dd, hh = _paired(a, ret(o))
+                        row[f"diff_vs_{other}"], row[f"diff_vs_{other}_ci95"] = dd, hh
+                        row[f"aihf_not_below_{other}"] = _not_below(dd, hh)
+                    # the amendment's sensitivity check: the difference without the seeds where either diverged
+                    both = sorted(set(mine) & set(o))
+                    gone = [s for s in both if mine[s].get("diverged") or o[s].get("diverged")]
+                    if gone:
+                        kept = [s for s in both if s not in gone]
+                        _, d2, h2 = _paired({s: a[s] for s in kept}, {s: o[s]["final"] for s in kept})
+                        row[f"diverged_seeds_vs_{other}"] = gone
+                        row[f"diff_vs_{other}_without_diverged"] = d2
+                        row[f"diff_vs_{other}_without_diverged_ci95"] = h2
                 if b == smallest:
                     row["aihf_ge_1.2x_rlhf"] = bool(row["aihf"] >= 1.2 * row["rlhf"]) if row["rlhf"] > 0 else None
                     row["gain_over_random_ratio"] = ((row["aihf"] - rand) / (row["rlhf"] - rand)

@@ -152,6 +152,16 @@ def tma_schedules(on: bool):
             os.environ["AIHF_FAST_LINEAR_TMA"] = before
 
 
+def forward_schedule(x, w, tma: bool) -> dict:
+    """Which schedule family the fused forward ran for these inputs, and the one autotuning chose."""
+    from aihf_fast.ops.logprobs import _linear_schedule
+
+    with tma_schedules(tma):
+        kernel, meta, uses_tma = _linear_schedule(x, w)
+    best = getattr(kernel, "best_config", None)
+    return {"tma_schedules_tried": uses_tma, "schedule": str(best) if best is not None else str(meta)}
+
+
 def time_fn(fn, device, reps):
     if device.type == "cuda":
         import triton.testing
@@ -304,6 +314,8 @@ def run(args):
                         row = {"provider": name, "mode": "fwd", "tokens": N, "loss_tokens": n_loss, "hidden": H,
                                "vocab": V, "ms": ms, "tflops_useful": 2.0 * n_loss * H * V / ms / 1e9,
                                "peak_extra_bytes": mem, "status": "ok"}
+                        if name.startswith("aihf_fast"):
+                            row.update(forward_schedule(xf, w.detach(), name.endswith("_tma")))
                     except torch.cuda.OutOfMemoryError:
                         row = {"provider": name, "mode": "fwd", "tokens": N, "vocab": V, "status": "oom"}
                     if device.type == "cuda":

@@ -55,6 +55,7 @@ def test_bench_loss_tiny(tmp_path):
     assert flat["config"]["data"] == "randn" and flat["data_stats"]["V=300"]["top1_prob"] < 0.1
     fwd = [r["provider"] for r in flat["results"] if r.get("mode") == "fwd"]  # TMA rows: GPUs with TMA only
     assert fwd == ["aihf_fast_logprobs_fwd", "cublas_logits+logsumexp_fwd"] and "AIHF_FAST_LINEAR_TMA" not in os.environ
+    assert next(r for r in flat["results"] if r["provider"] == "aihf_fast_logprobs_fwd")["tma_schedules_tried"] is False
 
 
 def test_bench_grad_skip_tiny(tmp_path):
@@ -433,7 +434,21 @@ def test_bench_control_round2_keeps_a_diverged_run(tmp_path, monkeypatch):
     (work / "records" / f"{key}.json").write_text(json.dumps(rec))
     res = bench.main(["--profile", "tiny", "--analyse-only", "--work", str(work), "--out", str(tmp_path / "d.json")])
     row = next(v for v in res["analysis"]["verdict"] if v["primary"])
-    assert row["diverged_seeds"] == [10] and row["diff_vs_rlhf_without_diverged"] is None  # no seed left
+    assert row["diverged_seeds_vs_rlhf"] == [10] and row["diff_vs_rlhf_without_diverged"] is None  # no seed left
+    assert "diverged_seeds_vs_irl" not in row and "diverged_seeds_vs_bc" not in row
     assert next(t for t in res["analysis"]["table"] if t["method"] == "rlhf" and t["arm"] == "clean"
                 and t["start"] == "bc")["diverged_seeds"] == [10]
-    assert not any("diverged_seeds" in v for v in res["analysis"]["verdict"] if not v["primary"])
+    assert not any(k.startswith("diverged_seeds") for v in res["analysis"]["verdict"] if not v["primary"] for k in v)
+    # irl trains with PPO too: its divergence is named in the rows that compare with it
+    irl = work / "records" / "irl-clean-bc-p0-Hopper-v5-s10.json"
+    irl.write_text(json.dumps(dict(json.loads(irl.read_text()), diverged=rec["diverged"])))
+    res = bench.main(["--profile", "tiny", "--analyse-only", "--work", str(work), "--out", str(tmp_path / "d.json")])
+    row = next(v for v in res["analysis"]["verdict"] if v["primary"])
+    assert row["diverged_seeds_vs_irl"] == [10] and row["diff_vs_irl_without_diverged"] is None
+    # a diverged tuning run: its configuration gets the worst signal, so the rule picks another
+    recs = {r["key"]: r for r in res["records"] if r.get("kind") == "run"}
+    chosen = bench.select(recs, "Hopper-v5", "aihf", prof)["config"]
+    key = f"tune-aihf-c{chosen}-Hopper-v5-s200"
+    recs[key] = dict(recs[key], diverged=rec["diverged"])
+    assert bench.selection_signal(recs[key]) == (-np.inf, -np.inf)
+    assert bench.select(recs, "Hopper-v5", "aihf", prof)["config"] != chosen

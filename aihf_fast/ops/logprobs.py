@@ -107,9 +107,10 @@ def _triton_dlogits_(logits2d, out2d, labels, lse, grad_logp, entropy, grad_entr
 
 
 def _tma_ready(*tensors) -> bool:
-    """TMA descriptors need a unit last stride and 16-byte aligned rows and base."""
-    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in tensors)
+    """TMA descriptors need 2-d tensors with a unit last stride, rows that neither overlap nor
+    repeat (row stride >= row length), and 16-byte aligned rows and base."""
+    return all(t.dim() == 2 and t.stride(-1) == 1 and t.stride(0) >= max(1, t.shape[-1])
+               and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _linear_schedule(x, w):
@@ -132,7 +133,7 @@ def _linear_schedule(x, w):
         cfg = LINEAR_FWD_SCHEDULES[int(pinned)]
         if cfg.kwargs.get("USE_TMA") and not _tma_ready(x, w):
             raise ValueError(f"AIHF_FAST_LINEAR_CONFIG={pinned} is a TMA schedule, which needs hidden and weight with "
-                             "unit last stride and 16-byte aligned rows")
+                             "unit last stride, distinct rows, 16-byte aligned rows and a 16-byte aligned start")
     if interpreting():  # small tiles; a pinned schedule's loads and program order
         flags = {k: v for k, v in (cfg.kwargs if cfg else {}).items() if k in ("USE_TMA", "PERSISTENT")}
         meta = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2, DOT_UPCAST=True, **flags)
@@ -144,8 +145,8 @@ def _linear_schedule(x, w):
         if x.dtype == torch.float32:  # fp32 tiles take twice the shared memory
             return _linear_lse_fwd_kernel, dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=3), False
         return _linear_lse_fwd_kernel, dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3), False
-    if (os.environ.get("AIHF_FAST_LINEAR_TMA", "0") == "1" and torch.cuda.get_device_capability(x.device)[0] >= 9
-            and _tma_ready(x, w)):
+    if (os.environ.get("AIHF_FAST_LINEAR_TMA", "0") == "1" and torch.version.hip is None
+            and torch.cuda.get_device_capability(x.device)[0] >= 9 and _tma_ready(x, w)):
         return _linear_lse_fwd_kernel_autotuned_tma, {}, True
     return _linear_lse_fwd_kernel_autotuned, {}, False
 
@@ -162,11 +163,12 @@ def _triton_linear_forward(x, w, labels, inv_temp, return_entropy):
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
         return empty, empty, (empty if return_entropy else None), torch.zeros(0, dtype=torch.bool, device=dev)
     kernel, meta, tma = _linear_schedule(x, w)
+    # split boundaries are multiples of every BLOCK_V tried (the interpreter's small tile, or 128 / 256)
+    unit = meta["BLOCK_V"] if meta.get("BLOCK_V", 256) < 128 else 256
     if interpreting():
-        unit, programs = 32, 3  # several splits and persistent programs, so the merge and the loop are exercised
+        programs = 3  # several splits and persistent programs, so the merge and the loop are exercised
         n_splits = min(_cdiv(V, unit), 3)
     else:
-        unit = 256
         programs = torch.cuda.get_device_properties(dev).multi_processor_count
         # >= 16 splits: with GROUP_M = 8 token blocks, ~128 resident programs share their tiles
         n_splits = max(1, min(_cdiv(V, unit), max(16, _cdiv(2 * programs, _cdiv(M, 64)))))
@@ -210,15 +212,16 @@ SLICE_COLUMNS = 16384
 
 def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int) -> int:
     """Vocabulary columns per backward chunk: a (tokens x chunk) buffer of ``AIHF_FAST_CHUNK_BYTES``
-    if set, else of SLICE_COLUMNS columns kept within [256 MiB, 1 GiB]; a multiple of 128, at least
-    128. Every slice reads and writes the fp32 (tokens x H) d(hidden) once, a cost that relative to
-    the slice's 6 x tokens x H x columns FLOPs only depends on the columns: a buffer that grows with
-    the tokens (up to 1 GiB, 32k bf16 tokens) keeps it at ~1% on an H100/H200 instead of ~5% at 32k
-    tokens in a fixed 256 MiB."""
+    if set, else of SLICE_COLUMNS columns kept within [256 MiB, 512 MiB]; a multiple of 128, at
+    least 128. Every slice reads and writes the fp32 (tokens x H) d(hidden) once, a cost that
+    relative to the slice's 6 x tokens x H x columns FLOPs depends only on the columns (~190 /
+    columns on an H100/H200): a buffer that grows with the tokens halves it at 32k bf16 tokens
+    (8192 columns, ~2.4%, instead of 4096 in a fixed 256 MiB), while the transient memory (buffer +
+    fp32 d(hidden)) stays at 1 GiB there for H = 4096."""
     if os.environ.get("AIHF_FAST_CHUNK_BYTES"):
         budget = int(os.environ["AIHF_FAST_CHUNK_BYTES"])
     else:
-        budget = min(1 << 30, max(256 << 20, num_tokens * element_size * SLICE_COLUMNS))
+        budget = min(512 << 20, max(256 << 20, num_tokens * element_size * SLICE_COLUMNS))
     cols = (budget // max(1, num_tokens * element_size)) // 128 * 128
     return max(1, min(vocab_size, max(128, cols)))
 
@@ -466,7 +469,7 @@ def linear_token_logprobs(
         labels: (...) integer, in [0, V) or ``ignore_index`` (those rows are dropped before any
             matmul; they give 0 and get zero gradient).
         chunk_size: vocabulary columns per backward recompute chunk (default: ``default_chunk_size``,
-            a (tokens x chunk) buffer of 256 MiB to 1 GiB growing with the tokens, or
+            a (tokens x chunk) buffer of 256 to 512 MiB growing with the tokens, or
             ``AIHF_FAST_CHUNK_BYTES``).
     Returns: fp32 log-probs shaped like ``labels``; then, as in ``token_logprobs``, the entropy
     (``return_entropy``) and the top-1 flags (``return_top1``).

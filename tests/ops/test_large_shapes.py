@@ -175,6 +175,43 @@ def test_pinned_schedule_is_checked(monkeypatch):
     odd = torch.randn(4, 65, device=dev)[:, :63]
     with pytest.raises(ValueError, match="TMA schedule"):
         _triton_linear_forward(odd, odd, y, 1.0, False)
+    repeated = torch.randn(1, 64, device=dev).expand(4, 64)  # stride 0: one row four times
+    with pytest.raises(ValueError, match="TMA schedule"):
+        _triton_linear_forward(repeated, x, y, 1.0, False)
     monkeypatch.setenv("AIHF_FAST_LINEAR_CONFIG", "2")  # a pointer schedule takes any strides
     logp, *_ = _triton_linear_forward(odd, odd, y, 1.0, False)
     assert logp.shape == (4,) and torch.isfinite(logp).all()
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU autotunes for real (AIHF_FAST_LINEAR_TMA=1 in bench_loss)")
+def test_autotuning_over_the_tma_schedules(monkeypatch):
+    """The autotuner over all 12 schedules at their real tile sizes, under the interpreter with
+    its timing replaced: every schedule runs (the pre-hook sizing the descriptors of the TMA ones),
+    and the one made to win, a persistent TMA schedule, gives the reference's log-probs."""
+    import aihf_fast.ops.logprobs as logprobs
+    from aihf_fast.ops._triton_kernels import LINEAR_FWD_SCHEDULES
+    from aihf_fast.ops._triton_kernels import _linear_lse_fwd_kernel_autotuned_tma as tuned
+
+    win = 10
+    assert LINEAR_FWD_SCHEDULES[win].kwargs["USE_TMA"] and LINEAR_FWD_SCHEDULES[win].kwargs["PERSISTENT"]
+    timed = []
+
+    def fake_bench(fn, quantiles=None):
+        fn()
+        timed.append(1)
+        return [0.5 if len(timed) == win + 1 else 1.0] * 3
+
+    monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)  # a cached property: set, not read
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(logprobs, "_linear_schedule", lambda x, w: (tuned, {}, True))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 72, generator=g)
+    w = torch.randn(300, 72, generator=g) / 8
+    y = torch.randint(0, 300, (40,), generator=g)
+    logp, ent = linear_token_logprobs(x, w, y, return_entropy=True, backend="triton")
+    assert len(timed) == len(LINEAR_FWD_SCHEDULES) and tuned.best_config is LINEAR_FWD_SCHEDULES[win]
+    ref = (x.double() @ w.double().t()).log_softmax(-1)
+    assert (logp.double() - ref.gather(1, y[:, None])[:, 0]).abs().max() < 1e-5
+    assert (ent.double() + (ref.exp() * ref).sum(-1)).abs().max() < 1e-5
+    again, _ = linear_token_logprobs(x, w, y, return_entropy=True, backend="triton")  # the cached choice
+    assert len(timed) == len(LINEAR_FWD_SCHEDULES) and torch.equal(again, logp)
