@@ -114,9 +114,10 @@ def _tma_ready(*tensors) -> bool:
 
 
 def _linear_schedule(x, w):
-    """(kernel, meta, whether it takes TMA descriptors) of the fused forward on this device: the interpreter's small tiles; a pinned
-    schedule (``AIHF_FAST_LINEAR_CONFIG=i``: tests every one, reproduces one); or autotuned over the
-    pointer schedules, plus the TMA ones with ``AIHF_FAST_LINEAR_TMA=1`` where the GPU has TMA."""
+    """(kernel, meta, whether it takes TMA descriptors) of the fused forward on this device: the
+    interpreter's small tiles; a pinned schedule (``AIHF_FAST_LINEAR_CONFIG=i``: tests every one,
+    reproduces one); or autotuned over the pointer schedules, plus the TMA ones with
+    ``AIHF_FAST_LINEAR_TMA=1`` where the GPU has TMA."""
     from ._triton_kernels import (
         LINEAR_FWD_SCHEDULES,
         _linear_lse_fwd_kernel,
