@@ -1,4 +1,5 @@
 // A small MLP policy evaluated in C++ (float32), as SAC/PPO actors are laid out:
+//   h_0 = clamp(obs, obs_low, obs_high) (per dimension; no clamp when the bounds are empty),
 //   h = act(W_k h + b_k) for the hidden layers, out = W_L h + b_L, then one of
 //   - "deterministic": a = squash(mean)
 //   - "gaussian":      a = squash(mean + exp(log_std) * eps), eps ~ N(0, 1) from a per-env RNG
@@ -7,6 +8,7 @@
 // to [low, high], as SAC), "clip" (to [low, high], as PPO evaluation) or "none".
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -31,6 +33,7 @@ struct MLPPolicy {
   std::vector<float> log_std;         // fixed log std (nu,) when not state dependent
   float log_std_min = -20.f, log_std_max = 2.f;
   std::vector<double> low, high;      // action bounds (nu,)
+  std::vector<double> obs_low, obs_high;  // observation bounds (obs_dim,) or empty (no clamp)
   int max_width() const {
     int m = 0;
     for (const auto& l : layers) m = std::max(m, std::max(l.in, l.out));
@@ -87,7 +90,11 @@ class NormalRng {
 inline void mlp_act(const MLPPolicy& p, const double* obs, int nu, NormalRng* rng, float* action, float* buf0,
                     float* buf1) {
   const int L = int(p.layers.size());
-  for (int k = 0; k < p.layers[0].in; ++k) buf0[k] = float(obs[k]);
+  if (p.obs_low.empty()) {
+    for (int k = 0; k < p.layers[0].in; ++k) buf0[k] = float(obs[k]);
+  } else {
+    for (int k = 0; k < p.layers[0].in; ++k) buf0[k] = float(std::min(std::max(obs[k], p.obs_low[k]), p.obs_high[k]));
+  }
   float *x = buf0, *y = buf1;
   for (int l = 0; l < L; ++l) {
     const Layer& layer = p.layers[l];

@@ -84,7 +84,8 @@ NB_MODULE(_C, m) {
           "__init__",
           [](aihf::MLPPolicy* p, std::vector<F32> weights, std::vector<F32> biases, int activation, int squash,
              bool gaussian, bool state_dependent_std, F32 log_std, float log_std_min, float log_std_max,
-             std::vector<double> low, std::vector<double> high) {
+             std::vector<double> low, std::vector<double> high, std::vector<double> obs_low,
+             std::vector<double> obs_high) {
             if (activation < 0 || activation > 1) throw nb::value_error("activation must be 0 (tanh) or 1 (relu)");
             if (squash < 0 || squash > 2) throw nb::value_error("squash must be 0 (tanh), 1 (clip) or 2 (none)");
             aihf::MLPPolicy built;  // constructed in full before *p, so a throw leaks nothing
@@ -114,10 +115,18 @@ NB_MODULE(_C, m) {
             q->log_std_max = log_std_max;
             q->low = std::move(low);
             q->high = std::move(high);
+            if (obs_low.size() != obs_high.size() ||
+                (!obs_low.empty() && obs_low.size() != size_t(q->layers.front().in)))
+              throw nb::value_error("obs_low and obs_high must both be empty or both have the first layer's input size");
+            for (size_t k = 0; k < obs_low.size(); ++k)
+              if (!(obs_low[k] <= obs_high[k])) throw nb::value_error("obs_low must be <= obs_high in every dimension");
+            q->obs_low = std::move(obs_low);
+            q->obs_high = std::move(obs_high);
             new (p) aihf::MLPPolicy(std::move(built));
           },
           "weights"_a, "biases"_a, "activation"_a, "squash"_a, "gaussian"_a, "state_dependent_std"_a, "log_std"_a,
-          "log_std_min"_a, "log_std_max"_a, "low"_a, "high"_a)
+          "log_std_min"_a, "log_std_max"_a, "low"_a, "high"_a,
+          "obs_low"_a = std::vector<double>(), "obs_high"_a = std::vector<double>())
       .def_prop_ro("in_features", [](const aihf::MLPPolicy& p) { return p.layers.front().in; })
       .def_prop_ro("out_features", [](const aihf::MLPPolicy& p) { return p.layers.back().out; });
 

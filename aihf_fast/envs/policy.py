@@ -1,6 +1,7 @@
 """MLP policies the C++ rollouts evaluate: the layer layout of SAC / PPO actors.
 
-    out = W_L act(... act(W_1 obs + b_1) ...) + b_L          (float32, act = tanh or relu)
+    out = W_L act(... act(W_1 x + b_1) ...) + b_L            (float32, act = tanh or relu)
+    x = clip(obs, obs_low, obs_high) per dimension (no clip when the bounds are None)
     mean = out[:nu];  log_std = out[nu:] (SAC, clamped) or a fixed vector (PPO)
     u = mean (deterministic) or mean + exp(log_std) * eps, eps ~ N(0, 1) per env (gaussian)
     action = low + (tanh(u) + 1) / 2 * (high - low)   (squash="tanh", SAC)
@@ -29,6 +30,8 @@ class MLPPolicy:
     log_std: np.ndarray | None = None  # fixed (nu,) log std (PPO); None + gaussian: from the output (SAC)
     log_std_min: float = -20.0
     log_std_max: float = 2.0
+    obs_low: np.ndarray | None = None   # (obs_dim,) float64 bounds of the input, or None (no clip)
+    obs_high: np.ndarray | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -48,6 +51,17 @@ class MLPPolicy:
             self.log_std = np.ascontiguousarray(_np(self.log_std), dtype=np.float32).reshape(-1)
             if not np.isfinite(self.log_std).all():
                 raise ValueError("log_std must be finite")
+        if (self.obs_low is None) != (self.obs_high is None):
+            raise ValueError("obs_low and obs_high must be given together")
+        if self.obs_low is not None:
+            self.obs_low = np.asarray(_np(self.obs_low), dtype=np.float64).reshape(-1)
+            self.obs_high = np.asarray(_np(self.obs_high), dtype=np.float64).reshape(-1)
+            n = self.weights[0].shape[1]
+            if self.obs_low.shape != (n,) or self.obs_high.shape != (n,):
+                raise ValueError(f"obs_low and obs_high must have shape ({n},) (the first layer's input size), got "
+                                 f"{self.obs_low.shape} and {self.obs_high.shape}")
+            if not (self.obs_low <= self.obs_high).all():
+                raise ValueError("obs_low must be <= obs_high in every dimension")
 
     @classmethod
     def from_torch(cls, module, **kwargs) -> MLPPolicy:
@@ -69,6 +83,7 @@ class MLPPolicy:
             self.weights, self.biases, ACTIVATIONS[self.activation], SQUASHES[self.squash], self.gaussian,
             gaussian_from_output, self.log_std if self.log_std is not None else np.zeros(0, np.float32),
             float(self.log_std_min), float(self.log_std_max), [float(v) for v in low], [float(v) for v in high],
+            [] if self.obs_low is None else self.obs_low.tolist(), [] if self.obs_high is None else self.obs_high.tolist(),
         )
 
 

@@ -192,6 +192,29 @@ def test_gaussian_policy_noise_is_seeded_per_env():
     assert not np.array_equal(a[:, 0], a[:, 1])  # independent streams per env
 
 
+def test_mlp_rollout_clips_observations_to_the_policy_bounds():
+    """obs_low/obs_high clip each observation before the first layer (PPO's clamp of the normalised
+    observation): the actions are the PyTorch MLP's on the clipped observations, not on the raw."""
+    env = make_vec("Hopper-v5", 3, num_threads=2)
+    net = _actor(11, 3)
+    lo, hi = np.full(11, -0.05), np.full(11, 0.05)
+    lo[0], hi[0] = 1.0, 1.1  # the torso height (~1.25) is above this range: the clip binds every step
+    env.reset(seed=3)
+    out = env.rollout(MLPPolicy.from_torch(net, squash="none", obs_low=lo, obs_high=hi), 40)
+    env.reset(seed=3)
+    raw = env.rollout(MLPPolicy.from_torch(net, squash="none"), 1)
+    with torch.no_grad():
+        clipped = net(torch.as_tensor(np.clip(out["obs"], lo, hi), dtype=torch.float32)).numpy()
+        unclipped = net(torch.as_tensor(raw["obs"], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(out["actions"], clipped, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(raw["actions"], unclipped, rtol=0, atol=2e-6)
+    assert np.abs(out["actions"][0] - raw["actions"][0]).max() > 1e-3  # the same start, another action
+    for kw, msg in [(dict(obs_low=lo), "given together"), (dict(obs_low=lo[:5], obs_high=hi[:5]), r"shape \(11,\)"),
+                    (dict(obs_low=hi, obs_high=lo), "obs_low must be <= obs_high")]:
+        with pytest.raises(ValueError, match=msg):
+            MLPPolicy.from_torch(net, **kw)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown task 'Hopper-v9'"):
         make_vec("Hopper-v9", 2)

@@ -717,3 +717,28 @@ def test_ppo_update_that_diverges_says_so():
         ag.log_std.fill_(float("inf"))  # the policy itself blown up, as a diverged step leaves it
     with pytest.raises(FloatingPointError, match="diverged.*ppo_lr"):
         ag.update(batch)
+
+
+def test_exported_rollout_policy_acts_as_trained_beyond_the_observation_clamp():
+    """The C++ rollout policy is the trained one also where training clamps the normalised
+    observation (|z| > OBS_CLIP, e.g. Ant's rare contact forces): otherwise the rollouts sample
+    actions around another mean than the update's, and the probability ratio overflows."""
+    from aihf_fast.train.control.ppo import OBS_CLIP, PPO
+
+    ag = PPO(5, 2, -np.ones(2), np.ones(2), seed=0)
+    rng = np.random.default_rng(0)
+    ag.obs_rms.update(rng.standard_normal((512, 5)) * np.array([1.0, 2.0, 0.5, 1e-3, 3.0]))
+    obs = rng.standard_normal((64, 5))
+    obs[:, 3] = rng.choice([0.0, 0.5, -2.0], 64)  # a near-constant dimension: |z| up to ~2000
+    m, s = ag._norm()
+    assert (np.abs((obs - m) / s) > OBS_CLIP).any()
+    for deterministic in (True, False):
+        pol = ag.policy(deterministic=deterministic)
+        x = np.clip(obs, pol.obs_low, pol.obs_high).astype(np.float32)
+        for k, (w, b) in enumerate(zip(pol.weights, pol.biases)):
+            x = x @ w.T + b
+            if k + 1 < len(pol.weights):
+                x = np.tanh(x)
+        with torch.no_grad():
+            want = ag.actor(ag.normalize(obs)).numpy()
+        np.testing.assert_allclose(x, want, rtol=0, atol=1e-5)

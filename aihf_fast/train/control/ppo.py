@@ -12,8 +12,9 @@ fraction of that (measured in ``benchmarks/bench_alignment_control.py``).
             learned-reward methods), bootstrapping V(s') on time-limit truncation; clipped
             surrogate + value loss, minibatch Adam, advantages normalised per batch.
 
-Observations are normalised by running statistics, frozen during each rollout and folded into
-the first layer of the exported ``MLPPolicy`` (so the C++ rollouts see raw observations).
+Observations are normalised by running statistics, frozen during each rollout, and clamped to
+[-OBS_CLIP, OBS_CLIP]; the exported ``MLPPolicy`` folds the normalisation into its first layer and
+applies the clamp as raw bounds (so the C++ rollouts see raw observations and act as trained).
 
 Speed (the networks are small, so per-operation overhead, not arithmetic, sets the cost): a
 minibatch's gradients are written by hand (``_loss_and_grads``; ``loss`` is the autograd
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from ...envs import MLPPolicy
+
+OBS_CLIP = 10.0  # the normalised observation's clamp, in training and in the exported rollout policy
 
 
 @dataclass
@@ -184,21 +187,25 @@ class PPO:
 
     def normalize(self, obs) -> torch.Tensor:
         m, s = self._norm()
-        return torch.as_tensor((np.asarray(obs, np.float64) - m) / s, dtype=torch.float32).clamp(-10, 10)
+        return torch.as_tensor((np.asarray(obs, np.float64) - m) / s, dtype=torch.float32).clamp(-OBS_CLIP, OBS_CLIP)
 
     def policy(self, deterministic: bool = False) -> MLPPolicy:
         """The actor for the C++ rollouts: observation normalisation folded into layer 1
-        (W' = W / std, b' = b - W' mean; the [-10, 10] clamp of training is dropped)."""
+        (W' = W / std, b' = b - W' mean) and training's [-10, 10] clamp of the normalised
+        observation applied as raw bounds (mean -+ 10 std), so that the rollouts act with the
+        policy the update trains (an observation the clamp reaches, e.g. Ant's rare contact
+        forces, would otherwise get actions many standard deviations from its training mean)."""
         m, s = self._norm()
+        bounds = dict(obs_low=m - OBS_CLIP * s, obs_high=m + OBS_CLIP * s)
         lin = [x for x in self.actor if isinstance(x, nn.Linear)]
         w = [x.weight.detach().double().numpy().copy() for x in lin]
         b = [x.bias.detach().double().numpy().copy() for x in lin]
         w[0] = w[0] / s[None, :]
         b[0] = b[0] - w[0] @ m
         if deterministic:
-            return MLPPolicy(w, b, activation="tanh", squash="clip")
+            return MLPPolicy(w, b, activation="tanh", squash="clip", **bounds)
         return MLPPolicy(w, b, activation="tanh", squash="none", gaussian=True,
-                         log_std=self.log_std.detach().numpy())
+                         log_std=self.log_std.detach().numpy(), **bounds)
 
     # ------------------------------------------------------------------ data
     def collect(self, envs, steps: int | None = None, seed: int | None = None) -> dict:
