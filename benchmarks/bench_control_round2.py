@@ -51,6 +51,18 @@ the same rule on the evaluations made before the divergence (the last policy a u
 each paired difference of a verdict row that includes such a seed (aihf against rlhf, bc or irl)
 is also given without it. A diverged tuning run gives its configuration the worst selection
 signal.
+Amendment 2 (post hoc: written after Ant's tuning runs were made, 7 of their 24 RL runs diverged,
+before any Ant final run): the divergences traced to the rollout policy, which dropped training's
+clamp of the normalised observation to [-10, 10]; on observations beyond it (Ant's contact forces,
+whose running std is tiny) the rollouts drew actions far from the mean the update trains (log-
+probabilities down to -190 under the trained policy) and the probability ratio overflowed. The
+trainer now applies the clamp in the rollouts too (``MLPPolicy`` observation bounds). Ant is made
+whole again (experts, data, tuning, final runs) with that trainer; its earlier records are kept
+apart (``benchmarks/results/bench_control_round2_ant_before_clamp_fix.json``). Hopper, HalfCheetah
+and Walker2d keep the records the earlier trainer made (each record names its commit), and
+Walker2d's secondary runs not yet made are made by it too, so that each task's records come from
+one trainer: the clamp binds there too, less often, and the same trainer served every method of a
+task.
 Outputs: benchmarks/results/bench_control_round2_<profile>.json + .png (device, versions, commit
 of every invocation that made records).
 Compute: per task 7 experts, 32 tuning runs and 85 final runs, about 110 of them 1M-step RL runs of
