@@ -60,9 +60,9 @@ trainer now applies the clamp in the rollouts too (``MLPPolicy`` observation bou
 whole again (experts, data, tuning, final runs) with that trainer; its earlier records are kept
 apart (``benchmarks/results/bench_control_round2_ant_before_clamp_fix.json``). Hopper, HalfCheetah
 and Walker2d keep the records the earlier trainer made (each record names its commit), and
-Walker2d's secondary runs not yet made are made by it too, so that each task's records come from
-one trainer: the clamp binds there too, less often, and the same trainer served every method of a
-task.
+Walker2d's secondary runs not yet made are made by it too (a checkout of commit e93cfa4 with its
+extension built), so that each task's records come from one trainer: the clamp binds there rarely
+or not at all, and the same trainer served every method of a task.
 Outputs: benchmarks/results/bench_control_round2_<profile>.json + .png (device, versions, commit
 of every invocation that made records).
 Compute: per task 7 experts, 32 tuning runs and 85 final runs, about 110 of them 1M-step RL runs of

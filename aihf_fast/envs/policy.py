@@ -54,12 +54,16 @@ class MLPPolicy:
         if (self.obs_low is None) != (self.obs_high is None):
             raise ValueError("obs_low and obs_high must be given together")
         if self.obs_low is not None:
-            self.obs_low = np.asarray(_np(self.obs_low), dtype=np.float64).reshape(-1)
-            self.obs_high = np.asarray(_np(self.obs_high), dtype=np.float64).reshape(-1)
+            if not self.weights:
+                raise ValueError("weights must have at least one layer")
+            self.obs_low = np.array(_np(self.obs_low), dtype=np.float64).reshape(-1)  # copies: checked once
+            self.obs_high = np.array(_np(self.obs_high), dtype=np.float64).reshape(-1)
             n = self.weights[0].shape[1]
             if self.obs_low.shape != (n,) or self.obs_high.shape != (n,):
                 raise ValueError(f"obs_low and obs_high must have shape ({n},) (the first layer's input size), got "
                                  f"{self.obs_low.shape} and {self.obs_high.shape}")
+            if np.isnan(self.obs_low).any() or np.isnan(self.obs_high).any():
+                raise ValueError("obs_low and obs_high must not be NaN (use -inf / inf for a dimension left unclipped)")
             if not (self.obs_low <= self.obs_high).all():
                 raise ValueError("obs_low must be <= obs_high in every dimension")
 

@@ -210,7 +210,8 @@ def test_mlp_rollout_clips_observations_to_the_policy_bounds():
     np.testing.assert_allclose(raw["actions"], unclipped, rtol=0, atol=2e-6)
     assert np.abs(out["actions"][0] - raw["actions"][0]).max() > 1e-3  # the same start, another action
     for kw, msg in [(dict(obs_low=lo), "given together"), (dict(obs_low=lo[:5], obs_high=hi[:5]), r"shape \(11,\)"),
-                    (dict(obs_low=hi, obs_high=lo), "obs_low must be <= obs_high")]:
+                    (dict(obs_low=hi, obs_high=lo), "obs_low must be <= obs_high"),
+                    (dict(obs_low=np.where(np.arange(11) == 2, np.nan, lo), obs_high=hi), "must not be NaN")]:
         with pytest.raises(ValueError, match=msg):
             MLPPolicy.from_torch(net, **kw)
 
