@@ -4,6 +4,8 @@ measured (``bench_termination.py``). Every run is ``aihf_fast.train.control``.
 
     python benchmarks/bench_control_round2.py --profile full --tasks Hopper-v5      # one task's slice
     python benchmarks/bench_control_round2.py --profile full --analyse-only         # tables from the records
+    python benchmarks/bench_control_round2.py --profile full --records-from \
+        benchmarks/results/bench_control_round2_full.json --analyse-only            # on a machine without runs/
 
 Protocol (fixed before any result was seen; profiles change sizes only)
 ---------------------------------------------------------------------
@@ -271,6 +273,34 @@ def run_job(job, prof, work, treat, head):
                 diverged=diverged, commit=head)
 
 
+def restore_records(result_path: str, rec_dir: str, prof) -> list:
+    """Write into ``rec_dir`` the records of a saved result JSON that it lacks, so that a grid is
+    analysed or continued on a machine without its run directory. Run records are restored; a
+    task's expert and data records only when every run of that task is (their files are not in the
+    JSON, so a task with runs still to make remakes its experts and data). Returns the keys written."""
+    with open(result_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("benchmark") != "bench_control_round2":
+        raise SystemExit(f"--records-from: {result_path} is not a bench_control_round2 result")
+    by_key = {}
+    for r in saved["records"]:
+        key = r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}"
+        by_key[key] = r
+    jobs = plan(prof)
+    complete = {t for t in prof["tasks"] if all(j["key"] in by_key for j in jobs if j["task"] == t and j["kind"] == "run")}
+    os.makedirs(rec_dir, exist_ok=True)
+    written = []
+    for j in jobs:
+        path = os.path.join(rec_dir, j["key"] + ".json")
+        if j["key"] not in by_key or os.path.isfile(path) or (j["kind"] != "run" and j["task"] not in complete):
+            continue
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(by_key[j["key"]], f)
+        os.replace(path + ".tmp", path)
+        written.append(j["key"])
+    return written
+
+
 def _paired(a: dict, b: dict):
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
@@ -437,6 +467,8 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", default=None, help="a slice: only these tasks of the profile")
     ap.add_argument("--stage", choices=("tune", "all"), default="all", help="tune: stop after the tuning runs")
     ap.add_argument("--analyse-only", action="store_true", help="run nothing: analyse the records in --work")
+    ap.add_argument("--records-from", default=None, metavar="JSON",
+                    help="first copy into --work the records of this saved result that it lacks")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
     if a.tasks:
@@ -447,6 +479,8 @@ def main(argv=None):
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_control_round2_{a.profile}.json")
     head, t0 = commit(), time.time()
     rec_dir = os.path.join(work, "records")
+    if a.records_from:
+        print(f"[bench] {len(restore_records(a.records_from, rec_dir, prof))} records restored from {a.records_from}")
 
     def have():  # every record of the whole protocol made so far (by any slice)
         return read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)

@@ -323,6 +323,18 @@ def test_bench_control_round2_tiny(tmp_path):
     part = bench.main(["--profile", "tiny", "--analyse-only", "--work", str(tmp_path / "w"),
                        "--out", str(tmp_path / "part.json")])
     assert part["analysis"]["missing"] == ["aihf-clean-bc-p8-Hopper-v5-s10"] and "incomplete" in part["analysis"]["goal"]
+    # a machine without the run directory: the saved result's records, analysed or continued
+    whole = bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(out), "--work",
+                        str(tmp_path / "w2"), "--out", str(tmp_path / "whole.json")])
+    same = json.dumps(whole["analysis"], sort_keys=True) == json.dumps(data["analysis"], sort_keys=True)  # NaN-safe
+    assert same and len(whole["records"]) == len(data["records"])
+    bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "part.json"), "--work",
+                str(tmp_path / "w3"), "--out", str(tmp_path / "part3.json")])
+    restored = {p.stem for p in (tmp_path / "w3" / "records").glob("*.json")}
+    assert restored == set(recs) - {"aihf-clean-bc-p8-Hopper-v5-s10"}  # no expert/data: their files are gone
+    with pytest.raises(SystemExit, match="--records-from"):
+        bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(bench.TREATMENT_FILE),
+                    "--work", str(tmp_path / "w4")])
     # records made under another end-of-episode treatment are not mixed with new ones
     monkey = dict(bench.PROFILES["tiny"], treatments=dict(irl="raw+env", rlhf="raw+horizon"))
     bench.PROFILES["__t"] = monkey
