@@ -5,6 +5,8 @@ the task, base model and base-sample pairs are made as in round one (``bench_ali
 
     python benchmarks/bench_alignment_llm_round2.py --profile small --stage tune    # a slice
     python benchmarks/bench_alignment_llm_round2.py --profile small --analyse-only  # tables from the records
+    python benchmarks/bench_alignment_llm_round2.py --profile small --records-from \
+        benchmarks/results/bench_alignment_llm_round2_small.json --stage tune       # go on, on another machine
 
 Protocol (fixed before any result was seen; the profiles only change sizes)
 --------------------------------------------------------------------------
@@ -93,7 +95,18 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_alignment_llm as round1  # noqa: E402
-from common import ci95, commit, device_name, grid_arguments, read_records, run_jobs, save_grid_result, versions  # noqa: E402
+from common import (  # noqa: E402
+    ci95,
+    commit,
+    device_name,
+    grid_arguments,
+    read_records,
+    restore_records,
+    run_jobs,
+    save_grid_result,
+    saved_records,
+    versions,
+)
 
 PROFILES = {
     "tiny": dict(tune_seeds=[300], final_seeds=[20], designs=["A"], budgets=[0, 8], tune_budget=8, noisy_budgets=[8],
@@ -571,6 +584,9 @@ def main(argv=None):
     ap.add_argument("--stage", choices=("tune", "all"), default="all", help="tune: stop after the tuning runs")
     ap.add_argument("--designs", nargs="+", default=None, help="a slice: only these designs' final runs")
     ap.add_argument("--analyse-only", action="store_true", help="run nothing: analyse the records in --work")
+    ap.add_argument("--records-from", default=None, metavar="JSON",
+                    help="a saved result (e.g. on a machine without --work): its records join the analysis, and "
+                         "go into --work where nothing has to be remade for them")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
     work = a.work or str(ROOT / "runs" / f"bench_alignment_llm_round2_{a.profile}")
@@ -587,10 +603,15 @@ def main(argv=None):
         jobs = [j for j in jobs if j.get("stage") != "final" or j.get("design", a.designs[0]) in a.designs]
     if not set(prof["noisy_budgets"]) <= set(prof["budgets"]) - {0}:
         raise SystemExit(f"profile {a.profile}: noisy_budgets {prof['noisy_budgets']} must be non-zero budgets")
+    saved = saved_records(a.records_from, "bench_alignment_llm_round2") if a.records_from else {}
+    if saved:
+        print(f"[bench] {len(restore_records(saved, plan(prof), rec_dir))} records restored from {a.records_from}")
     if not a.analyse_only:
         run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
-    # the analysis reads every record of the whole protocol made so far (by any slice)
-    records = read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)
+    # the analysis reads every record of the whole protocol made so far (by any slice; saved ones not remade yet)
+    keys = [j["key"] for j in plan(prof)]
+    made = {**saved, **read_records(rec_dir, keys, missing_ok=True)}
+    records = {k: made[k] for k in keys if k in made}
     analysis = analyse(records, prof)
     analysis["missing"] = [j["key"] for j in plan(prof) if j["key"] not in records]
     result = dict(benchmark="bench_alignment_llm_round2", profile=a.profile, profile_config=prof, device=device_name(),

@@ -91,7 +91,18 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import ci95, commit, cpu_name, grid_arguments, read_records, run_jobs, save_grid_result, versions  # noqa: E402
+from common import (  # noqa: E402
+    ci95,
+    commit,
+    cpu_name,
+    grid_arguments,
+    read_records,
+    restore_records,
+    run_jobs,
+    save_grid_result,
+    saved_records,
+    versions,
+)
 
 TREATMENT_FILE = ROOT / "benchmarks" / "results" / "bench_termination_small.json"
 PROFILES = {
@@ -273,34 +284,6 @@ def run_job(job, prof, work, treat, head):
                 diverged=diverged, commit=head)
 
 
-def restore_records(result_path: str, rec_dir: str, prof) -> list:
-    """Write into ``rec_dir`` the records of a saved result JSON that it lacks, so that a grid is
-    analysed or continued on a machine without its run directory. Run records are restored; a
-    task's expert and data records only when every run of that task is (their files are not in the
-    JSON, so a task with runs still to make remakes its experts and data). Returns the keys written."""
-    with open(result_path, encoding="utf-8") as f:
-        saved = json.load(f)
-    if saved.get("benchmark") != "bench_control_round2":
-        raise SystemExit(f"--records-from: {result_path} is not a bench_control_round2 result")
-    by_key = {}
-    for r in saved["records"]:
-        key = r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}"
-        by_key[key] = r
-    jobs = plan(prof)
-    complete = {t for t in prof["tasks"] if all(j["key"] in by_key for j in jobs if j["task"] == t and j["kind"] == "run")}
-    os.makedirs(rec_dir, exist_ok=True)
-    written = []
-    for j in jobs:
-        path = os.path.join(rec_dir, j["key"] + ".json")
-        if j["key"] not in by_key or os.path.isfile(path) or (j["kind"] != "run" and j["task"] not in complete):
-            continue
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(by_key[j["key"]], f)
-        os.replace(path + ".tmp", path)
-        written.append(j["key"])
-    return written
-
-
 def _paired(a: dict, b: dict):
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
@@ -468,7 +451,8 @@ def main(argv=None):
     ap.add_argument("--stage", choices=("tune", "all"), default="all", help="tune: stop after the tuning runs")
     ap.add_argument("--analyse-only", action="store_true", help="run nothing: analyse the records in --work")
     ap.add_argument("--records-from", default=None, metavar="JSON",
-                    help="first copy into --work the records of this saved result that it lacks")
+                    help="a saved result (e.g. on a machine without --work): its records join the analysis, and "
+                         "go into --work where nothing has to be remade for them")
     a = ap.parse_args(argv)
     prof = dict(PROFILES[a.profile])
     if a.tasks:
@@ -479,11 +463,16 @@ def main(argv=None):
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_control_round2_{a.profile}.json")
     head, t0 = commit(), time.time()
     rec_dir = os.path.join(work, "records")
-    if a.records_from:
-        print(f"[bench] {len(restore_records(a.records_from, rec_dir, prof))} records restored from {a.records_from}")
+    saved = {}
+    if a.records_from:  # expert and data records carry no key
+        saved = saved_records(a.records_from, "bench_control_round2",
+                              lambda r: r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}")
+        print(f"[bench] {len(restore_records(saved, plan(prof), rec_dir))} records restored from {a.records_from}")
 
-    def have():  # every record of the whole protocol made so far (by any slice)
-        return read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)
+    def have():  # every record of the whole protocol made so far (by any slice; saved ones not remade yet)
+        keys = [j["key"] for j in plan(prof)]
+        made = {**saved, **read_records(rec_dir, keys, missing_ok=True)}
+        return {k: made[k] for k in keys if k in made}
 
     made = [r for r in have().values() if r.get("treatment")]
     if a.analyse_only:

@@ -105,6 +105,48 @@ def read_records(rec_dir: str, keys, missing_ok: bool = False) -> dict:
     return out
 
 
+def saved_records(result_path: str, benchmark: str, key_of=lambda r: r["key"]) -> dict:
+    """{key: record} of a saved grid result (its JSON's "records", ``--records-from``)."""
+    try:
+        with open(result_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--records-from: cannot read {result_path}: {e}") from None
+    if not isinstance(saved, dict) or saved.get("benchmark") != benchmark or not isinstance(saved.get("records"), list):
+        raise SystemExit(f"--records-from: {result_path} is not a saved {benchmark} result with records")
+    return {key_of(r): r for r in saved["records"]}
+
+
+def restore_records(saved: dict, jobs: list, rec_dir: str, makes_files=lambda j: j["kind"] != "run") -> list:
+    """Write into ``rec_dir`` the ``saved`` records ({key: record}) of ``jobs`` that it lacks, so
+    that a grid continues on a machine without its run directory. A job that leaves files behind
+    (``makes_files``: a model, a dataset; they are not in the saved JSON) has its record restored
+    only when every job that depends on it is restored too, so a job that still has to run finds
+    its inputs remade. Returns the keys written."""
+    restore = {j["key"] for j in jobs if j["key"] in saved}
+    dependants = {}
+    for j in jobs:
+        for d in j["deps"]:
+            dependants.setdefault(d, []).append(j["key"])
+    changed = True
+    while changed:  # a file-making job whose dependant runs again must run again (transitively)
+        changed = False
+        for j in jobs:
+            if j["key"] in restore and makes_files(j) and any(d not in restore for d in dependants.get(j["key"], [])):
+                restore.discard(j["key"])
+                changed = True
+    os.makedirs(rec_dir, exist_ok=True)
+    written = []
+    for j in jobs:
+        path = os.path.join(rec_dir, j["key"] + ".json")
+        if j["key"] in restore and not os.path.isfile(path):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(saved[j["key"]], f)
+            os.replace(path + ".tmp", path)  # never a half-written record
+            written.append(j["key"])
+    return written
+
+
 def grid_arguments(ap, profiles: dict, default: str):
     """The options every resumable grid benchmark takes (profile, work dir, output, workers)."""
     ap.add_argument("--profile", choices=sorted(profiles), default=default)

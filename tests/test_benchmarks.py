@@ -328,10 +328,23 @@ def test_bench_control_round2_tiny(tmp_path):
                         str(tmp_path / "w2"), "--out", str(tmp_path / "whole.json")])
     same = json.dumps(whole["analysis"], sort_keys=True) == json.dumps(data["analysis"], sort_keys=True)  # NaN-safe
     assert same and len(whole["records"]) == len(data["records"])
-    bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "part.json"), "--work",
-                str(tmp_path / "w3"), "--out", str(tmp_path / "part3.json")])
+    part3 = bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "part.json"),
+                        "--work", str(tmp_path / "w3"), "--out", str(tmp_path / "part3.json")])
     restored = {p.stem for p in (tmp_path / "w3" / "records").glob("*.json")}
-    assert restored == set(recs) - {"aihf-clean-bc-p8-Hopper-v5-s10"}  # no expert/data: their files are gone
+    kept = {"expert-Hopper-v5-s200", "data-Hopper-v5-s200"}  # s10 has a run to make: its expert and data are remade
+    assert restored == (set(recs) | kept) - {"aihf-clean-bc-p8-Hopper-v5-s10"}
+    assert json.dumps(part3["analysis"], sort_keys=True) == json.dumps(part["analysis"], sort_keys=True)
+    # continued there: the missing run's expert and data are remade (the same: seeded), then the run
+    cont = bench.main(["--profile", "tiny", "--records-from", str(tmp_path / "part.json"), "--work",
+                       str(tmp_path / "w3"), "--out", str(tmp_path / "cont.json")])
+    assert not cont["analysis"]["missing"]
+    again = {r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}": r for r in cont["records"]}
+    before = {r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}": r for r in data["records"]}
+    def meta(recs):
+        return {k: v for k, v in recs["data-Hopper-v5-s10"]["meta"].items() if k != "expert_dir"}  # its path differs
+
+    assert meta(again) == meta(before)
+    assert again["aihf-clean-bc-p8-Hopper-v5-s10"]["final"] == before["aihf-clean-bc-p8-Hopper-v5-s10"]["final"]
     with pytest.raises(SystemExit, match="--records-from"):
         bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(bench.TREATMENT_FILE),
                     "--work", str(tmp_path / "w4")])
@@ -385,6 +398,20 @@ def test_bench_alignment_llm_round2_tiny(tmp_path):
     v = res["analysis"]["verdict"]
     assert {r["method"] for r in v["clean"]["rows"]} == {"aihf", "aihf_rm"} and v["noisy"]["rows"]
     assert set(res["analysis"]["verdict_best_checkpoint_oracle"]) == {"clean", "noisy"}
+    # continued on a machine without the run directory: one final run's inputs (task, base model,
+    # SFT anchor) are remade the same (seeded), then the run
+    gone = bench.run_key("final", 20, "A", "sft", 0)
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(dict(data, records=[r for r in data["records"] if r["key"] != gone])))
+    cont = bench.main(["--profile", "tiny", "--records-from", str(part), "--work", str(tmp_path / "w2"),
+                       "--out", str(tmp_path / "cont.json")])
+    remade = {p.stem for p in (tmp_path / "w2" / "records").glob("*.json")} - set(recs)
+    assert not cont["analysis"]["missing"] and not remade
+    again = {r["key"]: r for r in cont["records"]}
+    assert again["prepare-s20"]["meta"] == recs["prepare-s20"]["meta"] and again[gone]["evals"] == recs[gone]["evals"]
+    with pytest.raises(SystemExit, match="--records-from"):
+        bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "r2.png"),
+                    "--work", str(tmp_path / "w3")])
 
 
 def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
