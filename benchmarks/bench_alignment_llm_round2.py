@@ -99,8 +99,10 @@ from common import (  # noqa: E402
     ci95,
     commit,
     device_name,
+    files_digest,
     grid_arguments,
     read_records,
+    remake_inputs_first,
     restore_records,
     run_jobs,
     save_grid_result,
@@ -269,7 +271,7 @@ def job_prepare(job, prof, work):
     for name, seed in [("prefs_base_val", 31_000), *((f"prefs_base_{b}", 30_000) for b in prof["noisy_budgets"])]:
         rows = round1._read_jsonl(os.path.join(p["dir"], name + ".jsonl"))  # held out: its own draws
         round1._write_jsonl(os.path.join(p["dir"], name + "_noisy.jsonl"), _flip(rows, LABEL_NOISE, seed + job["seed"]))
-    return rec
+    return dict(rec, digest=files_digest(p["dir"], ["task_*/*.jsonl", "prefs_base_*.jsonl", "base/model/*.safetensors"]))
 
 
 def select(evals: list, uses_pairs: bool) -> dict:
@@ -327,7 +329,8 @@ def job_anchor(job, prof, work, head):
     for b in prof["noisy_budgets"]:
         round1._write_jsonl(os.path.join(p["dir"], f"prefs_anchor_{d}_{b}_noisy.jsonl"),
                             _flip(rows[:b], LABEL_NOISE, 40_000 + s))
-    return dict(kind="anchor", key=job["key"], seed=s, design=d, chosen=chosen, wall_seconds=wall, commit=head)
+    return dict(kind="anchor", key=job["key"], seed=s, design=d, chosen=chosen, wall_seconds=wall, commit=head,
+                digest=files_digest(p["dir"], [f"anchor_{d}/model/*.safetensors", f"prefs_anchor_{d}_*.jsonl"]))
 
 
 def _options(prof, seed, design, work, method, config, budget, arm):
@@ -379,7 +382,7 @@ def job_rm(job, prof, work, head):
     model_dir, wall, ev = _fit_reward_model(opts, _rm_dir(work, m, s, d, b, arm), prof,
                                             opts["model"] if m == "rm_once" else None)
     return dict(kind="rm", key=job["key"], seed=s, design=d, method=m, budget=b, arm=arm, model_dir=model_dir,
-                wall_seconds=wall, eval=ev, commit=head)
+                wall_seconds=wall, eval=ev, commit=head, digest=files_digest(model_dir, ["*.safetensors"]))
 
 
 # what a diverged run raises: the reward model's non-finite scores, or sampling from a policy
@@ -603,11 +606,18 @@ def main(argv=None):
         jobs = [j for j in jobs if j.get("stage") != "final" or j.get("design", a.designs[0]) in a.designs]
     if not set(prof["noisy_budgets"]) <= set(prof["budgets"]) - {0}:
         raise SystemExit(f"profile {a.profile}: noisy_budgets {prof['noisy_budgets']} must be non-zero budgets")
-    saved = saved_records(a.records_from, "bench_alignment_llm_round2") if a.records_from else {}
-    if saved:
-        print(f"[bench] {len(restore_records(saved, plan(prof), rec_dir))} records restored from {a.records_from}")
-    if not a.analyse_only:
-        run_jobs(jobs, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
+    saved = {} if a.records_from is None else saved_records(a.records_from, "bench_alignment_llm_round2", prof)
+    if not a.analyse_only:  # (an analysis reads the saved records without writing them anywhere)
+        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")
+        if written or removed:
+            print(f"[bench] {len(written)} records restored from {a.records_from}; {len(removed)} restored inputs "
+                  "to remake (a job that needs their files runs)")
+
+        def run(js):
+            run_jobs(js, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
+
+        remake_inputs_first(jobs, saved, rec_dir, run, lambda r: (r.get("meta"), r.get("digest")))
+        run(jobs)
     # the analysis reads every record of the whole protocol made so far (by any slice; saved ones not remade yet)
     keys = [j["key"] for j in plan(prof)]
     made = {**saved, **read_records(rec_dir, keys, missing_ok=True)}

@@ -97,6 +97,7 @@ from common import (  # noqa: E402
     cpu_name,
     grid_arguments,
     read_records,
+    remake_inputs_first,
     restore_records,
     run_jobs,
     save_grid_result,
@@ -284,6 +285,15 @@ def run_job(job, prof, work, treat, head):
                 diverged=diverged, commit=head)
 
 
+def _input_fingerprint(rec) -> tuple:
+    """What must match when an expert or a dataset is remade: the expert's evaluation returns, or
+    the data's statistics (returns of the demonstrations, label agreement, ...; not its path)."""
+    if rec["kind"] == "expert":
+        return tuple(e["eval/return"] for e in rec["evals"])
+    return tuple(json.dumps({k: v for k, v in rec[m].items() if k != "expert_dir"}, sort_keys=True)
+                 for m in ("meta", "meta_noisy"))
+
+
 def _paired(a: dict, b: dict):
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
@@ -464,10 +474,9 @@ def main(argv=None):
     head, t0 = commit(), time.time()
     rec_dir = os.path.join(work, "records")
     saved = {}
-    if a.records_from:  # expert and data records carry no key
-        saved = saved_records(a.records_from, "bench_control_round2",
+    if a.records_from is not None:  # expert and data records carry no key
+        saved = saved_records(a.records_from, "bench_control_round2", prof,
                               lambda r: r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}")
-        print(f"[bench] {len(restore_records(saved, plan(prof), rec_dir))} records restored from {a.records_from}")
 
     def have():  # every record of the whole protocol made so far (by any slice; saved ones not remade yet)
         keys = [j["key"] for j in plan(prof)]
@@ -475,21 +484,32 @@ def main(argv=None):
         return {k: made[k] for k in keys if k in made}
 
     made = [r for r in have().values() if r.get("treatment")]
+    where = rec_dir + (f" or {a.records_from}" if saved else "")
     if a.analyse_only:
         treat = {r["method"]: r["treatment"] for r in made}
         mixed = sorted({r["method"] for r in made if r["treatment"] != treat[r["method"]]})
         if mixed:
-            raise SystemExit(f"records in {rec_dir} ran {mixed} under more than one end-of-episode treatment")
+            raise SystemExit(f"records in {where} ran {mixed} under more than one end-of-episode treatment")
     else:
         treat = treatments(prof)
         stale = sorted({r["key"] for r in made if r["treatment"] != treat[r["method"]]})
         if stale:
-            raise SystemExit(f"{len(stale)} records in {rec_dir} ran another end-of-episode treatment than "
-                             f"{TREATMENT_FILE.name} now chooses ({treat}), e.g. {stale[0]}: use a new --work")
+            raise SystemExit(f"{len(stale)} records in {where} ran another end-of-episode treatment than "
+                             f"{TREATMENT_FILE.name} now chooses ({treat}), e.g. {stale[0]}: use a new --work"
+                             + (" without --records-from" if saved else ""))
         jobs = [j for j in plan(dict(prof, tasks=a.tasks or prof["tasks"]))
                 if a.stage == "all" or j.get("stage") != "final"]
-        run_jobs(jobs, run_job, (prof, work, treat, head), rec_dir, a.workers or prof["workers"], _init_worker,
-                 (a.threads,))
+        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")
+        if written or removed:
+            print(f"[bench] {len(written)} records restored from {a.records_from}; {len(removed)} restored inputs "
+                  "to remake (a job that needs their files runs)")
+
+        def run(js):
+            run_jobs(js, run_job, (prof, work, treat, head), rec_dir, a.workers or prof["workers"], _init_worker,
+                     (a.threads,))
+
+        remake_inputs_first(jobs, saved, rec_dir, run, _input_fingerprint)
+        run(jobs)
     records = have()
     analysis = analyse(records, prof)
     analysis["missing"] = [j["key"] for j in plan(prof) if j["key"] not in records]  # of the whole protocol

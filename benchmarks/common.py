@@ -105,46 +105,120 @@ def read_records(rec_dir: str, keys, missing_ok: bool = False) -> dict:
     return out
 
 
-def saved_records(result_path: str, benchmark: str, key_of=lambda r: r["key"]) -> dict:
-    """{key: record} of a saved grid result (its JSON's "records", ``--records-from``)."""
+def saved_records(result_path: str, benchmark: str, profile_config: dict, key_of=lambda r: r["key"]) -> dict:
+    """{key: record} of a saved grid result (its JSON's "records"; ``--records-from``): only one of
+    the same benchmark and profile configuration, else SystemExit naming the argument."""
     try:
         with open(result_path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--records-from: cannot read {result_path}: {e}") from None
+        raise SystemExit(f"--records-from: cannot read {result_path!r}: {e}") from None
     if not isinstance(saved, dict) or saved.get("benchmark") != benchmark or not isinstance(saved.get("records"), list):
         raise SystemExit(f"--records-from: {result_path} is not a saved {benchmark} result with records")
-    return {key_of(r): r for r in saved["records"]}
+    if json.dumps(saved.get("profile_config"), sort_keys=True) != json.dumps(profile_config, sort_keys=True):
+        raise SystemExit(f"--records-from: {result_path} was made with another profile configuration "
+                         f"({saved.get('profile')!r}) than this run's")
+    out = {}
+    for i, r in enumerate(saved["records"]):
+        try:
+            key = key_of(r)
+        except (KeyError, TypeError, AttributeError):
+            raise SystemExit(f"--records-from: record {i} of {result_path} is not a record of this grid") from None
+        if key in out:
+            raise SystemExit(f"--records-from: {result_path} holds two records of {key}")
+        out[key] = r
+    return out
 
 
-def restore_records(saved: dict, jobs: list, rec_dir: str, makes_files=lambda j: j["kind"] != "run") -> list:
+def files_digest(root: str, patterns) -> str:
+    """sha256 over the files under ``root`` matching the glob ``patterns`` (names and bytes, in
+    sorted order): a job's output files, to tell whether a remade one is the same."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted({p for pat in patterns for p in Path(root).glob(pat) if p.is_file()}):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _made_records(rec_dir: str, keys) -> dict:
+    """{key: record} of the readable records in rec_dir (a cut-short one counts as missing, as in ``run_jobs``)."""
+    out = {}
+    for k in keys:
+        try:
+            with open(os.path.join(rec_dir, k + ".json"), encoding="utf-8") as f:
+                out[k] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", makes_files=lambda j: j["kind"] != "run"):
     """Write into ``rec_dir`` the ``saved`` records ({key: record}) of ``jobs`` that it lacks, so
     that a grid continues on a machine without its run directory. A job that leaves files behind
-    (``makes_files``: a model, a dataset; they are not in the saved JSON) has its record restored
-    only when every job that depends on it is restored too, so a job that still has to run finds
-    its inputs remade. Returns the keys written."""
-    restore = {j["key"] for j in jobs if j["key"] in saved}
+    (``makes_files``: a model, a dataset; they are not in the saved JSON) keeps a restored record
+    (marked ``restored_from``) only while every job that depends on it has a record; otherwise it
+    is left out, or removed if restored earlier, so that it runs again and remakes its files
+    before a job that needs them (transitively). Call it before every run, with ``saved={}`` too.
+    Returns (keys written, keys removed)."""
+    keys = [j["key"] for j in jobs]
+    made = _made_records(rec_dir, keys)
+    fileless = {k for k, r in made.items() if isinstance(r, dict) and "restored_from" in r}
+    fileless |= set(saved) - set(made)
+    done = (set(made) | set(saved)) & set(keys)
     dependants = {}
     for j in jobs:
         for d in j["deps"]:
             dependants.setdefault(d, []).append(j["key"])
     changed = True
-    while changed:  # a file-making job whose dependant runs again must run again (transitively)
+    while changed:  # an input without its files, needed by a job that runs: it runs again first
         changed = False
         for j in jobs:
-            if j["key"] in restore and makes_files(j) and any(d not in restore for d in dependants.get(j["key"], [])):
-                restore.discard(j["key"])
+            k = j["key"]
+            if k in done and k in fileless and makes_files(j) and any(d not in done for d in dependants.get(k, [])):
+                done.discard(k)
                 changed = True
     os.makedirs(rec_dir, exist_ok=True)
-    written = []
+    written, removed = [], []
     for j in jobs:
-        path = os.path.join(rec_dir, j["key"] + ".json")
-        if j["key"] in restore and not os.path.isfile(path):
+        k, path = j["key"], os.path.join(rec_dir, j["key"] + ".json")
+        if k in made and k in fileless and k not in done:
+            os.remove(path)
+            removed.append(k)
+        elif k in done and k not in made:
+            rec = dict(saved[k], restored_from=source) if makes_files(j) else saved[k]
             with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(saved[j["key"]], f)
+                json.dump(rec, f)
             os.replace(path + ".tmp", path)  # never a half-written record
-            written.append(j["key"])
-    return written
+            written.append(k)
+    return written, removed
+
+
+def remake_inputs_first(jobs: list, saved: dict, rec_dir: str, run, fingerprint,
+                        makes_files=lambda j: j["kind"] != "run") -> list:
+    """After ``restore_records``: run (``run(jobs)``, the grid's ``run_jobs``) the file-making jobs
+    that have a saved record but none in ``rec_dir`` (and what they depend on) before anything
+    else, and compare each remade record with its saved one by ``fingerprint(record)``. A
+    difference stops the grid (SystemExit): the saved runs that used those inputs would be paired
+    with new runs on other inputs. Returns the keys remade."""
+    made = _made_records(rec_dir, [j["key"] for j in jobs])
+    remake = {j["key"] for j in jobs if makes_files(j) and j["key"] in saved and j["key"] not in made}
+    by_key, need, stack = {j["key"]: j for j in jobs}, set(), list(remake)
+    while stack:  # what they depend on (cached ones are skipped by run_jobs)
+        k = stack.pop()
+        if k not in need:
+            need.add(k)
+            stack.extend(by_key[k]["deps"])
+    if not remake:
+        return []
+    run([j for j in jobs if j["key"] in need])
+    again = _made_records(rec_dir, sorted(remake))
+    differ = sorted(k for k in remake if fingerprint(again[k]) != fingerprint(saved[k]))
+    if differ:
+        raise SystemExit(f"--records-from: remade {differ} differ from the saved records (another machine or "
+                         f"library build?): the saved runs that used them would be paired with runs on other inputs; "
+                         f"continue where they were made, or remake those runs too (a new --work)")
+    return sorted(remake)
 
 
 def grid_arguments(ap, profiles: dict, default: str):

@@ -327,27 +327,32 @@ def test_bench_control_round2_tiny(tmp_path):
     whole = bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(out), "--work",
                         str(tmp_path / "w2"), "--out", str(tmp_path / "whole.json")])
     same = json.dumps(whole["analysis"], sort_keys=True) == json.dumps(data["analysis"], sort_keys=True)  # NaN-safe
-    assert same and len(whole["records"]) == len(data["records"])
+    assert same and len(whole["records"]) == len(data["records"]) and not (tmp_path / "w2").exists()  # nothing written
     part3 = bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "part.json"),
                         "--work", str(tmp_path / "w3"), "--out", str(tmp_path / "part3.json")])
-    restored = {p.stem for p in (tmp_path / "w3" / "records").glob("*.json")}
-    kept = {"expert-Hopper-v5-s200", "data-Hopper-v5-s200"}  # s10 has a run to make: its expert and data are remade
-    assert restored == (set(recs) | kept) - {"aihf-clean-bc-p8-Hopper-v5-s10"}
     assert json.dumps(part3["analysis"], sort_keys=True) == json.dumps(part["analysis"], sort_keys=True)
-    # continued there: the missing run's expert and data are remade (the same: seeded), then the run
+    # continued there: the missing run's expert and data are remade (the same: seeded, and checked),
+    # then the run; the tuning seed's expert and data are restored (nothing left needs their files)
     cont = bench.main(["--profile", "tiny", "--records-from", str(tmp_path / "part.json"), "--work",
                        str(tmp_path / "w3"), "--out", str(tmp_path / "cont.json")])
     assert not cont["analysis"]["missing"]
-    again = {r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}": r for r in cont["records"]}
-    before = {r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}": r for r in data["records"]}
-    def meta(recs):
-        return {k: v for k, v in recs["data-Hopper-v5-s10"]["meta"].items() if k != "expert_dir"}  # its path differs
 
-    assert meta(again) == meta(before)
+    def by_key(records):
+        return {r.get("key") or f"{r['kind']}-{r['task']}-s{r['seed']}": r for r in records}
+
+    again, before = by_key(cont["records"]), by_key(data["records"])
+    inputs = {k for k in again if k.startswith(("expert-", "data-"))}
+    assert {k for k in inputs if "restored_from" in again[k]} == {"expert-Hopper-v5-s200", "data-Hopper-v5-s200"}
+    assert bench._input_fingerprint(again["data-Hopper-v5-s10"]) == bench._input_fingerprint(before["data-Hopper-v5-s10"])
     assert again["aihf-clean-bc-p8-Hopper-v5-s10"]["final"] == before["aihf-clean-bc-p8-Hopper-v5-s10"]["final"]
-    with pytest.raises(SystemExit, match="--records-from"):
-        bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(bench.TREATMENT_FILE),
-                    "--work", str(tmp_path / "w4")])
+    # a run to redo there later: the restored inputs it needs (files never made there) are remade first
+    (tmp_path / "w3" / "records" / "tune-bc-c0-Hopper-v5-s200.json").unlink()
+    redo = bench.main(["--profile", "tiny", "--work", str(tmp_path / "w3"), "--out", str(tmp_path / "redo.json")])
+    assert not redo["analysis"]["missing"] and "restored_from" not in by_key(redo["records"])["data-Hopper-v5-s200"]
+    for bad, match in [(bench.TREATMENT_FILE, "is not a saved"), (ROOT / "benchmarks" / "results" /
+                       "bench_control_round2_full.json", "another profile configuration"), (tmp_path, "cannot read")]:
+        with pytest.raises(SystemExit, match=f"--records-from: .*{match}"):
+            bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(bad), "--work", str(tmp_path / "w4")])
     # records made under another end-of-episode treatment are not mixed with new ones
     monkey = dict(bench.PROFILES["tiny"], treatments=dict(irl="raw+env", rlhf="raw+horizon"))
     bench.PROFILES["__t"] = monkey
@@ -405,10 +410,11 @@ def test_bench_alignment_llm_round2_tiny(tmp_path):
     part.write_text(json.dumps(dict(data, records=[r for r in data["records"] if r["key"] != gone])))
     cont = bench.main(["--profile", "tiny", "--records-from", str(part), "--work", str(tmp_path / "w2"),
                        "--out", str(tmp_path / "cont.json")])
-    remade = {p.stem for p in (tmp_path / "w2" / "records").glob("*.json")} - set(recs)
-    assert not cont["analysis"]["missing"] and not remade
+    assert not cont["analysis"]["missing"]
     again = {r["key"]: r for r in cont["records"]}
-    assert again["prepare-s20"]["meta"] == recs["prepare-s20"]["meta"] and again[gone]["evals"] == recs[gone]["evals"]
+    remade = {k for k, r in again.items() if r["kind"] != "run" and "restored_from" not in r}
+    assert remade == {"prepare-s20", "anchor-s20-A"}  # the reward models of s20 are not needed again
+    assert all(again[k]["digest"] == recs[k]["digest"] for k in remade) and again[gone]["evals"] == recs[gone]["evals"]
     with pytest.raises(SystemExit, match="--records-from"):
         bench.main(["--profile", "tiny", "--analyse-only", "--records-from", str(tmp_path / "r2.png"),
                     "--work", str(tmp_path / "w3")])
