@@ -77,6 +77,9 @@ NB_MODULE(_C, m) {
   m.doc() = "aihf_fast C++ core: batched gymnasium MuJoCo tasks on a thread pool";
   nb::exception<aihf::MujocoError>(m, "MujocoError", PyExc_RuntimeError);
   m.def("task_ids", &aihf::task_ids);
+  m.def("set_norm_fma", &aihf::set_norm_fma, nb::arg("fma"),
+        "Sum a norm's squares as an FMA chain (True) or a plain multiply-add, as this process's numpy does.");
+  m.def("norm_fma", &aihf::norm_fma);
   m.attr("mujoco_version") = mj_versionString();
 
   nb::class_<aihf::MLPPolicy>(m, "MLPPolicy")

@@ -1,12 +1,20 @@
 #include "tasks.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <math.h>
 #include <stdexcept>
 #include <string>
 
 namespace aihf {
+
+namespace {
+std::atomic<bool> g_norm_fma{true};
+}  // namespace
+void set_norm_fma(bool fma) { g_norm_fma.store(fma, std::memory_order_relaxed); }
+bool norm_fma() { return g_norm_fma.load(std::memory_order_relaxed); }
+
 namespace {
 
 // numpy's pairwise summation (npy pairwise_sum): what np.sum does on a contiguous 1-D array.
@@ -87,11 +95,16 @@ namespace {
 double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), hi); }
 
 // np.linalg.norm of a short float64 vector is sqrt(x.dot(x)), and x.dot(x) is OpenBLAS's ddot:
-// for fewer than 16 elements (its unrolled block) a loop s = fma(x[i], x[i], s) from s = 0
-// (numpy's x86-64 wheels: OpenBLAS built with FMA; checked bitwise against numpy in the tests).
+// for fewer than 16 elements (its unrolled block) a loop from s = 0, either s = fma(x[i], x[i], s)
+// or s += x[i] * x[i], by the kernel OpenBLAS picks for the CPU it runs on. Python measures which
+// (set_norm_fma, at import) so that the infos and rewards stay bitwise numpy's; this file is built
+// with -ffp-contract=off, so the second form is never fused.
 double blas_norm(const double* x, int n) {
   double s = 0.0;
-  for (int i = 0; i < n; ++i) s = std::fma(x[i], x[i], s);
+  if (norm_fma())
+    for (int i = 0; i < n; ++i) s = std::fma(x[i], x[i], s);
+  else
+    for (int i = 0; i < n; ++i) s += x[i] * x[i];
   return std::sqrt(s);
 }
 double norm2(double x, double y) {

@@ -69,6 +69,23 @@ def test_check_env_and_check_environments_match_nothing_skipped(task):
         _random_policy_match(task, seed)
 
 
+def test_norms_sum_the_squares_as_this_process_numpy_does():
+    """np.linalg.norm (OpenBLAS's ddot) sums a short vector's squares as an FMA chain on some CPUs
+    and as a plain multiply-add on others; the C++ norms follow what is measured at import, and
+    the other form breaks the match (so the choice is needed and tested on either kind of CPU)."""
+    from aihf_fast.envs.vector import _core, numpy_norm_uses_fma
+
+    core = _core()
+    assert core.norm_fma() == numpy_norm_uses_fma()
+    try:
+        core.set_norm_fma(not numpy_norm_uses_fma())
+        with pytest.raises(AssertionError, match="distance_from_origin"):
+            _random_policy_match("Swimmer-v5", 0, num_steps=300)
+    finally:
+        core.set_norm_fma(numpy_norm_uses_fma())
+    _random_policy_match("Swimmer-v5", 0, num_steps=300)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_every_constructor_option_matches_gymnasium(task):
     opts = OPTIONS[task]
