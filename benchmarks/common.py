@@ -198,26 +198,27 @@ def remake_inputs_first(jobs: list, saved: dict, rec_dir: str, run, fingerprint,
                         makes_files=lambda j: j["kind"] != "run") -> list:
     """After ``restore_records``: run (``run(jobs)``, the grid's ``run_jobs``) the file-making jobs
     that have a saved record but none in ``rec_dir`` (and what they depend on) before anything
-    else, and compare each remade record with its saved one by ``fingerprint(record)``. A
-    difference stops the grid (SystemExit): the saved runs that used those inputs would be paired
-    with new runs on other inputs. Returns the keys remade."""
+    else, and compare each remade record that a kept record depends on with its saved one by
+    ``fingerprint(record)``. A difference stops the grid (SystemExit): the saved runs that used
+    those inputs would be paired with new runs on other inputs. Returns the keys remade."""
     made = _made_records(rec_dir, [j["key"] for j in jobs])
     remake = {j["key"] for j in jobs if makes_files(j) and j["key"] in saved and j["key"] not in made}
+    used = {d for j in jobs if j["key"] in made for d in j["deps"]}  # what kept records were made from
     by_key, need, stack = {j["key"]: j for j in jobs}, set(), list(remake)
     while stack:  # what they depend on (cached ones are skipped by run_jobs)
         k = stack.pop()
-        if k not in need:
+        if k not in need and k in by_key:
             need.add(k)
             stack.extend(by_key[k]["deps"])
     if not remake:
         return []
     run([j for j in jobs if j["key"] in need])
     again = _made_records(rec_dir, sorted(remake))
-    differ = sorted(k for k in remake if fingerprint(again[k]) != fingerprint(saved[k]))
+    differ = sorted(k for k in remake & used if fingerprint(again[k]) != fingerprint(saved[k]))
     if differ:
-        raise SystemExit(f"--records-from: remade {differ} differ from the saved records (another machine or "
-                         f"library build?): the saved runs that used them would be paired with runs on other inputs; "
-                         f"continue where they were made, or remake those runs too (a new --work)")
+        raise SystemExit(f"--records-from: remade {differ} differ from the saved records (another CPU or library "
+                         f"build?): the saved runs made from them would be paired with runs on other inputs; continue "
+                         f"where they were made, or delete those runs' records in {rec_dir} and rerun")
     return sorted(remake)
 
 

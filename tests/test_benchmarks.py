@@ -363,6 +363,40 @@ def test_bench_control_round2_tiny(tmp_path):
         del bench.PROFILES["__t"]
 
 
+def test_restored_inputs_are_remade_when_needed_and_must_match(tmp_path):
+    """restore_records / remake_inputs_first on a toy grid: in -> data -> {run1, run2}; in2 -> run3.
+    Inputs (files not saved) are restored only while nothing that needs them runs, remade first
+    otherwise, and a remade input that a kept run was made from must equal its saved record."""
+    from common import remake_inputs_first, restore_records
+
+    jobs = [dict(key="in", kind="input", deps=[]), dict(key="data", kind="input", deps=["in"]),
+            dict(key="run1", kind="run", deps=["data"]), dict(key="run2", kind="run", deps=["data"]),
+            dict(key="in2", kind="input", deps=[]), dict(key="run3", kind="run", deps=["in2"])]
+    saved = {k: dict(key=k, v=1) for k in ("in", "data", "run1", "in2", "run3")}  # run2 still to make
+    rec = tmp_path / "records"
+    written, removed = restore_records(saved, jobs, str(rec), "saved.json")
+    assert sorted(written) == ["in2", "run1", "run3"] and removed == []
+    assert "restored_from" in json.loads((rec / "in2.json").read_text())
+    ran = []
+
+    def run(js, v=1):
+        for j in js:
+            if not (rec / f"{j['key']}.json").exists():
+                ran.append(j["key"])
+                (rec / f"{j['key']}.json").write_text(json.dumps(dict(key=j["key"], v=v)))
+
+    assert remake_inputs_first(jobs, saved, str(rec), run, lambda r: r["v"]) == ["data", "in"]
+    assert ran == ["in", "data"]  # before run2 (its inputs), and nothing else
+    # later, run3 is deleted to be redone: in2 (restored, its files never made) is remade first
+    (rec / "run3.json").unlink()
+    assert restore_records({}, jobs, str(rec)) == ([], ["in2"])
+    # a remade input that differs from the record a kept run was made from stops the grid
+    for k in ("in", "data"):
+        (rec / f"{k}.json").unlink()
+    with pytest.raises(SystemExit, match=r"remade \['data'\] differ"):
+        remake_inputs_first(jobs, saved, str(rec), lambda js: run(js, v=2), lambda r: r["v"])
+
+
 def test_bench_alignment_llm_round2_tiny(tmp_path):
     """The LLM round-two protocol end to end on its tiny profile (through bench_alignment_llm.py
     --protocol round2): the task, the SFT anchor from the tuned sft, every method's configurations
