@@ -77,9 +77,9 @@ NB_MODULE(_C, m) {
   m.doc() = "aihf_fast C++ core: batched gymnasium MuJoCo tasks on a thread pool";
   nb::exception<aihf::MujocoError>(m, "MujocoError", PyExc_RuntimeError);
   m.def("task_ids", &aihf::task_ids);
-  m.def("set_norm_fma", &aihf::set_norm_fma, nb::arg("fma"),
-        "Sum a norm's squares as an FMA chain (True) or a plain multiply-add, as this process's numpy does.");
-  m.def("norm_fma", &aihf::norm_fma);
+  m.def("set_norm_order", &aihf::set_norm_order, nb::arg("order"),
+        "Sum a norm's squares as this process's numpy does: 0 plain multiply-add, 1 FMA chain, 2 even/odd pairs.");
+  m.def("norm_order", &aihf::norm_order);
   m.attr("mujoco_version") = mj_versionString();
 
   nb::class_<aihf::MLPPolicy>(m, "MLPPolicy")

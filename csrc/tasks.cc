@@ -10,10 +10,14 @@
 namespace aihf {
 
 namespace {
-std::atomic<bool> g_norm_fma{true};
+std::atomic<int> g_norm_order{kNormFma};
 }  // namespace
-void set_norm_fma(bool fma) { g_norm_fma.store(fma, std::memory_order_relaxed); }
-bool norm_fma() { return g_norm_fma.load(std::memory_order_relaxed); }
+void set_norm_order(int order) {
+  if (order < kNormPlain || order > kNormPairs)
+    throw std::invalid_argument("norm order must be 0 (plain), 1 (fma) or 2 (pairs), got " + std::to_string(order));
+  g_norm_order.store(order, std::memory_order_relaxed);
+}
+int norm_order() { return g_norm_order.load(std::memory_order_relaxed); }
 
 namespace {
 
@@ -94,17 +98,26 @@ namespace {
 
 double clip(double v, double lo, double hi) { return std::min(std::max(v, lo), hi); }
 
-// np.linalg.norm of a short float64 vector is sqrt(x.dot(x)), and x.dot(x) is OpenBLAS's ddot:
-// for fewer than 16 elements (its unrolled block) a loop from s = 0, either s = fma(x[i], x[i], s)
-// or s += x[i] * x[i], by the kernel OpenBLAS picks for the CPU it runs on. Python measures which
-// (set_norm_fma, at import) so that the infos and rewards stay bitwise numpy's; this file is built
-// with -ffp-contract=off, so the second form is never fused.
+// np.linalg.norm of a short float64 vector is sqrt(x.dot(x)), and x.dot(x) is OpenBLAS's ddot,
+// whose kernel (picked by CPU) sums fewer than 16 squares from 0 as s = fma(x[i], x[i], s), as
+// s += x[i] * x[i], or (SSE2 kernels) in two accumulators, even and odd elements, added at the
+// end. Python measures which (set_norm_order, at first use) so that infos and rewards stay
+// bitwise numpy's; this file is built with -ffp-contract=off, so no product is fused unasked.
 double blas_norm(const double* x, int n) {
   double s = 0.0;
-  if (norm_fma())
-    for (int i = 0; i < n; ++i) s = std::fma(x[i], x[i], s);
-  else
-    for (int i = 0; i < n; ++i) s += x[i] * x[i];
+  switch (norm_order()) {
+    case kNormFma:
+      for (int i = 0; i < n; ++i) s = std::fma(x[i], x[i], s);
+      break;
+    case kNormPairs: {
+      double odd = 0.0;
+      for (int i = 0; i < n; ++i) (i % 2 ? odd : s) += x[i] * x[i];
+      s += odd;
+      break;
+    }
+    default:
+      for (int i = 0; i < n; ++i) s += x[i] * x[i];
+  }
   return std::sqrt(s);
 }
 double norm2(double x, double y) {

@@ -92,9 +92,11 @@ class Task {
 // The task `id` with its options (throws std::invalid_argument on an unknown id or option).
 std::unique_ptr<Task> make_task(const std::string& id, Params params);
 std::vector<std::string> task_ids();
-// How np.linalg.norm sums a short vector's squares in this process (OpenBLAS's ddot: an FMA
-// chain or a plain multiply-add, by CPU kernel); the tasks' norms follow it. Default: FMA.
-void set_norm_fma(bool fma);
-bool norm_fma();
+// How np.linalg.norm sums a short vector's squares in this process (OpenBLAS's ddot, by CPU
+// kernel): plain multiply-add, an FMA chain, or two accumulators (even/odd elements); the tasks'
+// norms follow it. Default: FMA. set_norm_order throws std::invalid_argument on another value.
+enum NormOrder { kNormPlain = 0, kNormFma = 1, kNormPairs = 2 };
+void set_norm_order(int order);
+int norm_order();
 
 }  // namespace aihf

@@ -44,7 +44,7 @@ def _core():
         ) from e
     global _NORM_SET
     if not _NORM_SET:
-        _C.set_norm_fma(numpy_norm_uses_fma())
+        _C.set_norm_order(NORM_ORDERS.index(numpy_norm_order()))
         _NORM_SET = True
     return _C
 
@@ -52,32 +52,45 @@ def _core():
 _NORM_SET = False
 
 
-def numpy_norm_uses_fma() -> bool:
-    """Whether ``np.linalg.norm`` of a short float64 vector sums the squares as an FMA chain
-    (s = fma(x, x, s)) or as a plain multiply-add in this process: OpenBLAS's ``ddot`` picks its
-    kernel by CPU, and the two differ in the last bit. Measured on 16 vectors of 2 and 3 elements
-    (the tasks' norms) where the two differ, against exact arithmetic."""
+NORM_ORDERS = ("plain", "fma", "pairs")  # the C++ core's codes 0, 1, 2
+
+
+def numpy_norm_order() -> str:
+    """How ``np.linalg.norm`` of a short float64 vector sums its squares in this process, one of
+    ``NORM_ORDERS``: OpenBLAS's ``ddot`` picks its kernel by CPU, and a plain multiply-add, an FMA
+    chain and two accumulators (even and odd elements: SSE2 kernels) differ in the last bit.
+    Measured on 24 vectors of 2 and 3 elements (the tasks' norms) where they differ, against exact
+    arithmetic; warns if none of them is what numpy does."""
     from fractions import Fraction
 
-    rng = np.random.default_rng(0)
-    fused_hits = plain_hits = tried = 0
-    while tried < 16:
-        x = rng.normal(size=2 + tried % 2)
-        fused = plain = 0.0
-        for v in x.tolist():
-            fused = float(Fraction(v) ** 2 + Fraction(fused))  # one rounding per step
+    def sums(x):
+        fma = plain = even = odd = 0.0
+        for i, v in enumerate(x):
+            fma = float(Fraction(v) ** 2 + Fraction(fma))  # one rounding per step
             plain += v * v
-        if math.sqrt(fused) == math.sqrt(plain):
+            if i % 2:
+                odd += v * v
+            else:
+                even += v * v
+        return dict(plain=plain, fma=fma, pairs=even + odd)
+
+    rng = np.random.default_rng(0)
+    hits, tried = dict.fromkeys(NORM_ORDERS, 0), 0
+    while tried < 24:
+        x = rng.normal(size=2 + tried % 2).tolist()
+        roots = {k: math.sqrt(v) for k, v in sums(x).items()}
+        if len(set(roots.values())) == 1:
             continue
         tried += 1
-        got = float(np.linalg.norm(x))
-        fused_hits += got == math.sqrt(fused)
-        plain_hits += got == math.sqrt(plain)
-    if tried not in (fused_hits, plain_hits):
-        warnings.warn("np.linalg.norm sums a short vector's squares neither as an FMA chain nor as a plain "
-                      "multiply-add here: the tasks' norms (distance infos, Reacher's and Pusher's distance "
+        got = float(np.linalg.norm(np.array(x)))
+        for k, r in roots.items():
+            hits[k] += r == got
+    best = max(NORM_ORDERS, key=lambda k: (hits[k], k == "fma"))
+    if hits[best] != tried:
+        warnings.warn("np.linalg.norm sums a short vector's squares in none of the known orders here "
+                      f"({hits} of {tried}): the tasks' norms (distance infos, Reacher's and Pusher's distance "
                       "rewards) may differ from gymnasium's in the last bit", RuntimeWarning, stacklevel=2)
-    return fused_hits >= plain_hits
+    return best
 
 
 def task_ids() -> list[str]:

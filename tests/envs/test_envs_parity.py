@@ -70,20 +70,23 @@ def test_check_env_and_check_environments_match_nothing_skipped(task):
 
 
 def test_norms_sum_the_squares_as_this_process_numpy_does():
-    """np.linalg.norm (OpenBLAS's ddot) sums a short vector's squares as an FMA chain on some CPUs
-    and as a plain multiply-add on others; the C++ norms follow what is measured at import, and
-    the other form breaks the match (so the choice is needed and tested on either kind of CPU)."""
-    from aihf_fast.envs.vector import _core, numpy_norm_uses_fma
+    """np.linalg.norm (OpenBLAS's ddot) sums a short vector's squares as a plain multiply-add, an
+    FMA chain or in two accumulators by the CPU kernel OpenBLAS picks; the C++ norms follow what is
+    measured at first use, and another order breaks the match (Pusher's reward: 3 elements)."""
+    from aihf_fast.envs.vector import NORM_ORDERS, _core, numpy_norm_order
 
-    core = _core()
-    assert core.norm_fma() == numpy_norm_uses_fma()
+    core, order = _core(), numpy_norm_order()
+    assert NORM_ORDERS[core.norm_order()] == order
+    with pytest.raises(ValueError, match="norm order"):
+        core.set_norm_order(3)
     try:
-        core.set_norm_fma(not numpy_norm_uses_fma())
-        with pytest.raises(AssertionError, match="distance_from_origin"):
-            _random_policy_match("Swimmer-v5", 0, num_steps=300)
+        for other in set(NORM_ORDERS) - {order}:
+            core.set_norm_order(NORM_ORDERS.index(other))
+            with pytest.raises(AssertionError):
+                _random_policy_match("Pusher-v5", 0, num_steps=300)
     finally:
-        core.set_norm_fma(numpy_norm_uses_fma())
-    _random_policy_match("Swimmer-v5", 0, num_steps=300)
+        core.set_norm_order(NORM_ORDERS.index(order))
+    _random_policy_match("Pusher-v5", 0, num_steps=300)
 
 
 @pytest.mark.parametrize("task", TASKS)
