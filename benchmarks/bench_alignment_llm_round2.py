@@ -616,7 +616,7 @@ def main(argv=None):
         def run(js):
             run_jobs(js, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
 
-        remake_inputs_first(jobs, saved, rec_dir, run, lambda r: (r.get("meta"), r.get("digest")))
+        remake_inputs_first(jobs, plan(prof), rec_dir, run, lambda r: (r.get("meta"), r.get("digest")))
         run(jobs)
     # the analysis reads every record of the whole protocol made so far (by any slice; saved ones not remade yet)
     keys = [j["key"] for j in plan(prof)]

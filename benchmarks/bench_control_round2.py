@@ -508,7 +508,7 @@ def main(argv=None):
             run_jobs(js, run_job, (prof, work, treat, head), rec_dir, a.workers or prof["workers"], _init_worker,
                      (a.threads,))
 
-        remake_inputs_first(jobs, saved, rec_dir, run, _input_fingerprint)
+        remake_inputs_first(jobs, plan(prof), rec_dir, run, _input_fingerprint)
         run(jobs)
     records = have()
     analysis = analyse(records, prof)

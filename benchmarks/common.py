@@ -154,13 +154,14 @@ def _made_records(rec_dir: str, keys) -> dict:
 
 
 def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", makes_files=lambda j: j["kind"] != "run"):
-    """Write into ``rec_dir`` the ``saved`` records ({key: record}) of ``jobs`` that it lacks, so
-    that a grid continues on a machine without its run directory. A job that leaves files behind
-    (``makes_files``: a model, a dataset; they are not in the saved JSON) keeps a restored record
-    (marked ``restored_from``) only while every job that depends on it has a record; otherwise it
-    is left out, or removed if restored earlier, so that it runs again and remakes its files
-    before a job that needs them (transitively). Call it before every run, with ``saved={}`` too.
-    Returns (keys written, keys removed)."""
+    """Write into ``rec_dir`` the ``saved`` records ({key: record}) of ``jobs`` (the whole plan)
+    that it lacks, so that a grid continues on a machine without its run directory. A job that
+    leaves files behind (``makes_files``: a model, a dataset; they are not in the saved JSON) keeps
+    a restored record (marked ``restored_from``) only while every job that depends on it has a
+    record; otherwise it is left out, or removed if restored earlier, so that it runs again and
+    remakes its files before a job that needs them (transitively), and its saved record waits in
+    rec_dir/to_compare/ for ``check_remade_inputs``. Call it before every run, with ``saved={}``
+    too. Returns (keys written, keys removed)."""
     keys = [j["key"] for j in jobs]
     made = _made_records(rec_dir, keys)
     fileless = {k for k, r in made.items() if isinstance(r, dict) and "restored_from" in r}
@@ -178,47 +179,76 @@ def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", mak
             if k in done and k in fileless and makes_files(j) and any(d not in done for d in dependants.get(k, [])):
                 done.discard(k)
                 changed = True
-    os.makedirs(rec_dir, exist_ok=True)
+    os.makedirs(os.path.join(rec_dir, "to_compare"), exist_ok=True)
     written, removed = [], []
     for j in jobs:
         k, path = j["key"], os.path.join(rec_dir, j["key"] + ".json")
-        if k in made and k in fileless and k not in done:
-            os.remove(path)
-            removed.append(k)
+        if k in fileless and k not in done and makes_files(j):  # to remake: keep what it was to compare
+            pending = os.path.join(rec_dir, "to_compare", k + ".json")
+            if not os.path.isfile(pending):
+                _write_json(pending, made.get(k, saved.get(k)))
+            if k in made:
+                os.remove(path)
+                removed.append(k)
         elif k in done and k not in made:
-            rec = dict(saved[k], restored_from=source) if makes_files(j) else saved[k]
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(rec, f)
-            os.replace(path + ".tmp", path)  # never a half-written record
+            _write_json(path, dict(saved[k], restored_from=source) if makes_files(j) else saved[k])
             written.append(k)
     return written, removed
 
 
-def remake_inputs_first(jobs: list, saved: dict, rec_dir: str, run, fingerprint,
-                        makes_files=lambda j: j["kind"] != "run") -> list:
-    """After ``restore_records``: run (``run(jobs)``, the grid's ``run_jobs``) the file-making jobs
-    that have a saved record but none in ``rec_dir`` (and what they depend on) before anything
-    else, and compare each remade record that a kept record depends on with its saved one by
-    ``fingerprint(record)``. A difference stops the grid (SystemExit): the saved runs that used
-    those inputs would be paired with new runs on other inputs. Returns the keys remade."""
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)  # never a half-written file
+
+
+def check_remade_inputs(jobs: list, rec_dir: str, fingerprint) -> None:
+    """Compare each input remade after ``restore_records`` (its earlier record in
+    rec_dir/to_compare/) with that record by ``fingerprint(record)``, wherever a record in rec_dir
+    was made from the earlier one (``jobs``: the whole plan). A difference stops the grid
+    (SystemExit; again on every rerun): those runs would be paired with new runs on other inputs.
+    An input not remade yet stays pending; a compared or unused one is settled."""
+    pend_dir = os.path.join(rec_dir, "to_compare")
+    pending = sorted(f[:-5] for f in os.listdir(pend_dir) if f.endswith(".json")) if os.path.isdir(pend_dir) else []
+    if not pending:
+        return
     made = _made_records(rec_dir, [j["key"] for j in jobs])
-    remake = {j["key"] for j in jobs if makes_files(j) and j["key"] in saved and j["key"] not in made}
-    used = {d for j in jobs if j["key"] in made for d in j["deps"]}  # what kept records were made from
-    by_key, need, stack = {j["key"]: j for j in jobs}, set(), list(remake)
+    kept = set(made) - set(pending)  # records not remade: what they were made from must not change
+    used = {d for j in jobs if j["key"] in kept for d in j["deps"]}
+    differ = []
+    for k in pending:
+        if k not in made:
+            continue
+        with open(os.path.join(pend_dir, k + ".json"), encoding="utf-8") as f:
+            before = json.load(f)
+        if k in used and fingerprint(made[k]) != fingerprint(before):
+            differ.append(k)
+        else:
+            os.remove(os.path.join(pend_dir, k + ".json"))
+    if differ:
+        raise SystemExit(f"remade {differ} differ from the records they replace (another CPU or library build?): "
+                         f"the runs in {rec_dir} made from those would be paired with runs on other inputs; continue "
+                         f"where they were made, or delete the records of those runs and rerun without --records-from")
+
+
+def remake_inputs_first(jobs: list, plan: list, rec_dir: str, run, fingerprint) -> list:
+    """After ``restore_records``: run (``run(jobs)``, the grid's ``run_jobs``) the inputs of this
+    slice (``jobs``) that wait to be remade, with what they depend on, before anything else; then
+    ``check_remade_inputs`` over the whole ``plan``. Returns the keys remade."""
+    pend_dir = os.path.join(rec_dir, "to_compare")
+    pending = {f[:-5] for f in os.listdir(pend_dir) if f.endswith(".json")} if os.path.isdir(pend_dir) else set()
+    made = _made_records(rec_dir, [j["key"] for j in jobs])
+    by_key = {j["key"]: j for j in jobs}
+    remake = {k for k in pending if k in by_key and k not in made}
+    need, stack = set(), list(remake)
     while stack:  # what they depend on (cached ones are skipped by run_jobs)
         k = stack.pop()
         if k not in need and k in by_key:
             need.add(k)
             stack.extend(by_key[k]["deps"])
-    if not remake:
-        return []
-    run([j for j in jobs if j["key"] in need])
-    again = _made_records(rec_dir, sorted(remake))
-    differ = sorted(k for k in remake & used if fingerprint(again[k]) != fingerprint(saved[k]))
-    if differ:
-        raise SystemExit(f"--records-from: remade {differ} differ from the saved records (another CPU or library "
-                         f"build?): the saved runs made from them would be paired with runs on other inputs; continue "
-                         f"where they were made, or delete those runs' records in {rec_dir} and rerun")
+    if remake:
+        run([j for j in jobs if j["key"] in need])
+    check_remade_inputs(plan, rec_dir, fingerprint)
     return sorted(remake)
 
 

@@ -366,7 +366,8 @@ def test_bench_control_round2_tiny(tmp_path):
 def test_restored_inputs_are_remade_when_needed_and_must_match(tmp_path):
     """restore_records / remake_inputs_first on a toy grid: in -> data -> {run1, run2}; in2 -> run3.
     Inputs (files not saved) are restored only while nothing that needs them runs, remade first
-    otherwise, and a remade input that a kept run was made from must equal its saved record."""
+    otherwise, and a remade input that a kept run was made from must equal the record it replaces,
+    checked on every later run until it does (also when made by a slice without the kept runs)."""
     from common import remake_inputs_first, restore_records
 
     jobs = [dict(key="in", kind="input", deps=[]), dict(key="data", kind="input", deps=["in"]),
@@ -385,16 +386,28 @@ def test_restored_inputs_are_remade_when_needed_and_must_match(tmp_path):
                 ran.append(j["key"])
                 (rec / f"{j['key']}.json").write_text(json.dumps(dict(key=j["key"], v=v)))
 
-    assert remake_inputs_first(jobs, saved, str(rec), run, lambda r: r["v"]) == ["data", "in"]
-    assert ran == ["in", "data"]  # before run2 (its inputs), and nothing else
+    def fp(r):
+        return r["v"]
+
+    assert remake_inputs_first(jobs, jobs, str(rec), run, fp) == ["data", "in"]
+    assert ran == ["in", "data"] and not list((rec / "to_compare").iterdir())  # before run2; the same: settled
     # later, run3 is deleted to be redone: in2 (restored, its files never made) is remade first
     (rec / "run3.json").unlink()
     assert restore_records({}, jobs, str(rec)) == ([], ["in2"])
-    # a remade input that differs from the record a kept run was made from stops the grid
-    for k in ("in", "data"):
-        (rec / f"{k}.json").unlink()
-    with pytest.raises(SystemExit, match=r"remade \['data'\] differ"):
-        remake_inputs_first(jobs, saved, str(rec), lambda js: run(js, v=2), lambda r: r["v"])
+    assert remake_inputs_first(jobs, jobs, str(rec), lambda js: run(js, v=2), fp) == ["in2"]  # nothing made from it
+    # on another machine: a slice with the inputs only remakes data differently: this stops the
+    # grid, and every later run too, while run1 (made from the saved data) is kept
+    rec2 = tmp_path / "records2"
+    rec, ran[:] = rec2, []
+    restore_records(saved, jobs, str(rec2), "saved.json")
+    inputs = [j for j in jobs if j["kind"] == "input"]
+    for _ in range(2):
+        with pytest.raises(SystemExit, match=r"remade \['data'\] differ"):
+            remake_inputs_first(inputs, jobs, str(rec2), lambda js: run(js, v=2), fp)
+    assert ran == ["in", "data"]
+    (rec2 / "run1.json").unlink()  # the run made from the old data goes: the new data is settled
+    remake_inputs_first(inputs, jobs, str(rec2), lambda js: run(js, v=2), fp)
+    assert not list((rec2 / "to_compare").iterdir())
 
 
 def test_bench_alignment_llm_round2_tiny(tmp_path):
