@@ -202,14 +202,19 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)  # never a half-written file
 
 
+def _pending_inputs(rec_dir: str) -> list:
+    """Keys of the inputs waiting in rec_dir/to_compare/ (``restore_records``)."""
+    pend_dir = os.path.join(rec_dir, "to_compare")
+    return sorted(f[:-5] for f in os.listdir(pend_dir) if f.endswith(".json")) if os.path.isdir(pend_dir) else []
+
+
 def check_remade_inputs(jobs: list, rec_dir: str, fingerprint) -> None:
     """Compare each input remade after ``restore_records`` (its earlier record in
     rec_dir/to_compare/) with that record by ``fingerprint(record)``, wherever a record in rec_dir
     was made from the earlier one (``jobs``: the whole plan). A difference stops the grid
     (SystemExit; again on every rerun): those runs would be paired with new runs on other inputs.
     An input not remade yet stays pending; a compared or unused one is settled."""
-    pend_dir = os.path.join(rec_dir, "to_compare")
-    pending = sorted(f[:-5] for f in os.listdir(pend_dir) if f.endswith(".json")) if os.path.isdir(pend_dir) else []
+    pend_dir, pending = os.path.join(rec_dir, "to_compare"), _pending_inputs(rec_dir)
     if not pending:
         return
     made = _made_records(rec_dir, [j["key"] for j in jobs])
@@ -235,8 +240,7 @@ def remake_inputs_first(jobs: list, plan: list, rec_dir: str, run, fingerprint) 
     """After ``restore_records``: run (``run(jobs)``, the grid's ``run_jobs``) the inputs of this
     slice (``jobs``) that wait to be remade, with what they depend on, before anything else; then
     ``check_remade_inputs`` over the whole ``plan``. Returns the keys remade."""
-    pend_dir = os.path.join(rec_dir, "to_compare")
-    pending = {f[:-5] for f in os.listdir(pend_dir) if f.endswith(".json")} if os.path.isdir(pend_dir) else set()
+    pending = set(_pending_inputs(rec_dir))
     made = _made_records(rec_dir, [j["key"] for j in jobs])
     by_key = {j["key"]: j for j in jobs}
     remake = {k for k in pending if k in by_key and k not in made}
@@ -321,10 +325,7 @@ def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initial
                     failed.append((j, fut.exception()))
                     continue
                 rec = fut.result()
-                tmp = os.path.join(rec_dir, j["key"] + ".json.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(rec, f)
-                os.replace(tmp, os.path.join(rec_dir, j["key"] + ".json"))  # never a half-written record
+                _write_json(os.path.join(rec_dir, j["key"] + ".json"), rec)
                 keep(j, rec)
                 done.add(j["key"])
                 log(f"[bench] {len(done)}/{len(jobs)} {j['key']} ({time.time() - t0:.0f}s)")
