@@ -45,7 +45,7 @@ from .logprobs import (
     plan_group_chunks,
     token_logprobs,
 )
-from .validation import check_finite, check_float, check_int, check_same_device, check_shape
+from .validation import NonFiniteError, check_finite, check_float, check_int, check_same_device, check_shape
 
 REDUCTIONS = ("mean", "sum")
 NLL_NORMALIZATIONS = ("tokens", "length", "sequence", "none")
@@ -601,9 +601,9 @@ def aihf_loss(
         else:
             seq_ref = torch.zeros(S, dtype=torch.float32, device=device)
         if validate and ref_seq_logps is not None and not bool(torch.isfinite(seq_ref).all()):
-            raise ValueError("ref_seq_logps has non-finite values")
+            raise NonFiniteError("ref_seq_logps has non-finite values")
         if validate and ref_token_logps is not None and not bool(torch.isfinite(ref_tok).all()):
-            raise ValueError("ref_token_logps has non-finite values")
+            raise NonFiniteError("ref_token_logps has non-finite values")
 
     seq_len = torch.zeros(S, dtype=torch.long, device=device).index_add(0, seg, valid.long())
 

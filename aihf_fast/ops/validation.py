@@ -11,6 +11,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """A tensor holds NaN/inf values where finite ones were expected: bad input, or a model whose
+    weights diverged. A ``ValueError`` (bad input) and a ``FloatingPointError`` (divergence)."""
+
+
 def check_float(name: str, t, ndim: int | tuple[int, ...] | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -61,4 +66,4 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> No
 def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} has {n} non-finite values (NaN/inf); expected finite inputs")
+        raise NonFiniteError(f"{name} has {n} non-finite values (NaN/inf); expected finite inputs")

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from aihf_fast.ops import aihf_loss, linear_token_logprobs, token_logprobs
+from aihf_fast.ops import NonFiniteError, aihf_loss, linear_token_logprobs, token_logprobs
 
 from helpers import DEVICE
 
@@ -31,8 +31,9 @@ def test_token_logprobs_errors(backend):
         token_logprobs(logits, torch.tensor([1, -5, 0, 0], device=DEVICE), backend=backend)
     bad = logits.clone()
     bad[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="logits has 1 non-finite"):
+    with pytest.raises(NonFiniteError, match="logits has 1 non-finite") as err:
         token_logprobs(bad, y, backend=backend)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, FloatingPointError)  # bad input or divergence
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(logits, y, temperature=0.0, backend=backend)
     with pytest.raises(ValueError, match="V >= 1"):
@@ -113,7 +114,7 @@ def test_aihf_loss_errors(backend):
         aihf_loss(labels, logits=logits, ref_seq_logps=ref, comparisons=cmp, beta=0.0, **kw)
     bad_ref = ref.clone()
     bad_ref[1] = float("nan")
-    with pytest.raises(ValueError, match="ref_seq_logps has non-finite"):
+    with pytest.raises(NonFiniteError, match="ref_seq_logps has non-finite"):
         aihf_loss(labels, logits=logits, ref_seq_logps=bad_ref, comparisons=cmp, **kw)
     empty = labels.clone()
     empty[3] = -100

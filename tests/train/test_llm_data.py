@@ -157,6 +157,16 @@ def test_bad_config_fails_early_with_a_clear_message(task, tmp_path, capsys, kw,
     assert rc == 2 and msg in err, err
 
 
+def test_a_diverged_run_is_a_one_line_error(task, tmp_path, capsys, monkeypatch):
+    """A step whose loss is not finite: exit 2, one line naming the step and what to change."""
+    from aihf_fast.train.llm.trainer import Trainer
+
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, i: {**step(self, i), "loss": float("inf")})
+    rc, err = _run(task, tmp_path, capsys, steps=2)
+    assert rc == 2 and "error: step 1: loss = inf: the run diverged; lower the learning rate" in err, err
+
+
 def test_models_that_cannot_load_are_one_line_errors(task, tmp_path, capsys, monkeypatch):
     """A directory without a model, a truncated weights file, and a hub id that is not cached while
     the hub cannot be reached (refused at once here; an unreachable one waits HUB_TIMEOUT_S, not

@@ -195,3 +195,18 @@ def test_models_that_scale_or_cap_their_logits_take_the_logits_path():
     capped = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", final_logit_softcapping=30.0,
                                                                    head_dim=8, **tiny))
     assert _fused_head_ok(plain) and not _fused_head_ok(scaled) and not _fused_head_ok(capped)
+
+
+def test_a_diverged_run_stops_with_a_floating_point_error(task, tmp_path):
+    """A step whose loss is not finite stops the run naming the step; weights that are already
+    non-finite stop the next forward pass with the same kind of error (never a silent NaN)."""
+    tr = _trainer(task, tmp_path, method="aihf", steps=3)
+    real_step = tr.train_step
+    tr.train_step = lambda step: {**real_step(step), "loss": float("nan")} if step == 1 else real_step(step)
+    with pytest.raises(FloatingPointError, match=r"step 2: loss = nan: the run diverged; lower the learning rate"):
+        tr.train()
+    tr = _trainer(task, tmp_path / "poisoned", method="sft", steps=3)
+    with torch.no_grad():
+        next(tr.policy.model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        tr.train()

@@ -1,7 +1,7 @@
 """Command line of the LLM trainer (``python -m aihf_fast.train.llm``, ``aihf-fast train-llm``).
 
 A failure the user can fix (an option, a data file, a model or tokenizer that cannot load, a
-damaged checkpoint) is one line on stderr and exit code 2 (``--debug``: the traceback); a signal
+damaged checkpoint, a run that diverged) is one line on stderr and exit code 2 (``--debug``: the traceback); a signal
 is one line and exit code 128 + signal (``aihf_fast.train.preemption``). Final messages come
 from rank 0 only."""
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         with StopOnSignal() as stop:  # until a run's loop starts, a signal stops at once
             stop.starting()
             return _run(argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FloatingPointError) as e:  # FloatingPointError: the run diverged
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -718,6 +718,10 @@ class Trainer:
             t0 = time.time()
             m = self.train_step(step)
             dt = time.time() - t0
+            bad = [k for k in ("loss", "rm/loss") if k in m and not math.isfinite(m[k])]
+            if bad:  # the step already ran: the weights are no longer finite (every rank sees the same loss)
+                raise FloatingPointError(f"step {step + 1}: {bad[0]} = {m[bad[0]]}: the run diverged; "
+                                         f"lower the learning rate (lr = {lr:g})")
             tok_total += m["tokens"]
             last = dict(step=step + 1, method=self.method_at(step), lr=lr,
                         tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
