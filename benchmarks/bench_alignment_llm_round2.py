@@ -52,8 +52,9 @@ Equal tuning: 6 configurations per method (``configs``), on the tuning seeds, de
   base has nothing to tune.
 Selection (never reads the true reward; the same rule for every method of a kind), for the
 checkpoint (every ``eval_every`` steps and step 0) and the configuration (the best mean over the
-tuning seeds of the signal at each run's selected checkpoint; ties: the earlier configuration in
-the grid's order; a run whose numbers become non-finite ranks last), used for every budget,
+tuning seeds of the signal at each run's selected checkpoint, the signal with its tie-break,
+compared in that order; ties: the earlier configuration in the grid's order; a run whose numbers
+become non-finite ranks last), used for every budget,
 design and arm: runs trained on pairs take the highest held-out preference accuracy of the implicit reward
 log pi - log pi_anchor (anchor: the model the method is regularised toward, base, or the SFT
 anchor for sft_then_dpo, rlhf, aihf_rm, rm_once; ties: the lower held-out demonstration NLL, then
@@ -70,10 +71,11 @@ best chosen by its true reward, which favours the baselines) within paired noise
 the paired 95% t-interval >= 0), and at 25 pairs > every baseline by >= 20% of the base-to-expert
 gap (expert: the mean true reward of the demonstrations). aihf_moving, aihf_fresh and rm_once are
 reported as variants; the low-quality arm as a secondary table.
-Outputs: benchmarks/results/bench_alignment_llm_round2_<profile>.json + .png (device, versions,
-commit per record). Runs are records under ``--work``: rerunning continues; slices by ``--stage``
-(``tune``: up to the tuning runs) and ``--designs``.
-Compute (small profile): 156 tuning runs, 12 SFT anchors, 740 final runs; round one's 150-step runs
+Outputs: benchmarks/results/bench_alignment_llm_round2_<profile>.json + .png (commit, device and
+threads per record; versions per result). Runs are records under ``--work``: rerunning continues;
+slices by ``--stage`` (``tune``: up to the tuning runs) and ``--designs``.
+Compute (small profile): 156 tuning runs, 12 SFT anchors, 134 reward-model fits (200 steps; those
+of rm_once also sample the SFT anchor), 740 final runs; round one's 150-step runs
 took 16-36 s each on a 2-core CPU with 2 workers, so about 1 minute per 300-step run (the RL ones
 longer): 8-15 hours on that machine, 1-2 hours on 16 cores, in slices.
 """
@@ -96,11 +98,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_alignment_llm as round1  # noqa: E402
 from common import (  # noqa: E402
+    check_grid,
     ci95,
     commit,
     device_name,
     files_digest,
     grid_arguments,
+    lock_records,
     read_records,
     remake_inputs_first,
     restore_records,
@@ -256,6 +260,14 @@ def _init_worker(threads: int):
     round1._init_worker(threads)
 
 
+def _made_on() -> dict:
+    """Where a record was made: the device and the threads of its process (both can change the last
+    bits of a run, so paired runs from different machines can be told apart)."""
+    import torch
+
+    return dict(device=device_name(), threads=torch.get_num_threads())
+
+
 def _flip(rows: list, rate: float, seed: int) -> list:
     """The low-quality arm: each pair's label flipped with probability ``rate`` (a fixed draw)."""
     flip = np.random.default_rng(seed).random(len(rows)) < rate
@@ -296,7 +308,12 @@ def choose(records: dict, method: str, prof: dict) -> dict:
     b = tune_budget(method, prof)
     best = None
     for c, opts in enumerate(grid(method, prof)):
-        sig = [signal(records[run_key("tune", s, "A", method, b, config=c)]) for s in prof["tune_seeds"]]
+        recs = [records[run_key("tune", s, "A", method, b, config=c)] for s in prof["tune_seeds"]]
+        ran = next((r["chosen"]["options"] for r in recs if r["chosen"]["options"] != opts), None)
+        if ran is not None:
+            raise SystemExit(f"tuning records of {method} configuration {c} ran {ran}, but the grid's configuration {c} "
+                             f"is now {opts}: the grid changed since they were made; use a new --work")
+        sig = [signal(r) for r in recs]
         mean = tuple(float(np.mean(v)) for v in zip(*sig))
         if best is None or mean > best["signal"]:
             best = dict(config=c, options=opts, signal=mean)
@@ -330,6 +347,7 @@ def job_anchor(job, prof, work, head):
         round1._write_jsonl(os.path.join(p["dir"], f"prefs_anchor_{d}_{b}_noisy.jsonl"),
                             _flip(rows[:b], LABEL_NOISE, 40_000 + s))
     return dict(kind="anchor", key=job["key"], seed=s, design=d, chosen=chosen, wall_seconds=wall, commit=head,
+                made_on=_made_on(),
                 digest=files_digest(p["dir"], [f"anchor_{d}/model/*.safetensors", f"prefs_anchor_{d}_*.jsonl"]))
 
 
@@ -382,11 +400,14 @@ def job_rm(job, prof, work, head):
     model_dir, wall, ev = _fit_reward_model(opts, _rm_dir(work, m, s, d, b, arm), prof,
                                             opts["model"] if m == "rm_once" else None)
     return dict(kind="rm", key=job["key"], seed=s, design=d, method=m, budget=b, arm=arm, model_dir=model_dir,
-                wall_seconds=wall, eval=ev, commit=head, digest=files_digest(model_dir, ["*.safetensors"]))
+                wall_seconds=wall, eval=ev, commit=head, made_on=_made_on(),
+                digest=files_digest(model_dir, ["*.safetensors"]))
 
 
-# what a diverged run raises: the reward model's non-finite scores, or sampling from a policy
-# whose probabilities are no longer finite; anything else is a failure to fix (and rerun)
+# what a diverged run raises: a FloatingPointError (a non-finite loss, the reward model's
+# non-finite scores, or a forward pass over non-finite weights: ``aihf_fast.ops.NonFiniteError``),
+# or sampling from a policy whose probabilities are no longer finite; anything else is a failure
+# to fix (and rerun)
 _DIVERGED = "probability tensor contains either `inf`, `nan` or element < 0"
 
 
@@ -420,7 +441,11 @@ def job_run(job, prof, work, head):
     pre_wall, rm_eval = 0.0, None
     if m in RM_ONCE:  # the shared reward model (its fit counted in every run's pipeline time)
         rm = read_records(os.path.join(work, "records"), [rm_key(m, s, d, b, arm)])[rm_key(m, s, d, b, arm)]
-        opts["reward_model"], pre_wall, rm_eval = rm["model_dir"], rm["wall_seconds"], rm["eval"]
+        opts["reward_model"] = os.path.join(_rm_dir(work, m, s, d, b, arm), "model")  # in this --work, wherever it is
+        if files_digest(opts["reward_model"], ["*.safetensors"]) != rm["digest"]:
+            raise SystemExit(f"the reward model in {opts['reward_model']} is not the one its record "
+                             f"{rm['key']} describes: delete that record (it is refitted) and rerun")
+        pre_wall, rm_eval = rm["wall_seconds"], rm["eval"]
     summary, wall, diverged = _train_or_diverge(opts)
     shutil.rmtree(out, ignore_errors=True)
     uses_pairs = b > 0
@@ -428,14 +453,15 @@ def job_run(job, prof, work, head):
                 chosen=chosen, uses_pairs=uses_pairs, evals=summary["evals"], diverged=diverged,
                 error=summary.get("error"), wall_seconds=wall + pre_wall,
                 reward_model_seconds=pre_wall, reward_model_eval=rm_eval, train_seconds=summary["train_seconds"],
-                generation_seconds=summary["generation_seconds"], commit=head,
+                generation_seconds=summary["generation_seconds"], commit=head, made_on=_made_on(),
+                packed=summary.get("packed"),
                 options={k: opts.get(k) for k in ("method", "lr", "beta", "w_P", "w_D", "nll_weight", "reference",
                                                   "kl_coef", "refresh_every")})
 
 
 def run_job(job, prof, work, head):
     if job["kind"] == "prepare":
-        return dict(job_prepare(job, prof, work), commit=head)
+        return dict(job_prepare(job, prof, work), commit=head, made_on=_made_on())
     if job["kind"] == "anchor":
         return job_anchor(job, prof, work, head)
     if job["kind"] == "rm":
@@ -452,6 +478,7 @@ def _point(rec):
     best = max(rec["evals"], key=lambda e: e["eval/reward"])
     own = lambda e: next((e[k] for k in _OWN if k in e), None)  # noqa: E731
     return dict(reward=sel["eval/reward"], kl=sel["eval/kl"], step=sel["step"], own_accuracy=own(sel),
+                diverged=bool(rec.get("diverged")),  # then "last" is its last evaluation before it diverged
                 reward_last=last["eval/reward"], kl_last=last["eval/kl"], reward_best=best["eval/reward"],
                 pref_accuracy=sel["eval/pref_accuracy"], demo_nll=sel["eval/demo_nll"], wall=rec["wall_seconds"],
                 curve=[[e["step"], e["eval/reward"], e["eval/kl"], own(e)] for e in rec["evals"]])
@@ -473,7 +500,8 @@ def analyse(records: dict, prof: dict) -> dict:
     table = []
     for (arm, d, m, b), per in sorted(cells.items()):
         seeds = sorted(per)
-        row = dict(arm=arm, design=d, method=m, budget=b, seeds=seeds, per_seed=[per[s] for s in seeds])
+        row = dict(arm=arm, design=d, method=m, budget=b, seeds=seeds, per_seed=[per[s] for s in seeds],
+                   diverged_seeds=[s for s in seeds if per[s]["diverged"]])
         for f in ("reward", "kl", "reward_last", "kl_last", "reward_best", "pref_accuracy", "demo_nll", "wall",
                   "wall_pipeline"):
             v = [per[s][f] for s in seeds]
@@ -482,6 +510,10 @@ def analyse(records: dict, prof: dict) -> dict:
         row["own_accuracy"] = float(np.mean(own)) if own else None
         table.append(row)
     chosen = {m: next((r["chosen"] for r in runs if r["method"] == m), None) for m in METHODS}
+    odd = next((r for r in runs if r["chosen"] != chosen[r["method"]]), None)
+    if odd is not None:  # every final run of a method runs its one tuned configuration
+        raise SystemExit(f"final runs of {odd['method']} ran more than one configuration ({odd['chosen']} in "
+                         f"{odd['key']}, {chosen[odd['method']]} elsewhere): their tuning records changed")
     out = dict(table=table, chosen=chosen)
     for field, name in (("reward", "verdict"), ("reward_last", "verdict_last_checkpoint"),
                         ("reward_best", "verdict_best_checkpoint_oracle")):
@@ -522,6 +554,7 @@ def _verdict(table, prof, meta, field, arm):
                 row = dict(design=d, method=form, budget=b, best_baseline=best["method"], best_reward=best[field],
                            aihf_reward=a[field], diff=dm, diff_ci95=dc, gap=gap, diffs=diffs, seeds=len(a["seeds"]),
                            rivals=[r["method"] for r in rivals],
+                           diverged_seeds={r["method"]: r["diverged_seeds"] for r in [a, *rivals] if r["diverged_seeds"]},
                            # every expected baseline there, each with every final seed, paired
                            complete=complete,
                            # the paired test needs an interval (>= 2 seeds)
@@ -606,6 +639,10 @@ def main(argv=None):
         jobs = [j for j in jobs if j.get("stage") != "final" or j.get("design", a.designs[0]) in a.designs]
     if not set(prof["noisy_budgets"]) <= set(prof["budgets"]) - {0}:
         raise SystemExit(f"profile {a.profile}: noisy_budgets {prof['noisy_budgets']} must be non-zero budgets")
+    if not a.analyse_only:
+        lock_records(rec_dir)
+    check_grid(rec_dir, dict(benchmark="bench_alignment_llm_round2", profile_config=prof, label_noise=LABEL_NOISE,
+                             grids={m: grid(m, prof) for m in METHODS[1:]}), write=not a.analyse_only)
     saved = {} if a.records_from is None else saved_records(a.records_from, "bench_alignment_llm_round2", prof)
     if not a.analyse_only:  # (an analysis reads the saved records without writing them anywhere)
         written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")

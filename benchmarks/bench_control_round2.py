@@ -92,10 +92,12 @@ if importlib.util.find_spec("aihf_fast") is None:  # a source checkout that was 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import (  # noqa: E402
+    check_grid,
     ci95,
     commit,
     cpu_name,
     grid_arguments,
+    lock_records,
     read_records,
     remake_inputs_first,
     restore_records,
@@ -473,6 +475,11 @@ def main(argv=None):
     out = a.out or str(ROOT / "benchmarks" / "results" / f"bench_control_round2_{a.profile}.json")
     head, t0 = commit(), time.time()
     rec_dir = os.path.join(work, "records")
+    if not a.analyse_only:
+        lock_records(rec_dir)
+    check_grid(rec_dir, dict(benchmark="bench_control_round2", profile_config=prof, label_noise=LABEL_NOISE,
+                             grids={m: _grid(m, prof) for m in ("bc", "irl", "rlhf", "aihf")}),
+               write=not a.analyse_only)
     saved = {}
     if a.records_from is not None:  # expert and data records carry no key
         saved = saved_records(a.records_from, "bench_control_round2", prof,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -196,9 +197,9 @@ def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", mak
     return written, removed
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj, indent=None) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
     os.replace(path + ".tmp", path)  # never a half-written file
 
 
@@ -267,11 +268,11 @@ def grid_arguments(ap, profiles: dict, default: str):
 
 
 def save_grid_result(result: dict, out: str, plot) -> None:
-    """``result`` as JSON at ``out`` and ``plot(result, png_path)`` beside it."""
+    """``result`` as JSON at ``out``, then ``plot(result, png_path)`` beside it (a failing plot
+    loses no result)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    _write_json(out, result, indent=1)
     plot(result, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
 
 
 def write_report(report: dict, out: str) -> str:
@@ -283,13 +284,54 @@ def write_report(report: dict, out: str) -> str:
     return out
 
 
+_LOCKS = {}  # rec_dir -> the open lock file this process holds
+
+
+def lock_records(rec_dir: str) -> None:
+    """Hold rec_dir/.lock for the rest of this process (once per process): two processes writing
+    one grid's records and files would race; the second one stops with what to do."""
+    key = os.path.realpath(rec_dir)
+    if key in _LOCKS:
+        return
+    os.makedirs(rec_dir, exist_ok=True)
+    fh = open(os.path.join(rec_dir, ".lock"), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise SystemExit(f"another process is running jobs of {rec_dir}: run slices of one --work one after "
+                         "another (or give this one its own --work)") from None
+    _LOCKS[key] = fh
+
+
+def check_grid(rec_dir: str, signature: dict, write: bool) -> None:
+    """A --work holds one grid: rec_dir/grid.json keeps the ``signature`` (benchmark, profile
+    configuration, configurations) of the first run; a different one stops with what to do.
+    ``write``: record the signature when there is none yet (an analysis only reads)."""
+    path = os.path.join(rec_dir, "grid.json")
+    sig = json.loads(json.dumps(signature))  # as it reads back
+    try:
+        with open(path, encoding="utf-8") as f:
+            had = json.load(f)
+    except FileNotFoundError:
+        if write:
+            os.makedirs(rec_dir, exist_ok=True)
+            _write_json(path, sig, indent=1)
+        return
+    if had != sig:
+        diff = sorted(k for k in {*had, *sig} if had.get(k) != sig.get(k))
+        raise SystemExit(f"{rec_dir} holds the records of another grid ({path} differs in {diff}): "
+                         "use a new --work for this one")
+
+
 def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
     """Run ``fn(job, *fn_args) -> record`` for every job (dicts with ``key``, ``deps``: keys that
     must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is
     written atomically to rec_dir/KEY.json as it finishes, and a job whose record is there is
     skipped, so an interrupted benchmark continues where it stopped. A failure cancels the queue
-    and raises. Returns {key: record}; a record whose own "key" differs is also indexed by it."""
-    os.makedirs(rec_dir, exist_ok=True)
+    and raises. One process at a time (``lock_records``). Returns {key: record}; a record whose own
+    "key" differs is also indexed by it."""
+    lock_records(rec_dir)
     done, records = set(), {}
 
     def keep(j, rec):

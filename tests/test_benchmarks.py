@@ -357,6 +357,9 @@ def test_bench_control_round2_tiny(tmp_path):
     monkey = dict(bench.PROFILES["tiny"], treatments=dict(irl="raw+env", rlhf="raw+horizon"))
     bench.PROFILES["__t"] = monkey
     try:
+        with pytest.raises(SystemExit, match=r"another grid .*\['profile_config'\]"):  # another profile: stops first
+            bench.main(["--profile", "__t", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "x.json")])
+        (tmp_path / "w" / "records" / "grid.json").unlink()  # (a --work from before grid.json)
         with pytest.raises(SystemExit, match="another end-of-episode treatment"):
             bench.main(["--profile", "__t", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "x.json")])
     finally:
@@ -496,6 +499,62 @@ def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
     full = bench.analyse(recs, prof)["verdict"]["clean"]
     assert all(r["complete"] for r in full["rows"])
     assert full["goal"]["aihf"]["at_least_as_good_everywhere"] is True
+    # a run that diverged is named in its row and in the verdict rows that compare with it
+    k = next(k for k, r in recs.items() if r.get("method") == "dpo" and r["seed"] == 21 and r["arm"] == "clean")
+    recs[k] = dict(recs[k], diverged=True)
+    res = bench.analyse(recs, prof)
+    assert next(r for r in res["table"] if r["method"] == "dpo" and r["arm"] == "clean")["diverged_seeds"] == [21]
+    row = next(r for r in res["verdict"]["clean"]["rows"] if r["method"] == "aihf" and r["budget"] == recs[k]["budget"])
+    assert row["diverged_seeds"] == {"dpo": [21]}
+    recs[k] = dict(recs[k], chosen={"config": 1})  # final runs of one method from two tunings: an error
+    with pytest.raises(SystemExit, match="final runs of dpo ran more than one configuration"):
+        bench.analyse(recs, prof)
+
+
+def test_bench_alignment_llm_round2_tuning_records_must_match_the_grid():
+    """The rule reads tuning records by configuration index: a record that ran another configuration
+    than the grid's (the grid edited since) stops the choice instead of being read as this one."""
+    import bench_alignment_llm_round2 as bench
+
+    prof = bench.PROFILES["tiny"]
+    b = bench.tune_budget("sft", prof)
+    recs = {bench.run_key("tune", s, "A", "sft", b, config=c): dict(
+        chosen=dict(config=c, options=o), uses_pairs=False, evals=[{"step": 0, "eval/demo_nll": 2.0 - c}])
+        for c, o in enumerate(bench.grid("sft", prof)) for s in prof["tune_seeds"]}
+    assert bench.choose(recs, "sft", prof)["config"] == len(bench.grid("sft", prof)) - 1  # the lowest NLL
+    recs[bench.run_key("tune", prof["tune_seeds"][0], "A", "sft", b, config=0)]["chosen"]["options"] = dict(lr=1.0)
+    with pytest.raises(SystemExit, match=r"sft configuration 0 ran \{'lr': 1.0\}.*the grid changed"):
+        bench.choose(recs, "sft", prof)
+
+
+def test_grid_work_dirs_hold_one_grid_for_one_process_at_a_time(tmp_path):
+    """A --work directory keeps the signature of its grid (another grid's records are never read as
+    this one's), one process at a time runs its jobs, and a result is saved before its plot."""
+    import fcntl
+
+    from common import check_grid, run_jobs, save_grid_result
+
+    rec = tmp_path / "records"
+    check_grid(str(rec), dict(profile_config={"steps": 2}, grids={"sft": [{"lr": 1e-5}]}), write=False)
+    assert not (rec / "grid.json").exists()  # an analysis writes nothing
+    check_grid(str(rec), dict(profile_config={"steps": 2}, grids={"sft": [{"lr": 1e-5}]}), write=True)
+    check_grid(str(rec), dict(profile_config={"steps": 2}, grids={"sft": [{"lr": 1e-5}]}), write=True)
+    with pytest.raises(SystemExit, match=r"another grid .*differs in \['profile_config'\]\): use a new --work"):
+        check_grid(str(rec), dict(profile_config={"steps": 300}, grids={"sft": [{"lr": 1e-5}]}), write=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".lock", "a") as other:  # another process's lock (flock: per open file)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another process is running jobs of"):
+            run_jobs([dict(key="a", deps=[])], dict, (), str(busy), 1)
+    assert not (busy / "a.json").exists()
+
+    def broken_plot(result, png):
+        raise RuntimeError("no display")
+
+    with pytest.raises(RuntimeError, match="no display"):
+        save_grid_result(dict(analysis=1), str(tmp_path / "r.json"), broken_plot)
+    assert json.loads((tmp_path / "r.json").read_text()) == dict(analysis=1)
 
 
 def test_bench_control_round2_keeps_a_diverged_run(tmp_path, monkeypatch):
