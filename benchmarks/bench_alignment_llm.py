@@ -63,6 +63,7 @@ versions and commit. Runs are cached under ``--work`` (one record per run): reru
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -275,7 +276,8 @@ def job_prepare(job, prof, work):
         expert = synthetic.true_reward([r["prompt"] for r in train_demos], [r["completion"] for r in train_demos])
         meta[d] = dict(expert_data_reward=float(np.mean(expert)), eval_max_reward=m["eval_max_reward"])
     base_dir = os.path.join(p["dir"], "base")
-    if not os.path.isfile(os.path.join(base_dir, "summary.json")):  # written after the model: a finished base
+    if not (os.path.isfile(os.path.join(base_dir, "summary.json"))  # written after the model: a finished base
+            and glob.glob(os.path.join(p["base"], "*.safetensors"))):
         from aihf_fast.data.synthetic import DEFAULT_MODEL_CONFIG
 
         _train(dict(model_config={**DEFAULT_MODEL_CONFIG, **prof["model"]}, tokenizer=p["tok"], method="sft",

@@ -101,6 +101,7 @@ from common import (  # noqa: E402
     check_grid,
     ci95,
     commit,
+    cpu_name,
     device_name,
     files_digest,
     grid_arguments,
@@ -265,7 +266,7 @@ def _made_on() -> dict:
     bits of a run, so paired runs from different machines can be told apart)."""
     import torch
 
-    return dict(device=device_name(), threads=torch.get_num_threads())
+    return dict(device=device_name(), cpu=cpu_name(), threads=torch.get_num_threads())
 
 
 def _flip(rows: list, rate: float, seed: int) -> list:
@@ -404,23 +405,18 @@ def job_rm(job, prof, work, head):
                 digest=files_digest(model_dir, ["*.safetensors"]))
 
 
-# what a diverged run raises: a FloatingPointError (a non-finite loss, the reward model's
-# non-finite scores, or a forward pass over non-finite weights: ``aihf_fast.ops.NonFiniteError``),
-# or sampling from a policy whose probabilities are no longer finite; anything else is a failure
-# to fix (and rerun)
-_DIVERGED = "probability tensor contains either `inf`, `nan` or element < 0"
-
-
 def _train_or_diverge(opts):
-    """(summary, wall, diverged): a run whose numbers become non-finite stops with an error; it is
-    recorded with the evaluations it logged before (the selection ranks it last)."""
+    """(summary, wall, diverged): a run whose numbers stop being finite during its steps stops with
+    ``aihf_fast.train.llm.Diverged``; it is recorded with the evaluations it logged before (the
+    selection ranks it last). Anything else (a start model that is not finite, say) is a failure
+    to fix (and rerun)."""
+    from aihf_fast.train.llm import Diverged
+
     t0 = time.time()
     try:
         summary, wall = round1._train(opts)
         return summary, wall, False
-    except (RuntimeError, FloatingPointError) as e:
-        if not (isinstance(e, FloatingPointError) or _DIVERGED in str(e)):
-            raise
+    except Diverged as e:
         log = os.path.join(opts["output_dir"], "log.jsonl")
         evals = [r for r in round1._read_jsonl(log) if "eval/reward" in r] if os.path.isfile(log) else []
         return dict(evals=evals, train_seconds=time.time() - t0, generation_seconds=None,
@@ -442,7 +438,7 @@ def job_run(job, prof, work, head):
     if m in RM_ONCE:  # the shared reward model (its fit counted in every run's pipeline time)
         rm = read_records(os.path.join(work, "records"), [rm_key(m, s, d, b, arm)])[rm_key(m, s, d, b, arm)]
         opts["reward_model"] = os.path.join(_rm_dir(work, m, s, d, b, arm), "model")  # in this --work, wherever it is
-        if files_digest(opts["reward_model"], ["*.safetensors"]) != rm["digest"]:
+        if files_digest(opts["reward_model"], ["*.safetensors"]) != rm.get("digest"):
             raise SystemExit(f"the reward model in {opts['reward_model']} is not the one its record "
                              f"{rm['key']} describes: delete that record (it is refitted) and rerun")
         pre_wall, rm_eval = rm["wall_seconds"], rm["eval"]
@@ -641,10 +637,18 @@ def main(argv=None):
         raise SystemExit(f"profile {a.profile}: noisy_budgets {prof['noisy_budgets']} must be non-zero budgets")
     if not a.analyse_only:
         lock_records(rec_dir)
-    check_grid(rec_dir, dict(benchmark="bench_alignment_llm_round2", profile_config=prof, label_noise=LABEL_NOISE,
-                             grids={m: grid(m, prof) for m in METHODS[1:]}), write=not a.analyse_only)
+    signature = dict(benchmark="bench_alignment_llm_round2", profile_config=prof, label_noise=LABEL_NOISE,
+                     grids={m: grid(m, prof) for m in METHODS[1:]})
+    check_grid(rec_dir, signature, write=False)
     saved = {} if a.records_from is None else saved_records(a.records_from, "bench_alignment_llm_round2", prof)
     if not a.analyse_only:  # (an analysis reads the saved records without writing them anywhere)
+        made = {**saved, **read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)}
+        odd = sorted(k for k, r in made.items() if k.startswith("tune-")
+                     and r["chosen"]["options"] != grid(r["method"], prof)[r["chosen"]["config"]])
+        if odd:
+            raise SystemExit(f"{len(odd)} tuning records ran another configuration than the grid's, e.g. {odd[0]}: "
+                             "use a new --work" + (" without --records-from" if saved else ""))
+        check_grid(rec_dir, signature, write=True)  # every check passed: this --work holds this grid
         written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")
         if written or removed:
             print(f"[bench] {len(written)} records restored from {a.records_from}; {len(removed)} restored inputs "

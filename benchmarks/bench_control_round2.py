@@ -210,7 +210,13 @@ def select(records: dict, task: str, method: str, prof) -> dict:
     """The tuned configuration of (task, method): the best mean selection signal over the tuning seeds."""
     best = None
     for c in range(4):
-        sig = [selection_signal(records[f"tune-{method}-c{c}-{task}-s{s}"]) for s in prof["tune_seeds"]]
+        recs = [records[f"tune-{method}-c{c}-{task}-s{s}"] for s in prof["tune_seeds"]]
+        ran = next((r["chosen"]["options"] for r in recs if r["chosen"]["options"] != _grid(method, prof)[c]), None)
+        if ran is not None:
+            raise SystemExit(f"tuning records of {task}/{method} configuration {c} ran {ran}, but the grid's "
+                             f"configuration {c} is now {_grid(method, prof)[c]}: the grid changed since they were "
+                             "made; use a new --work")
+        sig = [selection_signal(r) for r in recs]
         mean = tuple(float(np.mean(v)) for v in zip(*sig))
         if best is None or mean > best[1]:
             best = (c, mean)
@@ -477,9 +483,9 @@ def main(argv=None):
     rec_dir = os.path.join(work, "records")
     if not a.analyse_only:
         lock_records(rec_dir)
-    check_grid(rec_dir, dict(benchmark="bench_control_round2", profile_config=prof, label_noise=LABEL_NOISE,
-                             grids={m: _grid(m, prof) for m in ("bc", "irl", "rlhf", "aihf")}),
-               write=not a.analyse_only)
+    signature = dict(benchmark="bench_control_round2", profile_config=prof, label_noise=LABEL_NOISE,
+                     grids={m: _grid(m, prof) for m in ("bc", "irl", "rlhf", "aihf")})
+    check_grid(rec_dir, signature, write=False)
     saved = {}
     if a.records_from is not None:  # expert and data records carry no key
         saved = saved_records(a.records_from, "bench_control_round2", prof,
@@ -504,6 +510,12 @@ def main(argv=None):
             raise SystemExit(f"{len(stale)} records in {where} ran another end-of-episode treatment than "
                              f"{TREATMENT_FILE.name} now chooses ({treat}), e.g. {stale[0]}: use a new --work"
                              + (" without --records-from" if saved else ""))
+        odd = sorted(r["key"] for r in have().values() if str(r.get("key")).startswith("tune-")
+                     and r["chosen"]["options"] != _grid(r["method"], prof)[r["chosen"]["config"]])
+        if odd:
+            raise SystemExit(f"{len(odd)} tuning records in {where} ran another configuration than the grid's, e.g. "
+                             f"{odd[0]}: use a new --work" + (" without --records-from" if saved else ""))
+        check_grid(rec_dir, signature, write=True)  # every check passed: this --work holds this grid
         jobs = [j for j in plan(dict(prof, tasks=a.tasks or prof["tasks"]))
                 if a.stage == "all" or j.get("stage") != "final"]
         written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")

@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -297,7 +298,7 @@ def lock_records(rec_dir: str) -> None:
     fh = open(os.path.join(rec_dir, ".lock"), "a")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         fh.close()
         raise SystemExit(f"another process is running jobs of {rec_dir}: run slices of one --work one after "
                          "another (or give this one its own --work)") from None
@@ -307,7 +308,8 @@ def lock_records(rec_dir: str) -> None:
 def check_grid(rec_dir: str, signature: dict, write: bool) -> None:
     """A --work holds one grid: rec_dir/grid.json keeps the ``signature`` (benchmark, profile
     configuration, configurations) of the first run; a different one stops with what to do.
-    ``write``: record the signature when there is none yet (an analysis only reads)."""
+    ``write``: record the signature when there is none yet; call it with ``write=False`` first and
+    with ``write=True`` once the run's other checks have passed (an analysis only reads)."""
     path = os.path.join(rec_dir, "grid.json")
     sig = json.loads(json.dumps(signature))  # as it reads back
     try:
@@ -318,18 +320,36 @@ def check_grid(rec_dir: str, signature: dict, write: bool) -> None:
             os.makedirs(rec_dir, exist_ok=True)
             _write_json(path, sig, indent=1)
         return
+    except ValueError as e:
+        raise SystemExit(f"{path} cannot be read ({e}): delete it only if the records beside it are this grid's") from None
     if had != sig:
-        diff = sorted(k for k in {*had, *sig} if had.get(k) != sig.get(k))
-        raise SystemExit(f"{rec_dir} holds the records of another grid ({path} differs in {diff}): "
-                         "use a new --work for this one")
+        diff = sorted(k for k in {*had, *sig} if not isinstance(had, dict) or had.get(k) != sig.get(k))
+        raise SystemExit(f"{rec_dir} holds the records of another grid ({path} differs in {diff}): use a new --work "
+                         "for this one (delete grid.json only if the records beside it were made by this grid)")
+
+
+def _start_worker(parent: int, initializer, initargs) -> None:
+    """A pool worker's start: it ends with the process that runs the grid (SIGTERM, which a
+    trainer answers with a checkpoint), however that ends, so no orphan goes on writing a run's
+    files while a rerun makes them again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
     """Run ``fn(job, *fn_args) -> record`` for every job (dicts with ``key``, ``deps``: keys that
     must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is
     written atomically to rec_dir/KEY.json as it finishes, and a job whose record is there is
-    skipped, so an interrupted benchmark continues where it stopped. A failure cancels the queue
-    and raises. One process at a time (``lock_records``). Returns {key: record}; a record whose own
+    skipped, so an interrupted benchmark continues where it stopped; workers end with this process.
+    A failure cancels the queue and raises. One process at a time (``lock_records``). Returns {key: record}; a record whose own
     "key" differs is also indexed by it."""
     lock_records(rec_dir)
     done, records = set(), {}
@@ -350,8 +370,8 @@ def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initial
     todo = [j for j in jobs if j["key"] not in done]
     log(f"[bench] {len(jobs)} jobs, {len(done)} cached, {len(todo)} to run on {workers} worker(s)")
     t0, submitted, running = time.time(), set(), {}
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
-                                initargs=initargs) as ex:
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                                initargs=(os.getpid(), initializer, initargs)) as ex:
         while len(done) < len(jobs):
             ready = [j for j in todo if j["key"] not in submitted and all(d in done for d in j["deps"])]
             for j in sorted(ready, key=lambda j: -j.get("cost", 1)):

@@ -2,7 +2,9 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -549,6 +551,40 @@ def test_grid_work_dirs_hold_one_grid_for_one_process_at_a_time(tmp_path):
             run_jobs([dict(key="a", deps=[])], dict, (), str(busy), 1)
     assert not (busy / "a.json").exists()
 
+    # workers end with the process that runs the grid, however it ends (here: SIGKILL)
+    script = tmp_path / "grid.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from common import run_jobs\n"
+        "def job(j, d):\n"
+        "    with open(os.path.join(d, 'worker.pid'), 'w') as f:\n"
+        "        f.write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    run_jobs([dict(key='slow', deps=[])], job, (sys.argv[1],), os.path.join(sys.argv[1], 'records'), 1)\n")
+    grid = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    pid_file = tmp_path / "worker.pid"
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    grid.kill()
+    grid.wait()
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    worker = int(pid_file.read_text())
+    for _ in range(100):
+        if not alive(worker):
+            break
+        time.sleep(0.1)
+    assert not alive(worker)
+
     def broken_plot(result, png):
         raise RuntimeError("no display")
 
@@ -603,3 +639,12 @@ def test_bench_control_round2_keeps_a_diverged_run(tmp_path, monkeypatch):
     recs[key] = dict(recs[key], diverged=rec["diverged"])
     assert bench.selection_signal(recs[key]) == (-np.inf, -np.inf)
     assert bench.select(recs, "Hopper-v5", "aihf", prof)["config"] != chosen
+    # a tuning record that ran another configuration than the grid's index (the grid edited since)
+    recs[key] = dict(recs[key], chosen=dict(recs[key]["chosen"], options=dict(reward_lr=1.0, reward_steps=1)))
+    with pytest.raises(SystemExit, match=f"Hopper-v5/aihf configuration {chosen} ran .*the grid changed"):
+        bench.select(recs, "Hopper-v5", "aihf", prof)
+    (work / "records" / f"{key}.json").write_text(json.dumps(recs[key]))
+    (work / "records" / "grid.json").unlink()  # a --work from before grid.json: its records are checked instead
+    with pytest.raises(SystemExit, match=f"1 tuning records in .* ran another configuration .*{key}"):
+        bench.main(["--profile", "tiny", "--work", str(work), "--out", str(tmp_path / "d.json")])
+    assert not (work / "records" / "grid.json").exists()

@@ -548,7 +548,7 @@ def aihf_loss(
         tok = _flat_tokens("token_logps", token_logps, labels_shape, N, 0).float()
         tok = torch.where(valid, tok, torch.zeros_like(tok))
         if validate and bool(torch.isnan(tok).any()):  # -inf is a log-prob (of an impossible token); NaN is not
-            raise ValueError(f"token_logps has {int(torch.isnan(tok).sum())} NaN values at loss positions")
+            raise NonFiniteError(f"token_logps has {int(torch.isnan(tok).sum())} NaN values at loss positions")
 
     if config.grad_in_forward and hidden is None:
         raise ValueError("grad_in_forward=True needs the policy as hidden + weight, not logits or token_logps")

@@ -14,7 +14,8 @@ from llm_helpers import make_task
 pytest.importorskip("deepspeed")
 transformers = pytest.importorskip("transformers")
 
-from aihf_fast.train.llm import LLMTrainConfig, Trainer  # noqa: E402
+from aihf_fast.ops import NonFiniteError  # noqa: E402
+from aihf_fast.train.llm import Diverged, LLMTrainConfig, Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +204,21 @@ def test_a_diverged_run_stops_with_a_floating_point_error(task, tmp_path):
     tr = _trainer(task, tmp_path, method="aihf", steps=3)
     real_step = tr.train_step
     tr.train_step = lambda step: {**real_step(step), "loss": float("nan")} if step == 1 else real_step(step)
-    with pytest.raises(FloatingPointError, match=r"step 2: loss = nan: the run diverged; lower the learning rate"):
+    with pytest.raises(Diverged, match=r"step 2: loss = nan: the run diverged; lower the learning rate \(lr = "):
         tr.train()
     tr = _trainer(task, tmp_path / "poisoned", method="sft", steps=3)
     with torch.no_grad():
         next(tr.policy.model.parameters()).fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(Diverged, match=r"step 1: .*non-finite values.*: the run diverged") as err:
         tr.train()
+    assert isinstance(err.value.__cause__, NonFiniteError) and isinstance(err.value, FloatingPointError)
+    tr = _trainer(task, tmp_path / "bad_sample", method="aihf", steps=3)  # sampling from non-finite probabilities
+    with torch.no_grad():
+        next(tr.policy.model.parameters()).fill_(float("nan"))
+    with pytest.raises(Diverged, match=r"step 1: probability tensor contains .*the run diverged"):
+        tr.train()
+    tr = _trainer(task, tmp_path / "other", method="sft", steps=3)  # any other error is not a divergence
+    tr.train_step = lambda step: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory") as err:
+        tr.train()
+    assert not isinstance(err.value, Diverged)

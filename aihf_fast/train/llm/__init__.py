@@ -7,6 +7,6 @@ aihf_rm (AIHF's reward-model + RL loop), with DeepSpeed ZeRO 0-3, through the fu
     python -m aihf_fast.train.llm --synthetic        # the embedded known-reward job
 """
 from .config import ConfigError, LLMTrainConfig, parse_args, validate
-from .trainer import Trainer, train
+from .trainer import Diverged, Trainer, train
 
-__all__ = ["ConfigError", "LLMTrainConfig", "Trainer", "parse_args", "train", "validate"]
+__all__ = ["ConfigError", "Diverged", "LLMTrainConfig", "Trainer", "parse_args", "train", "validate"]

@@ -156,6 +156,15 @@ def load_reward_fn(spec: str, option: str = "eval_reward"):
     return f
 
 
+# what torch.multinomial raises when it samples from probabilities that are no longer finite
+_SAMPLED_NAN = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+class Diverged(FloatingPointError):
+    """A run's numbers stopped being finite at a step (its loss, its weights, the rewards it was
+    given): the run stops, naming the step; a lower learning rate is the usual fix."""
+
+
 class Trainer:
     def __init__(self, cfg: LLMTrainConfig):
         validate(cfg)
@@ -706,37 +715,53 @@ class Trainer:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def _step(self, step: int, lr: float, evals: list, bar) -> dict:
+        """Refresh, one optimiser step, log, evaluate -> the step's record. A loss that is not
+        finite raises ``Diverged``."""
+        cfg = self.cfg
+        self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
+        t0 = time.time()
+        m = self.train_step(step)
+        dt = time.time() - t0
+        bad = [k for k in ("loss", "rm/loss") if k in m and not math.isfinite(m[k])]
+        if bad:  # every rank sees the same (all-reduced) loss; the step's update may have made the weights non-finite
+            rate = f"rm_lr = {cfg.rm_lr or lr:g}" if bad[0] == "rm/loss" else f"lr = {lr:g}"
+            raise Diverged(f"step {step + 1}: {bad[0]} = {m[bad[0]]}: the run diverged; lower the learning rate "
+                           f"({rate})")
+        last = dict(step=step + 1, method=self.method_at(step), lr=lr, tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "rm/loss" in m:  # reward phases: always
+            self._log(last)
+        if bar is not None:
+            bar.update(1)
+            shown = {"reward": f"{m['rl/reward']:.3f}", "kl": f"{m['rl/kl']:.3f}"} if "rl/reward" in m else \
+                {"loss": f"{m['loss']:.4f}"}  # an RL loss is ~0 by construction (mean-zero advantages)
+            bar.set_postfix(**shown, tok_s=f"{last['tokens_per_s']:.0f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
+            e = self.evaluate(step + 1)
+            if e:
+                evals.append(e)
+                self._log(e)
+        return last
+
     def _steps(self, start: int, evals: list, bar, stop, kill_at: int):
         """Steps start .. steps-1 (refresh, step, log, evaluate, checkpoint); after each, a stop
-        requested by a signal (on any rank) checkpoints and raises ``Interrupted``.
+        requested by a signal (on any rank) checkpoints and raises ``Interrupted``. Non-finite
+        numbers met on the way (the loss, a forward pass or sampling over weights that are no
+        longer finite, the rewards given) raise ``Diverged`` naming the step.
         Returns (tokens, the last step's record)."""
         cfg = self.cfg
         tok_total, last = 0, {}
         for step in range(start, cfg.steps):
-            self.refresh(step)  # off a refresh boundary this does nothing: a resumed window comes from the checkpoint
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
-            t0 = time.time()
-            m = self.train_step(step)
-            dt = time.time() - t0
-            bad = [k for k in ("loss", "rm/loss") if k in m and not math.isfinite(m[k])]
-            if bad:  # the step already ran: the weights are no longer finite (every rank sees the same loss)
-                raise FloatingPointError(f"step {step + 1}: {bad[0]} = {m[bad[0]]}: the run diverged; "
-                                         f"lower the learning rate (lr = {lr:g})")
-            tok_total += m["tokens"]
-            last = dict(step=step + 1, method=self.method_at(step), lr=lr,
-                        tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "rm/loss" in m:  # reward phases: always
-                self._log(last)
-            if bar is not None:
-                bar.update(1)
-                shown = {"reward": f"{m['rl/reward']:.3f}", "kl": f"{m['rl/kl']:.3f}"} if "rl/reward" in m else \
-                    {"loss": f"{m['loss']:.4f}"}  # an RL loss is ~0 by construction (mean-zero advantages)
-                bar.set_postfix(**shown, tok_s=f"{last['tokens_per_s']:.0f}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
-                e = self.evaluate(step + 1)
-                if e:
-                    evals.append(e)
-                    self._log(e)
+            try:
+                last = self._step(step, lr, evals, bar)
+            except Diverged:
+                raise
+            except (FloatingPointError, RuntimeError) as e:  # e.g. aihf_fast.ops.NonFiniteError
+                if isinstance(e, RuntimeError) and _SAMPLED_NAN not in str(e):
+                    raise
+                raise Diverged(f"step {step + 1}: {e}: the run diverged; lower the learning rate (lr = {lr:g})") from e
+            tok_total += last["tokens"]
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 self.save_checkpoint(step + 1)
             if step + 1 == kill_at:
