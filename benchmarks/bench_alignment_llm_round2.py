@@ -98,6 +98,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_alignment_llm as round1  # noqa: E402
 from common import (  # noqa: E402
+    _made_records,
     check_grid,
     ci95,
     commit,
@@ -642,9 +643,10 @@ def main(argv=None):
     check_grid(rec_dir, signature, write=False)
     saved = {} if a.records_from is None else saved_records(a.records_from, "bench_alignment_llm_round2", prof)
     if not a.analyse_only:  # (an analysis reads the saved records without writing them anywhere)
-        made = {**saved, **read_records(rec_dir, [j["key"] for j in plan(prof)], missing_ok=True)}
-        odd = sorted(k for k, r in made.items() if k.startswith("tune-")
-                     and r["chosen"]["options"] != grid(r["method"], prof)[r["chosen"]["config"]])
+        tune = {j["key"]: j for j in plan(prof) if j["kind"] == "run" and j["stage"] == "tune"}
+        made = {k: r for k, r in {**saved, **_made_records(rec_dir, tune)}.items() if k in tune}
+        odd = sorted(k for k, r in made.items()
+                      if r["chosen"]["options"] != grid(tune[k]["method"], prof)[tune[k]["config"]])
         if odd:
             raise SystemExit(f"{len(odd)} tuning records ran another configuration than the grid's, e.g. {odd[0]}: "
                              "use a new --work" + (" without --records-from" if saved else ""))

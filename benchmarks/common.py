@@ -323,25 +323,33 @@ def check_grid(rec_dir: str, signature: dict, write: bool) -> None:
     except ValueError as e:
         raise SystemExit(f"{path} cannot be read ({e}): delete it only if the records beside it are this grid's") from None
     if had != sig:
-        diff = sorted(k for k in {*had, *sig} if not isinstance(had, dict) or had.get(k) != sig.get(k))
+        diff = sorted(k for k in sig if not isinstance(had, dict) or had.get(k) != sig.get(k))
         raise SystemExit(f"{rec_dir} holds the records of another grid ({path} differs in {diff}): use a new --work "
                          "for this one (delete grid.json only if the records beside it were made by this grid)")
 
 
 def _start_worker(parent: int, initializer, initargs) -> None:
-    """A pool worker's start: it ends with the process that runs the grid (SIGTERM, which a
-    trainer answers with a checkpoint), however that ends, so no orphan goes on writing a run's
-    files while a rerun makes them again."""
+    """A pool worker's start: it is killed with the process that runs the grid, however that ends
+    (SIGKILL: a trainer would answer SIGTERM with a checkpoint and the worker take the next queued
+    job), so no orphan goes on writing a run's files while a rerun makes them again."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (ImportError, OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it ended before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _call_if_parent(parent: int, fn, job, *args):
+    """``fn(job, *args)`` in a pool worker, unless the grid's process has ended (a job queued
+    before it ended)."""
+    if os.getppid() != parent:
+        os._exit(1)
+    return fn(job, *args)
 
 
 def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initializer=None, initargs=(), log=print) -> dict:
@@ -376,7 +384,7 @@ def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initial
             ready = [j for j in todo if j["key"] not in submitted and all(d in done for d in j["deps"])]
             for j in sorted(ready, key=lambda j: -j.get("cost", 1)):
                 submitted.add(j["key"])
-                running[ex.submit(fn, j, *fn_args)] = j
+                running[ex.submit(_call_if_parent, os.getpid(), fn, j, *fn_args)] = j
             if not running:
                 raise RuntimeError("unsatisfiable job dependencies")
             fin, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)

@@ -513,7 +513,7 @@ def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
         bench.analyse(recs, prof)
 
 
-def test_bench_alignment_llm_round2_tuning_records_must_match_the_grid():
+def test_bench_alignment_llm_round2_tuning_records_must_match_the_grid(tmp_path):
     """The rule reads tuning records by configuration index: a record that ran another configuration
     than the grid's (the grid edited since) stops the choice instead of being read as this one."""
     import bench_alignment_llm_round2 as bench
@@ -527,6 +527,13 @@ def test_bench_alignment_llm_round2_tuning_records_must_match_the_grid():
     recs[bench.run_key("tune", prof["tune_seeds"][0], "A", "sft", b, config=0)]["chosen"]["options"] = dict(lr=1.0)
     with pytest.raises(SystemExit, match=r"sft configuration 0 ran \{'lr': 1.0\}.*the grid changed"):
         bench.choose(recs, "sft", prof)
+    # such a record in a --work (from before grid.json) stops a run before any job, and no grid.json is written
+    key = bench.run_key("tune", prof["tune_seeds"][0], "A", "sft", b, config=0)
+    (tmp_path / "w" / "records").mkdir(parents=True)
+    (tmp_path / "w" / "records" / f"{key}.json").write_text(json.dumps(dict(recs[key], key=key, method="sft")))
+    with pytest.raises(SystemExit, match=f"1 tuning records ran another configuration than the grid's, e.g. {key}"):
+        bench.main(["--profile", "tiny", "--stage", "tune", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert sorted(p.name for p in (tmp_path / "w" / "records").iterdir()) == [".lock", f"{key}.json"]
 
 
 def test_grid_work_dirs_hold_one_grid_for_one_process_at_a_time(tmp_path):
@@ -551,13 +558,16 @@ def test_grid_work_dirs_hold_one_grid_for_one_process_at_a_time(tmp_path):
             run_jobs([dict(key="a", deps=[])], dict, (), str(busy), 1)
     assert not (busy / "a.json").exists()
 
-    # workers end with the process that runs the grid, however it ends (here: SIGKILL)
+    # workers end with the process that runs the grid, however it ends (here: SIGKILL), whatever
+    # the job does with SIGTERM
     script = tmp_path / "grid.py"
     script.write_text(
         "import os, sys, time\n"
         f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
         "from common import run_jobs\n"
+        "import signal\n"
         "def job(j, d):\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a trainer that checkpoints on SIGTERM goes on\n"
         "    with open(os.path.join(d, 'worker.pid'), 'w') as f:\n"
         "        f.write(str(os.getpid()))\n"
         "    time.sleep(120)\n"

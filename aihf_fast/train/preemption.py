@@ -40,6 +40,9 @@ class Interrupted(BaseException):
                          "with --resume" if checkpoint else
                          f"interrupted by {name} while a run was starting: no step of it was run")
 
+    def __reduce__(self):  # pickled whole (e.g. from a process-pool worker back to its parent)
+        return type(self), (self.signum, self.step, self.checkpoint, self.rank)
+
 
 class StopOnSignal:
     """``with StopOnSignal() as stop:`` the first SIGTERM/SIGINT is recorded (``stop.requested()``),

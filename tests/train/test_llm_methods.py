@@ -217,6 +217,15 @@ def test_a_diverged_run_stops_with_a_floating_point_error(task, tmp_path):
         next(tr.policy.model.parameters()).fill_(float("nan"))
     with pytest.raises(Diverged, match=r"step 1: probability tensor contains .*the run diverged"):
         tr.train()
+    tr = _trainer(task, tmp_path / "last", method="sft", steps=2)  # the last update diverged: the final evaluation
+
+    def evaluate(step):
+        if step == 2:
+            raise NonFiniteError("hidden has 3 non-finite values (NaN/inf); expected finite inputs")
+
+    tr.evaluate = evaluate
+    with pytest.raises(Diverged, match=r"step 2: hidden has 3 non-finite values .*: the run diverged"):
+        tr.train()
     tr = _trainer(task, tmp_path / "other", method="sft", steps=3)  # any other error is not a divergence
     tr.train_step = lambda step: (_ for _ in ()).throw(RuntimeError("out of memory"))
     with pytest.raises(RuntimeError, match="out of memory") as err:

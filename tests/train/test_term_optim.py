@@ -151,6 +151,18 @@ def test_stop_on_signal_first_records_second_aborts(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_interrupted_pickles_whole():
+    """An Interrupted raised in a process-pool worker reaches its parent as itself."""
+    import pickle
+    import signal
+
+    from aihf_fast.train.preemption import Interrupted
+
+    e = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, 7, "/ckpt/step7", 1)))
+    assert (e.signum, e.step, e.checkpoint, e.rank, e.exit_code) == (signal.SIGTERM, 7, "/ckpt/step7", 1, 143)
+    assert str(e) == str(Interrupted(signal.SIGTERM, 7, "/ckpt/step7", 1)) and "--resume" in str(e)
+
+
 def test_stop_on_signal_start_up_mode_and_process_exit(tmp_path):
     """Start-up mode raises Interrupted at once and leaves no handler or active instance behind;
     under main_then_exit the same stop delivered again while the command reports is ignored (a

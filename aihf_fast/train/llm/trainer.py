@@ -31,6 +31,7 @@ the last refresh, the self-play form).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -161,8 +162,23 @@ _SAMPLED_NAN = "probability tensor contains either `inf`, `nan` or element < 0"
 
 
 class Diverged(FloatingPointError):
-    """A run's numbers stopped being finite at a step (its loss, its weights, the rewards it was
-    given): the run stops, naming the step; a lower learning rate is the usual fix."""
+    """A run's numbers stopped being finite at a step (its loss, its weights, a reward model's
+    rewards): the run stops, naming the step; a lower learning rate is the usual fix."""
+
+
+@contextlib.contextmanager
+def _diverging(step: int, lr: float):
+    """Non-finite numbers met while making step ``step`` or evaluating after it (``NonFiniteError``
+    and other ``FloatingPointError``s, or torch sampling from non-finite probabilities) raise
+    ``Diverged`` naming the step; any other error passes unchanged."""
+    try:
+        yield
+    except Diverged:
+        raise
+    except (FloatingPointError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and _SAMPLED_NAN not in str(e):
+            raise
+        raise Diverged(f"step {step}: {e}: the run diverged; lower the learning rate (lr = {lr:g})") from e
 
 
 class Trainer:
@@ -725,7 +741,7 @@ class Trainer:
         dt = time.time() - t0
         bad = [k for k in ("loss", "rm/loss") if k in m and not math.isfinite(m[k])]
         if bad:  # every rank sees the same (all-reduced) loss; the step's update may have made the weights non-finite
-            rate = f"rm_lr = {cfg.rm_lr or lr:g}" if bad[0] == "rm/loss" else f"lr = {lr:g}"
+            rate = f"rm_lr = {cfg.rm_lr or cfg.lr:g}" if bad[0] == "rm/loss" else f"lr = {lr:g}"
             raise Diverged(f"step {step + 1}: {bad[0]} = {m[bad[0]]}: the run diverged; lower the learning rate "
                            f"({rate})")
         last = dict(step=step + 1, method=self.method_at(step), lr=lr, tokens_per_s=m["tokens"] / max(dt, 1e-9), **m)
@@ -747,20 +763,14 @@ class Trainer:
         """Steps start .. steps-1 (refresh, step, log, evaluate, checkpoint); after each, a stop
         requested by a signal (on any rank) checkpoints and raises ``Interrupted``. Non-finite
         numbers met on the way (the loss, a forward pass or sampling over weights that are no
-        longer finite, the rewards given) raise ``Diverged`` naming the step.
+        longer finite, a reward model's rewards) raise ``Diverged`` naming the step.
         Returns (tokens, the last step's record)."""
         cfg = self.cfg
         tok_total, last = 0, {}
         for step in range(start, cfg.steps):
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
-            try:
+            with _diverging(step + 1, lr):
                 last = self._step(step, lr, evals, bar)
-            except Diverged:
-                raise
-            except (FloatingPointError, RuntimeError) as e:  # e.g. aihf_fast.ops.NonFiniteError
-                if isinstance(e, RuntimeError) and _SAMPLED_NAN not in str(e):
-                    raise
-                raise Diverged(f"step {step + 1}: {e}: the run diverged; lower the learning rate (lr = {lr:g})") from e
             tok_total += last["tokens"]
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 self.save_checkpoint(step + 1)
@@ -819,7 +829,8 @@ class Trainer:
                 bar.close()
         # from here a signal is recorded and the run completes (final evaluation, model saved)
         if not evals or evals[-1]["step"] != cfg.steps:
-            e = self.evaluate(cfg.steps)
+            with _diverging(cfg.steps, last.get("lr", cfg.lr)):  # the last update may have diverged
+                e = self.evaluate(cfg.steps)
             if e:
                 evals.append(e)
                 self._log(e)
