@@ -263,8 +263,8 @@ def _init_worker(threads: int):
 
 
 def _made_on() -> dict:
-    """Where a record was made: the device and the threads of its process (both can change the last
-    bits of a run, so paired runs from different machines can be told apart)."""
+    """Where a record was made: the device, the CPU model and the threads of its process (each can
+    change the last bits of a run, so paired runs from different machines can be told apart)."""
     import torch
 
     return dict(device=device_name(), cpu=cpu_name(), threads=torch.get_num_threads())
