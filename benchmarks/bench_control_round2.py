@@ -150,8 +150,9 @@ def plan(prof):
     for task in prof["tasks"]:
         for s in [*prof["tune_seeds"], *prof["final_seeds"]]:
             e, d = f"expert-{task}-s{s}", f"data-{task}-s{s}"
-            jobs.append(dict(kind="expert", key=e, deps=[], task=task, seed=s, cost=100))
-            jobs.append(dict(kind="data", key=d, deps=[e], task=task, seed=s, cost=50))
+            stage = "tune" if s in prof["tune_seeds"] else "final"  # a --stage tune slice skips the final seeds' data
+            jobs.append(dict(kind="expert", stage=stage, key=e, deps=[], task=task, seed=s, cost=100))
+            jobs.append(dict(kind="data", stage=stage, key=d, deps=[e], task=task, seed=s, cost=50))
         tune_keys = {}
         for m in ("bc", "irl", "rlhf", "aihf"):
             b = prof["tune_budget"] if m in ("rlhf", "aihf") else 0

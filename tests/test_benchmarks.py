@@ -294,6 +294,8 @@ def test_bench_control_round2_tiny(tmp_path):
     out = tmp_path / "r2.json"
     tuned = bench.main(["--profile", "tiny", "--stage", "tune", "--work", str(tmp_path / "w"), "--out", str(out)])
     assert tuned["analysis"]["verdict"] == [] and tuned["analysis"]["missing"]  # the final runs wait
+    final_seeds = bench.PROFILES["tiny"]["final_seeds"]
+    assert not [r for r in tuned["records"] if r["seed"] in final_seeds]  # nor their experts and data
     tuning = tuned["analysis"]["tuning"]  # the tuning slice alone shows what the rule picks
     assert sorted(tuning) == [f"Hopper-v5/{m}" for m in ("aihf", "bc", "irl", "rlhf")]
     for t in tuning.values():
