@@ -34,7 +34,9 @@ Selection (never reads the true reward; one rule per kind, fixed here): bc by th
 demonstrations' NLL under the final policy (lower is better); irl, rlhf, aihf by the learned
 reward's accuracy on the held-out pairs at the last evaluation (higher is better; ties by the
 held-out pair NLL; irl sees these pairs only here). The configuration with the best mean over the
-2 tuning seeds is used for every budget, arm and start of that task and method.
+2 tuning seeds is used for every budget, arm and start of that task and method. (Clarified post hoc,
+no choice changed: means are compared to 6 decimals, so that equal pair counts tie in float32; a
+tie left after that goes to the lowest configuration number.)
 Reported per run: the true return of the deterministic policy, mean of the last 3 evaluations
 (10 episodes each; the last checkpoint, no checkpoint selection), the episode length, corr(r_theta,
 true reward) on the policy's own PPO batches (mean of the last 10 iterations, and the curve),
@@ -207,6 +209,12 @@ def selection_signal(rec) -> tuple:
     return tuple(-np.inf if not np.isfinite(v) else float(v) for v in sig)  # a diverged run is the worst
 
 
+def _mean_signal(recs) -> tuple:
+    """The selection signal's mean over the tuning seeds, to 6 decimals: held-out accuracies are
+    counts of pairs (float32), so equal counts compare equal and the NLL decides."""
+    return tuple(round(float(np.mean(v)), 6) for v in zip(*map(selection_signal, recs)))
+
+
 def select(records: dict, task: str, method: str, prof) -> dict:
     """The tuned configuration of (task, method): the best mean selection signal over the tuning seeds."""
     best = None
@@ -217,8 +225,7 @@ def select(records: dict, task: str, method: str, prof) -> dict:
             raise SystemExit(f"tuning records of {task}/{method} configuration {c} ran {ran}, but the grid's "
                              f"configuration {c} is now {_grid(method, prof)[c]}: the grid changed since they were "
                              "made; use a new --work")
-        sig = [selection_signal(r) for r in recs]
-        mean = tuple(float(np.mean(v)) for v in zip(*sig))
+        mean = _mean_signal(recs)
         if best is None or mean > best[1]:
             best = (c, mean)
     return dict(config=best[0], signal=list(best[1]), options=_grid(method, prof)[best[0]])
@@ -321,7 +328,13 @@ def analyse(records, prof):
     for task in prof["tasks"]:
         for m in ("bc", "irl", "rlhf", "aihf"):
             tuned = [r for r in records.values() if r.get("stage") == "final" and r["task"] == task and r["method"] == m]
-            if tuned:
+            if tuned:  # every final run of a method runs the one configuration its tuning records pick
+                ran = sorted({r["chosen"]["config"] for r in tuned})
+                made = all(f"tune-{m}-c{c}-{task}-s{s}" in records for c in range(4) for s in prof["tune_seeds"])
+                if len(ran) > 1 or (made and ran != [select(records, task, m, prof)["config"]]):
+                    raise SystemExit(f"final runs of {task}/{m} ran configuration(s) {ran}, but its tuning records "
+                                     "pick one other or there is more than one: the tuning records changed after "
+                                     "those runs were made; redo them")
                 chosen[f"{task}/{m}"] = tuned[0]["chosen"]
 
         def cell(m, b, arm="clean", start="bc", task=task):
@@ -407,8 +420,7 @@ def tuning(records, prof) -> dict:
             configs = []
             for c in range(4):
                 recs = [records[keys[c, s]] for s in prof["tune_seeds"]]
-                configs.append(dict(options=_grid(m, prof)[c], signal=[float(np.mean(v)) for v in
-                                                                       zip(*map(selection_signal, recs))],
+                configs.append(dict(options=_grid(m, prof)[c], signal=list(_mean_signal(recs)),
                                     true_return=float(np.mean([r["final"] for r in recs]))))
             out[f"{task}/{m}"] = dict(chosen=select(records, task, m, prof)["config"], configs=configs)
     return out

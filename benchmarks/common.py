@@ -213,7 +213,8 @@ def _pending_inputs(rec_dir: str) -> list:
 def check_remade_inputs(jobs: list, rec_dir: str, fingerprint) -> None:
     """Compare each input remade after ``restore_records`` (its earlier record in
     rec_dir/to_compare/) with that record by ``fingerprint(record)``, wherever a record in rec_dir
-    was made from the earlier one (``jobs``: the whole plan). A difference stops the grid
+    was made from the earlier one, directly or through another remade input (``jobs``: the whole
+    plan). A difference stops the grid
     (SystemExit; again on every rerun): those runs would be paired with new runs on other inputs.
     An input not remade yet stays pending; a compared or unused one is settled."""
     pend_dir, pending = os.path.join(rec_dir, "to_compare"), _pending_inputs(rec_dir)
@@ -221,7 +222,13 @@ def check_remade_inputs(jobs: list, rec_dir: str, fingerprint) -> None:
         return
     made = _made_records(rec_dir, [j["key"] for j in jobs])
     kept = set(made) - set(pending)  # records not remade: what they were made from must not change
-    used = {d for j in jobs if j["key"] in kept for d in j["deps"]}
+    deps = {j["key"]: j["deps"] for j in jobs}
+    used, stack = set(), [d for k in kept for d in deps.get(k, [])]
+    while stack:  # what they were made from, also through a remade input (expert -> data -> run)
+        d = stack.pop()
+        if d not in used:
+            used.add(d)
+            stack.extend(deps.get(d, []) if d in pending else [])
     differ = []
     for k in pending:
         if k not in made:
