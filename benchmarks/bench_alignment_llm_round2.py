@@ -53,7 +53,7 @@ Equal tuning: 6 configurations per method (``configs``), on the tuning seeds, de
 Selection (never reads the true reward; the same rule for every method of a kind), for the
 checkpoint (every ``eval_every`` steps and step 0) and the configuration (the best mean over the
 tuning seeds of the signal at each run's selected checkpoint, the signal with its tie-break,
-compared in that order; ties: the earlier configuration in the grid's order; a run whose numbers
+compared in that order, means to 6 decimals; ties: the earlier configuration in the grid's order; a run whose numbers
 become non-finite ranks last), used for every budget,
 design and arm: runs trained on pairs take the highest held-out preference accuracy of the implicit reward
 log pi - log pi_anchor (anchor: the model the method is regularised toward, base, or the SFT
@@ -107,6 +107,7 @@ from common import (  # noqa: E402
     files_digest,
     grid_arguments,
     lock_records,
+    mean_signal,
     read_records,
     remake_inputs_first,
     restore_records,
@@ -315,8 +316,7 @@ def choose(records: dict, method: str, prof: dict) -> dict:
         if ran is not None:
             raise SystemExit(f"tuning records of {method} configuration {c} ran {ran}, but the grid's configuration {c} "
                              f"is now {opts}: the grid changed since they were made; use a new --work")
-        sig = [signal(r) for r in recs]
-        mean = tuple(float(np.mean(v)) for v in zip(*sig))
+        mean = mean_signal(map(signal, recs))
         if best is None or mean > best["signal"]:
             best = dict(config=c, options=opts, signal=mean)
     return dict(best, signal=list(best["signal"]))

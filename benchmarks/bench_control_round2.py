@@ -100,6 +100,7 @@ from common import (  # noqa: E402
     cpu_name,
     grid_arguments,
     lock_records,
+    mean_signal,
     read_records,
     remake_inputs_first,
     restore_records,
@@ -209,12 +210,6 @@ def selection_signal(rec) -> tuple:
     return tuple(-np.inf if not np.isfinite(v) else float(v) for v in sig)  # a diverged run is the worst
 
 
-def _mean_signal(recs) -> tuple:
-    """The selection signal's mean over the tuning seeds, to 6 decimals: held-out accuracies are
-    counts of pairs (float32), so equal counts compare equal and the NLL decides."""
-    return tuple(round(float(np.mean(v)), 6) for v in zip(*map(selection_signal, recs)))
-
-
 def select(records: dict, task: str, method: str, prof) -> dict:
     """The tuned configuration of (task, method): the best mean selection signal over the tuning seeds."""
     best = None
@@ -225,7 +220,7 @@ def select(records: dict, task: str, method: str, prof) -> dict:
             raise SystemExit(f"tuning records of {task}/{method} configuration {c} ran {ran}, but the grid's "
                              f"configuration {c} is now {_grid(method, prof)[c]}: the grid changed since they were "
                              "made; use a new --work")
-        mean = _mean_signal(recs)
+        mean = mean_signal(map(selection_signal, recs))
         if best is None or mean > best[1]:
             best = (c, mean)
     return dict(config=best[0], signal=list(best[1]), options=_grid(method, prof)[best[0]])
@@ -420,7 +415,7 @@ def tuning(records, prof) -> dict:
             configs = []
             for c in range(4):
                 recs = [records[keys[c, s]] for s in prof["tune_seeds"]]
-                configs.append(dict(options=_grid(m, prof)[c], signal=list(_mean_signal(recs)),
+                configs.append(dict(options=_grid(m, prof)[c], signal=list(mean_signal(map(selection_signal, recs))),
                                     true_return=float(np.mean([r["final"] for r in recs]))))
             out[f"{task}/{m}"] = dict(chosen=select(records, task, m, prof)["config"], configs=configs)
     return out
