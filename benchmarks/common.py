@@ -374,7 +374,7 @@ def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initial
     must finish first, ``cost``: larger runs first) on a spawn process pool. Each record is
     written atomically to rec_dir/KEY.json as it finishes, and a job whose record is there is
     skipped, so an interrupted benchmark continues where it stopped; workers end with this process.
-    A failure cancels the queue and raises. One process at a time (``lock_records``). Returns {key: record}; a record whose own
+    A failure cancels the queue, keeps what was running when it finishes, and raises. One process at a time (``lock_records``). Returns {key: record}; a record whose own
     "key" differs is also indexed by it."""
     lock_records(rec_dir)
     done, records = set(), {}
@@ -418,6 +418,10 @@ def run_jobs(jobs: list, fn, fn_args: tuple, rec_dir: str, workers: int, initial
                 log(f"[bench] {len(done)}/{len(jobs)} {j['key']} ({time.time() - t0:.0f}s)")
             if failed:
                 ex.shutdown(wait=True, cancel_futures=True)
+                for fut, j in running.items():  # runs that finished meanwhile are kept
+                    if not fut.cancelled() and fut.exception() is None:
+                        _write_json(os.path.join(rec_dir, j["key"] + ".json"), fut.result())
+                        log(f"[bench] {j['key']} kept ({time.time() - t0:.0f}s)")
                 j, e = failed[0]
                 raise RuntimeError(f"{len(failed)} job(s) failed, first {j['key']}: {e!r}; rerun to continue") from e
     return records

@@ -613,6 +613,24 @@ def test_grid_work_dirs_hold_one_grid_for_one_process_at_a_time(tmp_path):
         time.sleep(0.1)
     assert not alive(worker)
 
+    # a failure stops the queue, but the run beside it is kept when it finishes
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from common import run_jobs\n"
+        "def job(j):\n"
+        "    time.sleep(0.5 if j['key'] == 'bad' else 4)\n"
+        "    if j['key'] == 'bad':\n"
+        "        raise ValueError('bad input')\n"
+        "    return dict(ok=j['key'])\n"
+        "if __name__ == '__main__':\n"
+        "    jobs = [dict(key=k, deps=[], cost=c) for k, c in (('long', 3), ('bad', 2), ('queued', 1))]\n"
+        "    run_jobs(jobs, job, (), os.path.join(sys.argv[1], 'records2'), 2)\n")
+    failed = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "1 job(s) failed, first bad: ValueError('bad input')" in failed.stderr
+    kept = {p.name for p in (tmp_path / "records2").glob("*.json")}  # (a queued job may have started)
+    assert "long.json" in kept and "bad.json" not in kept
+
     def broken_plot(result, png):
         raise RuntimeError("no display")
 
