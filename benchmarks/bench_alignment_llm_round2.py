@@ -14,7 +14,9 @@ Seeds: tuning 300, 301; final 20-24 (fresh: no round-one, tuning or exploration 
 paired (same task, base model, pairs, evaluation sample seed). Designs A and B, 2000
 demonstrations; preference budgets {0, 25, 100, 400, 1600}, nested base-sample pairs labelled by a
 Bradley-Terry draw on the true reward (temperature 1); a low-quality arm at {100, 400} pairs: the
-same pairs with 20% of the labels flipped (held-out pairs of that arm flipped the same way).
+same pairs with 20% of the labels flipped (one in each block of 5 consecutive pairs, drawn per
+seed: exactly 20% of every budget, nested, the same positions for base and SFT-anchor pairs;
+held-out pairs of that arm flipped the same way).
 Held out, never trained on: 200 demonstrations, 200 pairs (selection), 256 evaluation prompts.
 Methods (14), each ``steps`` optimiser steps of the policy from its start (pipelines that start
 from the SFT anchor also had the anchor's steps; wall-clock of the whole pipeline is reported):
@@ -272,9 +274,15 @@ def _made_on() -> dict:
 
 
 def _flip(rows: list, rate: float, seed: int) -> list:
-    """The low-quality arm: each pair's label flipped with probability ``rate`` (a fixed draw)."""
-    flip = np.random.default_rng(seed).random(len(rows)) < rate
-    return [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if f else r for r, f in zip(rows, flip)]
+    """The low-quality arm: one label flipped in each block of 1/``rate`` consecutive pairs (which
+    one: a fixed draw from ``seed``), so every nested budget that is a multiple of 1/rate has
+    exactly ``rate`` of its labels flipped, at the same positions for every pair source of a seed."""
+    k = round(1 / rate) if rate > 0 else 0
+    if k < 2 or abs(k * rate - 1) > 1e-9:
+        raise ValueError(f"rate: expected 1/k for an integer k >= 2, got {rate}")
+    pick = np.random.default_rng(seed).integers(0, k, size=-(-len(rows) // k))
+    return [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i % k == pick[i // k] else r
+            for i, r in enumerate(rows)]
 
 
 def job_prepare(job, prof, work):
@@ -347,7 +355,7 @@ def job_anchor(job, prof, work, head):
         round1._write_jsonl(os.path.join(p["dir"], f"prefs_anchor_{d}_{b}.jsonl"), rows[:b])
     for b in prof["noisy_budgets"]:
         round1._write_jsonl(os.path.join(p["dir"], f"prefs_anchor_{d}_{b}_noisy.jsonl"),
-                            _flip(rows[:b], LABEL_NOISE, 40_000 + s))
+                            _flip(rows[:b], LABEL_NOISE, 30_000 + s))  # the base pairs' positions
     return dict(kind="anchor", key=job["key"], seed=s, design=d, chosen=chosen, wall_seconds=wall, commit=head,
                 made_on=_made_on(),
                 digest=files_digest(p["dir"], [f"anchor_{d}/model/*.safetensors", f"prefs_anchor_{d}_*.jsonl"]))
@@ -511,6 +519,16 @@ def analyse(records: dict, prof: dict) -> dict:
     if odd is not None:  # every final run of a method runs its one tuned configuration
         raise SystemExit(f"final runs of {odd['method']} ran more than one configuration ({odd['chosen']} in "
                          f"{odd['key']}, {chosen[odd['method']]} elsewhere): their tuning records changed")
+    ran = {m: {c["config"]} for m, c in chosen.items() if c and c.get("config") is not None}
+    for r in records.values():  # the SFT anchors run sft's tuned configuration too
+        if r.get("kind") == "anchor":
+            ran.setdefault("sft", set()).add(r["chosen"].get("config"))
+    for m, configs in sorted(ran.items()):  # ... the one its tuning records pick now
+        keys = [run_key("tune", s, "A", m, tune_budget(m, prof), config=c) for c in range(len(grid(m, prof)))
+                for s in prof["tune_seeds"]]
+        if all(k in records for k in keys) and configs != {choose(records, m, prof)["config"]}:
+            raise SystemExit(f"final runs (or SFT anchors) of {m} ran configuration(s) {sorted(configs)}, but its "
+                             "tuning records pick another: the tuning records changed after those were made; redo them")
     out = dict(table=table, chosen=chosen)
     for field, name in (("reward", "verdict"), ("reward_last", "verdict_last_checkpoint"),
                         ("reward_best", "verdict_best_checkpoint_oracle")):

@@ -529,6 +529,50 @@ def test_bench_alignment_llm_round2_goal_needs_the_whole_grid():
     recs[k] = dict(recs[k], chosen={"config": 1})  # final runs of one method from two tunings: an error
     with pytest.raises(SystemExit, match="final runs of dpo ran more than one configuration"):
         bench.analyse(recs, prof)
+    # ... or one configuration, but not the one the tuning records pick (they changed since)
+    for k, r in recs.items():
+        if r.get("method") == "dpo":
+            recs[k] = dict(r, chosen={"config": 1})
+    b = bench.tune_budget("dpo", prof)
+    for c, o in enumerate(bench.grid("dpo", prof)):
+        for s in prof["tune_seeds"]:
+            ev = [{"step": 0, "eval/pref_accuracy": 0.9 - 0.1 * c, "eval/demo_nll": 1.0}]
+            recs[bench.run_key("tune", s, "A", "dpo", b, config=c)] = dict(
+                kind="run", stage="tune", method="dpo", uses_pairs=True, evals=ev, chosen=dict(config=c, options=o))
+    with pytest.raises(SystemExit, match=r"final runs \(or SFT anchors\) of dpo ran configuration\(s\) \[1\]"):
+        bench.analyse(recs, prof)
+    anchor = dict(kind="anchor", seed=20, design="A", wall_seconds=1.0, chosen={"config": 0})
+    for k, r in recs.items():
+        if r.get("method") == "dpo" and r["stage"] == "final":
+            recs[k] = dict(r, chosen={"config": 0})
+    bench.analyse(recs, prof)  # the tuning records' pick: fine
+    sft_b = bench.tune_budget("sft", prof)
+    for c, o in enumerate(bench.grid("sft", prof)):  # an SFT anchor from another sft pick than its records'
+        for s in prof["tune_seeds"]:
+            recs[bench.run_key("tune", s, "A", "sft", sft_b, config=c)] = dict(
+                kind="run", stage="tune", method="sft", uses_pairs=False, chosen=dict(config=c, options=o),
+                evals=[{"step": 0, "eval/demo_nll": 1.0 + c}])
+    recs["anchor-20-A"] = dict(anchor, chosen={"config": 1})
+    with pytest.raises(SystemExit, match=r"of sft ran configuration\(s\) \[1\]"):
+        bench.analyse(recs, prof)
+
+
+def test_bench_alignment_llm_round2_low_quality_arm_flips_exactly_one_in_five():
+    """The low-quality arm: exactly 20% of every nested budget flipped, at positions that depend on
+    the seed only (the same for every pair source of a seed)."""
+    import bench_alignment_llm_round2 as bench
+
+    rows = [dict(prompt=i, chosen=f"c{i}", rejected=f"r{i}") for i in range(400)]
+    other = [dict(prompt=i, chosen=f"C{i}", rejected=f"R{i}") for i in range(400)]
+    flipped = [r["chosen"].startswith("r") for r in bench._flip(rows, bench.LABEL_NOISE, 30_020)]
+    for b in (25, 100, 400):
+        assert sum(flipped[:b]) == b // 5
+    assert flipped[:100] == [r["chosen"].startswith("r") for r in bench._flip(rows[:100], bench.LABEL_NOISE, 30_020)]
+    assert flipped == [r["chosen"].startswith("R") for r in bench._flip(other, bench.LABEL_NOISE, 30_020)]
+    assert flipped != [r["chosen"].startswith("r") for r in bench._flip(rows, bench.LABEL_NOISE, 30_021)]
+    for bad in (0.0, 0.3, 1.0):
+        with pytest.raises(ValueError, match="rate: expected 1/k"):
+            bench._flip(rows, bad, 0)
 
 
 def test_bench_alignment_llm_round2_tuning_records_must_match_the_grid(tmp_path):
