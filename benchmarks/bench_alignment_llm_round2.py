@@ -273,6 +273,12 @@ def _made_on() -> dict:
     return dict(device=device_name(), cpu=cpu_name(), threads=torch.get_num_threads())
 
 
+def _input_fingerprint(rec: dict) -> tuple:
+    """What must match when an input (prepare, anchor, reward model) is remade: its statistics and
+    the digest of its files."""
+    return rec.get("meta"), rec.get("digest")
+
+
 def _flip(rows: list, rate: float, seed: int) -> list:
     """The low-quality arm: one label flipped in each block of 1/``rate`` consecutive pairs (which
     one: a fixed draw from ``seed``), so every nested budget that is a multiple of 1/rate has
@@ -669,7 +675,7 @@ def main(argv=None):
             raise SystemExit(f"{len(odd)} tuning records ran another configuration than the grid's, e.g. {odd[0]}: "
                              "use a new --work" + (" without --records-from" if saved else ""))
         check_grid(rec_dir, signature, write=True)  # every check passed: this --work holds this grid
-        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")
+        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "", fingerprint=_input_fingerprint)
         if written or removed:
             print(f"[bench] {len(written)} records restored from {a.records_from}; {len(removed)} restored inputs "
                   "to remake (a job that needs their files runs)")
@@ -677,7 +683,7 @@ def main(argv=None):
         def run(js):
             run_jobs(js, run_job, (prof, work, head), rec_dir, a.workers or prof["workers"], _init_worker, (a.threads,))
 
-        remake_inputs_first(jobs, plan(prof), rec_dir, run, lambda r: (r.get("meta"), r.get("digest")))
+        remake_inputs_first(jobs, plan(prof), rec_dir, run, _input_fingerprint)
         run(jobs)
     # the analysis reads every record of the whole protocol made so far (by any slice; saved ones not remade yet)
     keys = [j["key"] for j in plan(prof)]

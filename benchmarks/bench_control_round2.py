@@ -526,7 +526,7 @@ def main(argv=None):
         check_grid(rec_dir, signature, write=True)  # every check passed: this --work holds this grid
         jobs = [j for j in plan(dict(prof, tasks=a.tasks or prof["tasks"]))
                 if a.stage == "all" or j.get("stage") != "final"]
-        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "")
+        written, removed = restore_records(saved, plan(prof), rec_dir, a.records_from or "", fingerprint=_input_fingerprint)
         if written or removed:
             print(f"[bench] {len(written)} records restored from {a.records_from}; {len(removed)} restored inputs "
                   "to remake (a job that needs their files runs)")

@@ -165,7 +165,8 @@ def _made_records(rec_dir: str, keys) -> dict:
     return out
 
 
-def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", makes_files=lambda j: j["kind"] != "run"):
+def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", makes_files=lambda j: j["kind"] != "run",
+                    fingerprint=None):
     """Write into ``rec_dir`` the ``saved`` records ({key: record}) of ``jobs`` (the whole plan)
     that it lacks, so that a grid continues on a machine without its run directory. A job that
     leaves files behind (``makes_files``: a model, a dataset; they are not in the saved JSON) keeps
@@ -173,9 +174,21 @@ def restore_records(saved: dict, jobs: list, rec_dir: str, source: str = "", mak
     record; otherwise it is left out, or removed if restored earlier, so that it runs again and
     remakes its files before a job that needs them (transitively), and its saved record waits in
     rec_dir/to_compare/ for ``check_remade_inputs``. Call it before every run, with ``saved={}``
-    too. Returns (keys written, keys removed)."""
+    too. With ``fingerprint``, an input made here that differs from its saved record stops the
+    restore (SystemExit) when saved records made from it would be written: they would be paired
+    with runs made here from another input. Returns (keys written, keys removed)."""
     keys = [j["key"] for j in jobs]
     made = _made_records(rec_dir, keys)
+    if fingerprint is not None:
+        incoming = set(saved) - set(made)
+        for j in jobs:
+            k = j["key"]
+            if k in made and k in saved and makes_files(j) and fingerprint(made[k]) != fingerprint(saved[k]):
+                clash = sorted(i["key"] for i in jobs if i["key"] in incoming and k in i["deps"])
+                if clash:
+                    raise SystemExit(f"--records-from: {k} in {rec_dir} differs from the one in {source or 'the saved records'}"
+                                     f", and {len(clash)} saved records made from that one (e.g. {clash[0]}) would "
+                                     "be paired with runs made here from this one: use a new --work")
     fileless = {k for k, r in made.items() if isinstance(r, dict) and "restored_from" in r}
     fileless |= set(saved) - set(made)
     done = (set(made) | set(saved)) & set(keys)

@@ -422,6 +422,17 @@ def test_restored_inputs_are_remade_when_needed_and_must_match(tmp_path):
         with pytest.raises(SystemExit, match=r"remade \['data', 'in'\] differ"):
             remake_inputs_first(inputs, jobs, str(rec2), lambda js: run(js, v=2), fp)
     assert ran == ["in", "data"]
+    # an input made here that differs from the saved one: saved runs made from that one are not
+    # written beside runs made here from this one
+    rec3 = tmp_path / "records4"
+    rec3.mkdir()
+    for k in ("in", "data"):
+        (rec3 / f"{k}.json").write_text(json.dumps(dict(key=k, v=2)))
+    with pytest.raises(SystemExit, match=r"--records-from: data in .* differs from the one in saved.json, and 1 saved "
+                                         r"records made from that one \(e.g. run1\)"):
+        restore_records(saved, jobs, str(rec3), "saved.json", fingerprint=fp)
+    assert not (rec3 / "run1.json").exists()
+    restore_records({k: saved[k] for k in ("in", "data", "in2", "run3")}, jobs, str(rec3), "saved.json", fingerprint=fp)
     (rec2 / "run1.json").unlink()  # the run made from the old data goes: the new data is settled
     remake_inputs_first(inputs, jobs, str(rec2), lambda js: run(js, v=2), fp)
     assert not list((rec2 / "to_compare").iterdir())
