@@ -352,7 +352,7 @@ def job_anchor(job, prof, work, head):
     out = os.path.join(p["dir"], f"anchor_{d}")
     opts = _options(prof, s, d, work, "sft", chosen["options"], 0, "clean")
     opts.update(output_dir=out, save_model=True, eval_every=0)
-    summary, wall = round1._train(opts)
+    summary, wall = _train_input(opts, f"the SFT anchor of seed {s}, design {d}")
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     prompts = [r["prompt"] for r in round1._read_jsonl(os.path.join(p["dir"], "task_A", "prefs.jsonl"))]
     n = max(prof["budgets"] + [prof["tune_budget"]])
@@ -388,6 +388,19 @@ def _options(prof, seed, design, work, method, config, budget, arm):
     return opts
 
 
+def _train_input(opts, what):
+    """``round1._train`` for an input other runs are made from (an SFT anchor, a reward model). The
+    protocol has no rule for such an input diverging: it stops the grid, saying so (a rerun repeats
+    it, seeded)."""
+    from aihf_fast.train.llm import Diverged
+
+    try:
+        return round1._train(opts)
+    except Diverged as e:
+        raise RuntimeError(f"{what} diverged ({e}); the runs made from it cannot be made, and rerunning repeats it: "
+                           "the protocol has no rule for this case, one must be added (post hoc) before going on") from e
+
+
 def _fit_reward_model(opts, out, prof, sample_policy=None):
     """The fixed reward-model recipe -> the trained reward model's directory and its wall-clock."""
     rm = {k: opts[k] for k in ("tokenizer", "demonstrations", "preferences", "max_new_tokens", "max_length",
@@ -399,7 +412,7 @@ def _fit_reward_model(opts, out, prof, sample_policy=None):
         rm.pop("demonstrations", None)
     else:
         rm.update(sample_policy=sample_policy, w_P=1.0 if rm.get("preferences") else 0.0, w_D=1.0)
-    summary, wall = round1._train(rm)
+    summary, wall = _train_input(rm, f"the reward model in {out}")
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return summary["model_dir"], wall, summary["evals"][-1]
 

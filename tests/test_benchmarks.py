@@ -769,3 +769,19 @@ def test_bench_control_round2_select_ties_by_nll():
     assert np.mean([f32(0.84), f32(0.86)]) < np.mean([f32(0.85)] * 2)  # the trap
     records["tune-rlhf-c3-Hopper-v5-s201"]["diverged"] = True
     assert bench.select(records, "Hopper-v5", "rlhf", prof)["config"] == 1
+
+
+def test_bench_alignment_llm_round2_an_input_that_diverges_stops_the_grid(monkeypatch):
+    """An SFT anchor or reward model that diverges cannot be ranked like a run: it stops the grid,
+    naming the input and that a rerun repeats it."""
+    import bench_alignment_llm_round2 as bench
+
+    from aihf_fast.train.llm import Diverged
+
+    def diverge(opts):
+        raise Diverged("loss is nan at step 7")
+
+    monkeypatch.setattr(bench.round1, "_train", diverge)
+    with pytest.raises(RuntimeError, match=r"the SFT anchor of seed 20, design A diverged \(loss is nan at step 7\)"
+                                           r".*rerunning repeats it"):
+        bench._train_input({}, "the SFT anchor of seed 20, design A")
