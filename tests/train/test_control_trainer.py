@@ -432,8 +432,9 @@ def test_ppo_hand_written_gradients_equal_autograd(ent_coef, B):
         torch.testing.assert_close(ratio2, ratio.detach(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(pg2, pg.detach(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(vl2, vl.detach(), rtol=1e-4, atol=1e-6)
-        for p, h in zip(ag.params, ag._grads):
-            torch.testing.assert_close(h, p.grad, rtol=1e-4, atol=1e-6)
+        for p, h in zip(ag.params, ag._grads):  # float32 sums over B rows, in another order per
+            # CPU's matmul kernel (AVX2 / AVX-512): absolute noise relative to the gradient's scale
+            torch.testing.assert_close(h, p.grad, rtol=1e-4, atol=2e-5 * float(p.grad.abs().max()))
         assert ag.flat.grad.abs().sum() > 0
 
 
