@@ -430,6 +430,7 @@ def plot(result, prof, path):
     import matplotlib.pyplot as plt
 
     tasks = prof["tasks"]
+    color = {("rlhf", "clean"): "C0", ("rlhf", "noisy"): "C1", ("aihf", "clean"): "C2", ("aihf", "noisy"): "C3"}
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.5), squeeze=False)
     rows = result["analysis"]["table"]
     runs = [r for r in result["records"] if r.get("kind") == "run" and r.get("stage") == "final"]
@@ -441,8 +442,9 @@ def plot(result, prof, path):
                              if (r["task"], r["method"], r["arm"], r["start"]) == (task, m, arm, "bc"))
                 if pts:
                     x, y, c = (np.array(v, float) for v in zip(*pts))
-                    ax.plot(x, y, ls=ls, marker="o", label=f"{m} ({arm} labels)", lw=2.5 if m == "aihf" else 1.2)
-                    ax.fill_between(x, y - np.nan_to_num(c), y + np.nan_to_num(c), alpha=0.15)
+                    ax.plot(x, y, ls=ls, marker="o", label=f"{m} ({arm} labels)", lw=2.5 if m == "aihf" else 1.2,
+                            color=color[m, arm])  # the same colour in every panel, whatever is made yet
+                    ax.fill_between(x, y - np.nan_to_num(c), y + np.nan_to_num(c), alpha=0.15, color=color[m, arm])
         for m, ls in (("bc", "--"), ("irl", "-.")):
             for r in rows:
                 if (r["task"], r["method"], r["start"]) == (task, m, "bc"):
@@ -460,7 +462,7 @@ def plot(result, prof, path):
             if sel:
                 n = min(len(c) for c in sel)
                 cur = np.mean([np.asarray(c[:n], float) for c in sel], axis=0)
-                axes[1][col].plot(cur[:, 0], cur[:, 1], label=f"{m}, {b0} pairs")
+                axes[1][col].plot(cur[:, 0], cur[:, 1], label=f"{m}, {b0} pairs", color=color[m, "clean"])
         axes[1][col].set_xlabel("env steps")
         axes[1][col].set_ylabel("corr(learned, true reward) on own batches")
         if axes[1][col].get_legend_handles_labels()[0]:
